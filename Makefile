@@ -1,0 +1,41 @@
+# DeepGen-RL stack. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROTOS := $(shell cd proto && find deepgen -name '*.proto' | sort)
+PYTEST_ARGS ?=
+
+.PHONY: help setup test lint format proto bench-ocr demo-ocr
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+
+setup: $(BIN)/python  ## Create .venv/ with every component and the test tools
+	$(BIN)/pip install --quiet -e ./proto -e './common[server]' -e ./reward-ocr -r requirements-dev.txt
+
+test:  ## Run the test suite (CPU only)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint:  ## ruff lint + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format:  ## Apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+proto:  ## Regenerate the Python stubs from proto/
+	rm -rf proto/python/deepgen
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto/python --pyi_out=proto/python \
+		--grpc_python_out=proto/python $(addprefix proto/,$(PROTOS))
+
+bench-ocr:  ## OCR throughput: bare engine vs. the service over gRPC and HTTP
+	$(BIN)/python benchmarks/bench_ocr.py
+
+demo-ocr:  ## Start reward-ocr locally and score rendered sample images over gRPC and HTTP
+	$(BIN)/python scripts/demo_ocr.py

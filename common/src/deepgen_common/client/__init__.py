@@ -1,0 +1,16 @@
+"""Client of the reward contract (`deepgen.reward.v1`) over gRPC or HTTP/JSON."""
+
+from deepgen_common.client.breaker import BreakerState, CircuitBreaker, CircuitOpenError
+from deepgen_common.client.reward_client import RetryPolicy, RewardClient, make_transport
+from deepgen_common.client.transports import RewardServiceError, TransientError
+
+__all__ = [
+    "BreakerState",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "RetryPolicy",
+    "RewardClient",
+    "RewardServiceError",
+    "TransientError",
+    "make_transport",
+]

@@ -1,0 +1,190 @@
+"""The two wire transports of the reward contract behind one interface.
+
+A transport makes exactly one attempt; retries, chunking and the breaker live in `RewardClient`.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import grpc
+import httpx
+
+from deepgen.common.v1 import types_pb2
+from deepgen.reward.v1 import reward_pb2
+from deepgen_common.convert import info_from_pb, request_to_pb, results_from_pb
+from deepgen_common.types import Limits, Mode, Outcome, Result, Sample, ServiceInfo
+
+
+class TransientError(ConnectionError):
+    """A failure worth retrying: unreachable, overloaded or restarting service."""
+
+
+class RewardServiceError(RuntimeError):
+    """The service answered with a non-retryable error (bad input, internal error, deadline)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class Transport(Protocol):
+    def score(self, samples: Sequence[Sample], mode: Mode, timeout_s: float) -> list[Result]: ...
+    def info(self, timeout_s: float) -> ServiceInfo: ...
+    def close(self) -> None: ...
+
+
+_RETRYABLE_GRPC = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+_RETRYABLE_HTTP = {429, 502, 503, 504}
+_SCORE = f"/{reward_pb2.DESCRIPTOR.services_by_name['RewardService'].full_name}/Score"
+_INFO = f"/{reward_pb2.DESCRIPTOR.services_by_name['RewardService'].full_name}/GetInfo"
+
+
+def grpc_target(url: str) -> str:
+    """`grpc://host:port` -> `dns:///host:port` (every address the name resolves to); gRPC's own
+    target forms (`dns:///`, `ipv4:a:p,b:q`, `unix:`) pass through unchanged."""
+    if url.startswith("grpc://"):
+        return "dns:///" + url.removeprefix("grpc://").rstrip("/")
+    return url
+
+
+class GrpcTransport:
+    """gRPC with client-side round-robin load balancing over every resolved address."""
+
+    def __init__(self, target: str, max_message_bytes: int) -> None:
+        self.target = grpc_target(target)
+        options = [
+            ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # Reconnect quickly to a restarted replica instead of gRPC's default 1 s..120 s backoff.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
+        self._channel = grpc.insecure_channel(self.target, options=options)
+        self._score = self._channel.unary_unary(
+            _SCORE,
+            request_serializer=reward_pb2.ScoreRequest.SerializeToString,
+            response_deserializer=reward_pb2.ScoreResponse.FromString,
+        )
+        self._info = self._channel.unary_unary(
+            _INFO,
+            request_serializer=types_pb2.GetInfoRequest.SerializeToString,
+            response_deserializer=types_pb2.ServiceInfo.FromString,
+        )
+
+    def _call(self, stub: grpc.UnaryUnaryMultiCallable, request: object, timeout_s: float) -> object:
+        try:
+            return stub(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            if code in _RETRYABLE_GRPC:
+                raise TransientError(f"{code.name}: {details}") from None
+            raise RewardServiceError(code.name, details) from None
+
+    def score(self, samples: Sequence[Sample], mode: Mode, timeout_s: float) -> list[Result]:
+        return results_from_pb(self._call(self._score, request_to_pb(samples, mode), timeout_s))  # type: ignore[arg-type]
+
+    def info(self, timeout_s: float) -> ServiceInfo:
+        return info_from_pb(self._call(self._info, types_pb2.GetInfoRequest(), timeout_s))  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class HttpTransport:
+    """HTTP/JSON. Spreads requests round-robin over every address the host name resolves to
+    (re-resolved every `resolve_every_s`), like gRPC's round_robin, so replicas behind one DNS
+    name share the load."""
+
+    def __init__(self, base_url: str, resolve_every_s: float = 30.0) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s)://host:port URL: {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self._scheme, self._host = parts.scheme, parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._resolve_every_s = resolve_every_s
+        self._lock = threading.Lock()
+        self._addresses: list[str] = []
+        self._resolved_at = -float("inf")
+        self._next = itertools.count()
+        self._http = httpx.Client(http2=False, headers={"host": parts.netloc})
+
+    def _url(self, path: str) -> str:
+        if self._scheme == "https":  # TLS needs the name, not the address
+            return f"{self.base_url}{path}"
+        with self._lock:
+            if time.monotonic() - self._resolved_at > self._resolve_every_s or not self._addresses:
+                try:
+                    infos = socket.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+                except socket.gaierror as exc:
+                    raise TransientError(f"cannot resolve {self._host}: {exc}") from None
+                self._addresses = sorted({f"[{i[4][0]}]" if i[0] == socket.AF_INET6 else i[4][0] for i in infos})
+                self._resolved_at = time.monotonic()
+            address = self._addresses[next(self._next) % len(self._addresses)]
+        return f"http://{address}:{self._port}{path}"
+
+    def _request(self, method: str, path: str, timeout_s: float, body: dict | None = None) -> dict:
+        try:
+            response = self._http.request(method, self._url(path), json=body, timeout=timeout_s)
+        except httpx.TimeoutException as exc:
+            raise RewardServiceError("DEADLINE_EXCEEDED", f"no answer within {timeout_s}s: {exc}") from None
+        except httpx.TransportError as exc:
+            raise TransientError(f"{type(exc).__name__}: {exc}") from None
+        if response.status_code in _RETRYABLE_HTTP:
+            raise TransientError(f"HTTP {response.status_code}: {response.text[:500]}")
+        if response.status_code != 200:
+            try:
+                error = response.json()["error"]
+                raise RewardServiceError(error["code"], error["message"])
+            except (ValueError, KeyError, TypeError):
+                raise RewardServiceError(f"HTTP_{response.status_code}", response.text[:500]) from None
+        return response.json()
+
+    def score(self, samples: Sequence[Sample], mode: Mode, timeout_s: float) -> list[Result]:
+        body = {
+            "mode": mode.value,
+            "samples": [
+                {
+                    "image": {"data": base64.b64encode(s.image).decode(), "format": s.image_format.value},
+                    "prompt": s.prompt,
+                    "group_id": s.group_id,
+                    "metadata": dict(s.metadata),
+                }
+                for s in samples
+            ],
+        }
+        out = self._request("POST", "/v1/score", timeout_s, body)
+        return [
+            Result(
+                outcome=Outcome(r["outcome"]),
+                score=r.get("score"),
+                error=r.get("error") or "",
+                details=r.get("details", {}),
+            )
+            for r in out["results"]
+        ]
+
+    def info(self, timeout_s: float) -> ServiceInfo:
+        out = self._request("GET", "/v1/info", timeout_s)
+        return ServiceInfo(
+            name=out["name"],
+            version=out["version"],
+            api=out["api"],
+            backend=out["backend"],
+            limits=Limits(**out["limits"]),
+            capabilities=tuple(Mode(c) for c in out["capabilities"]),
+        )
+
+    def close(self) -> None:
+        self._http.close()

@@ -1,0 +1,51 @@
+"""Image decoding with limits checked before any pixel is decompressed."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+from deepgen_common.errors import ImageError
+from deepgen_common.types import ImageFormat
+
+_PILLOW_FORMATS = {ImageFormat.PNG: "PNG", ImageFormat.JPEG: "JPEG", ImageFormat.WEBP: "WEBP"}
+
+
+def decode_image(data: bytes, declared: ImageFormat, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode PNG / JPEG / WebP bytes to an RGB image.
+
+    The header is read first and the image rejected when it is larger than `max_pixels`, so a small
+    file that expands to gigabytes (a decompression bomb) is never decompressed.
+
+    Raises:
+        ImageError: empty, oversized, undecodable, truncated, or not the declared format.
+    """
+    if not data:
+        raise ImageError("image is empty")
+    if len(data) > max_bytes:
+        raise ImageError(f"image is {len(data)} bytes, over the limit of {max_bytes} bytes (MAX_IMAGE_BYTES)")
+    allowed = list(_PILLOW_FORMATS.values()) if declared is ImageFormat.UNSPECIFIED else [_PILLOW_FORMATS[declared]]
+    expected = " / ".join(allowed)
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check only warns below 2x its global limit; ours below is the real one.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=allowed)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(
+            f"image dimensions are over the pixel limit of {max_pixels} (MAX_IMAGE_PIXELS): {exc}"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise ImageError(f"bytes are not a decodable {expected} image") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} (MAX_IMAGE_PIXELS)"
+        )
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{image.format} image is corrupt or truncated: {exc}") from None
+    return image if image.mode == "RGB" else image.convert("RGB")

@@ -1,0 +1,125 @@
+"""Wiring: one process serves a backend over gRPC and HTTP on one event loop, tracks readiness and
+stops gracefully on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import uvicorn
+from grpc_health.v1 import health_pb2
+
+from deepgen_common.grpc_server import REWARD_SERVICE, create_grpc_server
+from deepgen_common.http_server import create_http_app
+from deepgen_common.logs import configure_logging
+from deepgen_common.metrics import ServiceMetrics
+from deepgen_common.service import Backend, RewardService
+from deepgen_common.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+READINESS_POLL_S = 0.5
+S = TypeVar("S", bound=ServiceSettings)
+BackendFactory = Callable[[S, ServiceMetrics], Backend]
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handlers: the service owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class RunningService:
+    """A started service. `grpc_port` / `http_port` are the bound ports (real ones when 0 was asked)."""
+
+    def __init__(self, settings: S, make_backend: BackendFactory[S]) -> None:
+        self.settings = settings
+        self.metrics = ServiceMetrics()
+        self.service = RewardService(make_backend(settings, self.metrics), settings, self.metrics)
+        self.grpc_server, self.grpc_port, self._health = create_grpc_server(
+            self.service, settings.host, settings.grpc_port
+        )
+        self._http_socket = socket.create_server((settings.host, settings.http_port), reuse_port=False)
+        self.http_port: int = self._http_socket.getsockname()[1]
+        config = uvicorn.Config(
+            create_http_app(self.service),
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        )
+        self._http = _Uvicorn(config)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.failed = asyncio.Event()  # set when the backend cannot load: the process should exit
+
+    async def start(self) -> None:
+        """Start both transports (NOT_SERVING), then load the backend in the background."""
+        await self.grpc_server.start()
+        self._tasks.append(asyncio.create_task(self._http.serve(sockets=[self._http_socket])))
+        self._tasks.append(asyncio.create_task(self._load_and_track_readiness()))
+        log.info("listening", extra={"fields": {"grpc_port": self.grpc_port, "http_port": self.http_port}})
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", REWARD_SERVICE):
+            await self._health.set(name, status)
+
+    async def _load_and_track_readiness(self) -> None:
+        backend = self.service.backend
+        await self._set_health(False)
+        try:
+            await backend.load()
+        except Exception:
+            log.exception("backend failed to load")
+            self.failed.set()
+            return
+        log.info("backend loaded", extra={"fields": {"backend": backend.description}})
+        serving = None
+        while True:  # readiness can change later, e.g. when a judge's upstream goes down
+            ready = backend.ready()
+            if ready != serving:
+                await self._set_health(ready)
+                serving = ready
+                log.info("readiness changed", extra={"fields": {"ready": ready}})
+            await asyncio.sleep(READINESS_POLL_S)
+
+    async def stop(self) -> None:
+        """Drain: report NOT_SERVING, stop taking requests, let in-flight ones finish, close the backend."""
+        grace = self.settings.shutdown_grace_s
+        for task in self._tasks[1:]:
+            task.cancel()
+        await self._health.enter_graceful_shutdown()
+        self._http.should_exit = True
+        await asyncio.gather(self.grpc_server.stop(grace), self._tasks[0], return_exceptions=True)
+        await self.service.backend.close()
+        log.info("stopped")
+
+
+async def serve(settings: S, make_backend: BackendFactory[S]) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = RunningService(settings, make_backend)
+    await running.start()
+    stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(running.failed.wait())
+    await asyncio.wait((stopped, failed), return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutting down", extra={"fields": {"grace_s": settings.shutdown_grace_s}})
+    await running.stop()
+    if running.failed.is_set():
+        raise SystemExit(1)
+
+
+def main(settings_factory: Callable[[], S], make_backend: BackendFactory[S]) -> None:
+    """Entry point of `python -m <service>`: settings from env, JSON logs, serve until signalled."""
+    settings = settings_factory()
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(serve(settings, make_backend))

@@ -1,0 +1,58 @@
+"""Client pieces that need no server: URL routing, request splitting, retry policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from deepgen_common.client import RetryPolicy, RewardClient, make_transport
+from deepgen_common.client.reward_client import _chunk
+from deepgen_common.client.transports import GrpcTransport, HttpTransport, grpc_target
+from deepgen_common.types import Mode, Sample
+
+
+def test_url_schemes_pick_the_transport():
+    assert isinstance(make_transport("http://reward-ocr:18082"), HttpTransport)
+    assert isinstance(make_transport("grpc://reward-ocr:50051"), GrpcTransport)
+    assert grpc_target("grpc://reward-ocr:50051") == "dns:///reward-ocr:50051"
+    assert grpc_target("ipv4:127.0.0.1:1,127.0.0.1:2") == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    with pytest.raises(ValueError, match=r"use http://host:port \(HTTP/JSON\) or grpc://host:port"):
+        make_transport("ftp://x")
+
+
+def samples(sizes: list[int], groups: list[str] | None = None) -> list[Sample]:
+    groups = groups or [""] * len(sizes)
+    return [Sample(image=b"x" * n, group_id=g) for n, g in zip(sizes, groups, strict=True)]
+
+
+def test_chunks_respect_batch_size():
+    s = samples([10] * 7)
+    assert _chunk(list(range(7)), s, Mode.POINTWISE, max_batch=3, max_bytes=1 << 30) == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_chunks_respect_request_bytes():
+    # each sample costs 4/3 of its bytes + 4096 overhead; budget is 90% of max_bytes
+    s = samples([30_000] * 4)
+    cost = 30_000 * 4 // 3 + 4096
+    chunks = _chunk(list(range(4)), s, Mode.POINTWISE, max_batch=64, max_bytes=int(2.5 * cost / 0.9))
+    assert chunks == [[0, 1], [2, 3]]
+
+
+def test_group_mode_never_splits_a_group():
+    s = samples([10] * 6, groups=["a", "b", "a", "b", "c", "c"])
+    assert _chunk(list(range(6)), s, Mode.GROUP, max_batch=4, max_bytes=1 << 30) == [[0, 2, 1, 3], [4, 5]]
+    with pytest.raises(ValueError, match="group 'a' has 2 samples, over the service's max batch of 1"):
+        _chunk(list(range(6)), s, Mode.GROUP, max_batch=1, max_bytes=1 << 30)
+
+
+def test_mismatched_images_and_prompts_fail_before_sending():
+    client = RewardClient("grpc://127.0.0.1:1")
+    with pytest.raises(ValueError, match="got 2 images but 1 prompts; pass one prompt per image"):
+        client.score_images([b"a", b"b"], ["p"])
+    client.close()
+
+
+def test_retry_delays_are_bounded_and_grow():
+    policy = RetryPolicy(max_attempts=5, initial_s=0.1, max_s=0.3)
+    assert all(0 <= policy.delay(k) <= min(0.3, 0.1 * 2**k) for k in range(10) for _ in range(20))
+    with pytest.raises(ValueError, match="max_attempts"):
+        RetryPolicy(max_attempts=0)

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import pytest
+
+from reward_ocr.backend import OcrBackend
+from reward_ocr.settings import OcrSettings
+from tests.helpers import ServiceThread
+
+
+def ocr_settings(**overrides: object) -> OcrSettings:
+    values: dict[str, object] = {"host": "127.0.0.1", "http_port": 0, "grpc_port": 0, "log_format": "text"}
+    values.update(overrides)
+    return OcrSettings(**values)
+
+
+@pytest.fixture(scope="session")
+def ocr_service():
+    """reward-ocr as deployed by default: RapidOCR in worker processes, one per core."""
+    service = ServiceThread(ocr_settings(), OcrBackend).start()
+    yield service
+    service.stop()

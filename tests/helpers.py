@@ -1,0 +1,97 @@
+"""Test helpers: images with real rendered text, and a real service running in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from deepgen_common.server import RunningService
+from deepgen_common.settings import ServiceSettings
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def render_text(lines: list[str], size: tuple[int, int] = (512, 512), font_size: int = 44, fmt: str = "PNG") -> bytes:
+    """Black text on white, one line per entry, in Pillow's bundled TrueType font (Aileron)."""
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=font_size)
+    y = size[1] // 2 - len(lines) * font_size
+    for line in lines:
+        draw.text((24, y), line, fill="black", font=font)
+        y += int(font_size * 1.8)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid grayscale PNG of width x height zeros: a few hundred KB that decode to width*height bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    compressor = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0 + zero pixels
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+class ServiceThread:
+    """A real service (gRPC + HTTP servers, real backend) on its own event loop in a thread."""
+
+    def __init__(self, settings: ServiceSettings, make_backend: Callable) -> None:
+        self.settings = settings
+        self.make_backend = make_backend
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.running: RunningService | None = None
+
+    def start(self, wait_ready: bool = True, timeout_s: float = 120.0) -> ServiceThread:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout_s)
+        if wait_ready:
+            self.wait_ready(timeout_s)
+        return self
+
+    async def _start(self) -> None:
+        self.running = RunningService(self.settings, self.make_backend)
+        await self.running.start()
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.running.service.ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError("service did not become ready")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.running is not None:
+            asyncio.run_coroutine_threadsafe(self.running.stop(), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    @property
+    def grpc_port(self) -> int:
+        return self.running.grpc_port
+
+    @property
+    def http_port(self) -> int:
+        return self.running.http_port
+
+    @property
+    def grpc_url(self) -> str:
+        return f"grpc://127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PROTOS := $(shell cd proto && find deepgen -name '*.proto' | sort)
 PYTEST_ARGS ?=
 
-.PHONY: help setup test lint format proto bench-ocr demo-ocr
+.PHONY: help setup test lint format proto bench-ocr demo
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -37,5 +37,5 @@ proto:  ## Regenerate the Python stubs from proto/
 bench-ocr:  ## OCR throughput: bare engine vs. the service over gRPC and HTTP
 	$(BIN)/python benchmarks/bench_ocr.py
 
-demo-ocr:  ## Start reward-ocr locally and score rendered sample images over gRPC and HTTP
+demo:  ## Main job on the embedded default: start reward-ocr and score rendered sample images
 	$(BIN)/python scripts/demo_ocr.py

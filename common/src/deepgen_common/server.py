@@ -11,6 +11,7 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+import pydantic
 import uvicorn
 from grpc_health.v1 import health_pb2
 
@@ -120,6 +121,10 @@ async def serve(settings: S, make_backend: BackendFactory[S]) -> None:
 
 def main(settings_factory: Callable[[], S], make_backend: BackendFactory[S]) -> None:
     """Entry point of `python -m <service>`: settings from env, JSON logs, serve until signalled."""
-    settings = settings_factory()
+    try:
+        settings = settings_factory()
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper() or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise SystemExit(f"invalid settings: {problems}") from None
     configure_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings, make_backend))

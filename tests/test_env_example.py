@@ -1,0 +1,46 @@
+""".env.example documents every variable of the seed and every service setting."""
+
+from __future__ import annotations
+
+import re
+
+from reward_ocr.settings import OcrSettings
+from tests.helpers import REPO
+
+SEED = [
+    "SD3_5_MODEL_NAME_OR_PATH",
+    "QWEN2_5_VL_MODEL_NAME_OR_PATH",
+    "CLIP_MODEL_NAME_OR_PATH",
+    "CHECKPOINT",
+    "OUTPUT_DIR",
+    "OCR_URL",
+    "UNIFIEDREWARD_THINK_URL",
+    "UNIFIEDREWARD_THINK_WORKERS",
+    "UNIGENBENCH_API_URL",
+    "UNIGENBENCH_WORKERS",
+    "DATASET_CONFIG",
+    "EVAL_DATASET_CONFIG",
+    "SFTAUX_DATASET_CONFIG",
+    "NNODES",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NGPUS",
+    "WANDB_MODE",
+    "SWANLAB_MODE",
+]
+PER_SERVICE = {"HOST", "HTTP_PORT", "GRPC_PORT"}  # differ per service: set in docker-compose.yml
+
+
+def documented() -> set[str]:
+    text = (REPO / ".env.example").read_text()
+    return set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)(?==|\s+defaults)", text, flags=re.MULTILINE))
+
+
+def test_seed_variables_are_listed():
+    assert set(SEED) <= documented(), set(SEED) - documented()
+
+
+def test_every_ocr_setting_is_listed():
+    settings = {name.upper() for name in OcrSettings.model_fields} - PER_SERVICE
+    assert settings <= documented(), settings - documented()

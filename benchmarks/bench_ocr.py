@@ -211,6 +211,22 @@ def load(name: str, url: str, pngs: list[bytes], clients: int, batch: int = 1) -
             c.close()
 
 
+def overhead(name: str, url: str, png: bytes, requests: int = 200) -> Row:
+    """Round trips of one sample whose prompt quotes no text: no OCR runs, so this is the cost of
+    the transport, validation and queueing alone."""
+    sample = [Sample(png, "a lighthouse at dawn")]
+    with RewardClient(url) as client:
+        client.score(sample)
+
+        def work(latencies: list[float]) -> None:
+            for _ in range(requests):
+                start = time.perf_counter()
+                client.score(sample)
+                latencies.append(time.perf_counter() - start)
+
+        return timed(name, requests, work)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=48, help="images per measurement")
@@ -249,6 +265,7 @@ def main() -> None:
             rows.append(
                 load(f"service {transport}, 1 client x 16 images/request", service.url(transport), pngs, 1, batch=16)
             )
+        overheads = [overhead(f"round trip without OCR, {t}", service.url(t), pngs[0]) for t in ("grpc", "http")]
     finally:
         service.close()
 
@@ -282,6 +299,8 @@ def main() -> None:
         f"(ideal {CORES}x)"
     )
     print(f"median per-image latency of the bare engine: {statistics.median(one_core.latencies) * 1e3:.0f} ms")
+    for row in overheads:
+        print(f"{row.name}: p50 {row.percentile(50) * 1e3:.2f} ms, p99 {row.percentile(99) * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -118,7 +118,10 @@ class HttpTransport:
         self._addresses: list[str] = []
         self._resolved_at = -float("inf")
         self._next = itertools.count()
-        self._http = httpx.Client(http2=False, headers={"host": parts.netloc})
+        # TCP_NODELAY: h11 writes headers and body separately; with Nagle + delayed ACK every
+        # request would wait ~40 ms for the server's ACK.
+        nodelay = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self._http = httpx.Client(transport=nodelay, headers={"host": parts.netloc})
 
     def _url(self, path: str) -> str:
         if self._scheme == "https":  # TLS needs the name, not the address

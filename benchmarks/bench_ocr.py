@@ -28,11 +28,10 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import httpx
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from deepgen_common.client import RewardClient
+from deepgen_common.client import RewardClient, wait_ready
 from deepgen_common.types import Sample
 from reward_ocr.engines import RapidOcrEngine
 
@@ -163,16 +162,7 @@ class Service:
             **env,
         }
         self.proc = subprocess.Popen([sys.executable, "-m", "reward_ocr"], env=full)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.http_port}/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("reward-ocr did not start")
-            time.sleep(0.2)
+        wait_ready(f"http://127.0.0.1:{self.http_port}", alive=lambda: self.proc.poll() is None)
 
     def url(self, transport: str) -> str:
         return f"grpc://127.0.0.1:{self.grpc_port}" if transport == "grpc" else f"http://127.0.0.1:{self.http_port}"

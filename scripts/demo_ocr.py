@@ -14,10 +14,9 @@ import subprocess
 import sys
 import time
 
-import httpx
 from PIL import Image, ImageDraw, ImageFont
 
-from deepgen_common.client import RewardClient
+from deepgen_common.client import RewardClient, wait_ready
 from deepgen_common.types import Sample
 
 SAMPLES = [
@@ -59,17 +58,11 @@ def main() -> int:
     print(f"starting reward-ocr (HTTP :{http_port}, gRPC :{grpc_port}) ...", flush=True)
     service = subprocess.Popen([sys.executable, "-m", "reward_ocr"], env=env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if service.poll() is not None or time.monotonic() > deadline:
-                print("reward-ocr did not become ready", file=sys.stderr)
-                return 1
-            time.sleep(0.25)
+        try:
+            wait_ready(f"http://127.0.0.1:{http_port}", alive=lambda: service.poll() is None)
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"reward-ocr did not become ready: {exc}", file=sys.stderr)
+            return 1
         samples = [Sample(render(lines), prompt) for lines, prompt in SAMPLES]
         for url in (f"grpc://127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"):
             with RewardClient(url) as client:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
-from deepgen_common.client import RetryPolicy, RewardClient, make_transport
+from deepgen_common.client import RetryPolicy, RewardClient, is_ready, make_transport, wait_ready
 from deepgen_common.client.reward_client import _chunk
 from deepgen_common.client.transports import GrpcTransport, HttpTransport, grpc_target
 from deepgen_common.types import Mode, Sample
@@ -56,3 +58,19 @@ def test_retry_delays_are_bounded_and_grow():
     assert all(0 <= policy.delay(k) <= min(0.3, 0.1 * 2**k) for k in range(10) for _ in range(20))
     with pytest.raises(ValueError, match="max_attempts"):
         RetryPolicy(max_attempts=0)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_wait_ready_gives_up(scheme: str):
+    url = f"{scheme}://127.0.0.1:{closed_port()}"
+    assert not is_ready(url, timeout_s=0.5)
+    with pytest.raises(RuntimeError, match="stopped before it became ready"):
+        wait_ready(url, alive=lambda: False)
+    with pytest.raises(TimeoutError, match="not ready after"):
+        wait_ready(url, timeout_s=0.3, poll_s=0.05)

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deepgen.reward.v1 import reward_pb2
-from deepgen_common.client import RewardClient
+from deepgen_common.client import RewardClient, wait_ready
 from deepgen_common.types import Sample
 from reward_ocr.backend import OcrBackend
 from tests.conftest import ocr_settings
@@ -101,16 +101,7 @@ def test_process_drains_in_flight_requests_on_sigterm():
     http_port, grpc_port = free_port(), free_port()
     proc = start_process(HTTP_PORT=str(http_port), GRPC_PORT=str(grpc_port), SHUTDOWN_GRACE_S="30")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "service never became ready"
-            time.sleep(0.2)
+        wait_ready(f"grpc://127.0.0.1:{grpc_port}", timeout_s=60, alive=lambda: proc.poll() is None)
         with RewardClient(f"grpc://127.0.0.1:{grpc_port}") as client, concurrent.futures.ThreadPoolExecutor() as pool:
             client.info()
             in_flight = pool.submit(client.score, [Sample(IMAGE, '"QUEUE"')] * 8)  # ~2 s of OCR on one thread

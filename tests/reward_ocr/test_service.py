@@ -255,3 +255,14 @@ def test_health_is_serving_and_metrics_move(ocr_service):
     assert delta("deepgen_stage_seconds_count", stage="infer") == 1
     assert delta("deepgen_batch_size_count") == 1
     assert after[("deepgen_queue_depth", ())] == 0
+
+
+def test_request_ids_are_echoed(ocr_service, channel):
+    response = httpx.get(f"{ocr_service.http_url}/v1/info", headers={"x-request-id": "trace-123"})
+    assert response.headers["x-request-id"] == "trace-123"
+    assert len(httpx.get(f"{ocr_service.http_url}/v1/info").headers["x-request-id"]) == 32  # generated
+    request = reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(image={"data": b"x"}, prompt="none")])
+    _, call = channel.unary_unary(SCORE).with_call(
+        request.SerializeToString(), metadata=(("x-request-id", "trace-456"),), timeout=30
+    )
+    assert ("x-request-id", "trace-456") in call.initial_metadata()

@@ -1,6 +1,7 @@
 """Client of the reward contract (`deepgen.reward.v1`) over gRPC or HTTP/JSON."""
 
 from deepgen_common.client.breaker import BreakerState, CircuitBreaker, CircuitOpenError
+from deepgen_common.client.readiness import is_ready, wait_ready
 from deepgen_common.client.reward_client import RetryPolicy, RewardClient, make_transport
 from deepgen_common.client.transports import RewardServiceError, TransientError
 
@@ -12,5 +13,7 @@ __all__ = [
     "RewardClient",
     "RewardServiceError",
     "TransientError",
+    "is_ready",
     "make_transport",
+    "wait_ready",
 ]

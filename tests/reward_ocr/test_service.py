@@ -9,6 +9,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from deepgen.reward.v1 import reward_pb2
@@ -266,3 +267,10 @@ def test_request_ids_are_echoed(ocr_service, channel):
         request.SerializeToString(), metadata=(("x-request-id", "trace-456"),), timeout=30
     )
     assert ("x-request-id", "trace-456") in call.initial_metadata()
+
+
+def test_grpc_reflection_lists_the_services(channel):
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    [reply] = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"deepgen.reward.v1.RewardService", "grpc.health.v1.Health"} <= names

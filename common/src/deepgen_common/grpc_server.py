@@ -22,7 +22,7 @@ from deepgen_common.service import RewardService
 log = logging.getLogger(__name__)
 
 REWARD_SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
-_RequestParser = Callable[[bytes], Awaitable[bytes]]
+_RawHandler = Callable[[bytes], Awaitable[bytes]]
 M = TypeVar("M", bound=Message)
 
 
@@ -51,7 +51,7 @@ def _parse(message_type: type[M], raw: bytes) -> M:
         raise InvalidInput(f"request body is not a valid {message_type.DESCRIPTOR.full_name} protobuf") from None
 
 
-def _unary(service: RewardService, method: str, handler: _RequestParser) -> grpc.RpcMethodHandler:
+def _unary(service: RewardService, method: str, handler: _RawHandler) -> grpc.RpcMethodHandler:
     metrics = service.metrics
 
     async def call(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:

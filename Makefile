@@ -16,7 +16,7 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade --quiet pip
 
 setup: $(BIN)/python  ## Create .venv/ with every component and the test tools
-	$(BIN)/pip install --quiet -e ./proto -e './common[server]' -e ./reward-ocr -r requirements-dev.txt
+	$(BIN)/pip install --quiet -e ./proto -e './common[server]' -e ./reward-ocr -e ./reward-unified -r requirements-dev.txt
 
 test:  ## Run the test suite (CPU only)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

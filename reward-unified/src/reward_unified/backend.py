@@ -1,0 +1,169 @@
+"""reward-unified's backend: fans every pair of every group out to the judge (bounded), parses the
+verdicts and answers per-image win rates."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+
+from prometheus_client import Counter
+
+from deepgen_common.client import CircuitBreaker, RetryPolicy
+from deepgen_common.errors import ImageError
+from deepgen_common.images import decode_image
+from deepgen_common.judge import JudgeClient, JudgeImage, JudgeRejected, JudgeUnavailable
+from deepgen_common.metrics import ServiceMetrics
+from deepgen_common.types import Mode, Result, Sample
+from reward_unified import __version__
+from reward_unified.settings import UnifiedSettings
+from reward_unified.templates import Templates, fill
+from reward_unified.verdicts import Comparison, Winner, comparisons, parse_pairwise, parse_pointwise, tally
+
+log = logging.getLogger(__name__)
+
+_MIME = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg", b"RIFF": "image/webp"}
+
+
+class UnifiedBackend:
+    """Group mode: reward = wins / comparisons within the sample's group (ties count half).
+    Pointwise mode: mean of the judge's Alignment / Coherence / Style scores (1-5)."""
+
+    name = "reward-unified"
+    version = __version__
+    capabilities = (Mode.GROUP, Mode.POINTWISE)
+
+    def __init__(self, settings: UnifiedSettings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.description = f"vllm:{settings.judge_model}"
+        self.judge = JudgeClient(
+            settings.judge_url,
+            settings.judge_model,
+            timeout_s=settings.judge_timeout_s,
+            max_tokens=settings.judge_max_tokens,
+            retry=RetryPolicy(max_attempts=settings.judge_max_attempts, initial_s=0.5, max_s=8.0),
+            breaker=CircuitBreaker(f"judge {settings.judge_url}", failure_threshold=5, reset_after_s=10.0),
+            extra_body=settings.extra_body,
+            max_connections=settings.workers,
+        )
+        self.judge_calls = Counter(
+            "deepgen_judge_calls",
+            "Judge calls by result (ok, tie, unparseable, failed).",
+            ["result"],
+            registry=metrics.registry,
+        )
+        self.templates: Templates | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._healthy = False
+        self._watch: asyncio.Task[None] | None = None
+
+    async def load(self) -> None:
+        self.templates = Templates.load(self.settings.templates_dir)
+        self._slots = asyncio.Semaphore(self.settings.workers)
+        self._healthy = await self.judge.healthy()
+        self._watch = asyncio.create_task(self._watch_health())
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.judge_health_poll_s)
+            healthy = await self.judge.healthy()
+            if healthy != self._healthy:
+                log.warning("judge health changed", extra={"fields": {"healthy": healthy}})
+            self._healthy = healthy
+
+    def ready(self) -> bool:
+        return self.templates is not None and self._healthy
+
+    async def score(self, samples: Sequence[Sample], mode: Mode) -> list[Result]:
+        images = await asyncio.gather(*(asyncio.to_thread(self._validate, s) for s in samples))
+        if mode is Mode.GROUP:
+            return await self._score_groups(samples, images)
+        return await asyncio.gather(*(self._score_one(s, im) for s, im in zip(samples, images, strict=True)))
+
+    def _validate(self, sample: Sample) -> JudgeImage | str:
+        """The image to send, or the reason it cannot be used."""
+        try:
+            decode_image(
+                sample.image,
+                sample.image_format,
+                max_bytes=self.settings.max_image_bytes,
+                max_pixels=self.settings.max_image_pixels,
+            )
+        except ImageError as exc:
+            return str(exc)
+        mime = next((m for magic, m in _MIME.items() if sample.image.startswith(magic)), "image/png")
+        return JudgeImage(sample.image, mime)
+
+    async def _ask(self, images: list[JudgeImage], text: str) -> str:
+        assert self._slots is not None, "score() before load()"
+        async with self._slots:
+            start = time.perf_counter()
+            try:
+                return await self.judge.chat(images, text)
+            finally:
+                self.metrics.observe_stage("judge", time.perf_counter() - start)
+
+    async def _score_groups(self, samples: Sequence[Sample], images: list[JudgeImage | str]) -> list[Result]:
+        assert self.templates is not None
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(samples):
+            if isinstance(images[i], JudgeImage):
+                groups.setdefault(s.group_id, []).append(i)
+        failures: dict[int, str] = {}
+
+        async def judge(c: Comparison) -> tuple[Comparison, Winner | None]:
+            pair = [images[c.first], images[c.second]]
+            try:
+                answer = await self._ask(pair, fill(self.templates.pairwise, samples[c.first].prompt))  # type: ignore[arg-type, union-attr]
+            except (JudgeUnavailable, JudgeRejected) as exc:
+                self.judge_calls.labels(result="failed").inc()
+                failures[c.first] = failures[c.second] = f"judge call failed: {exc}"
+                return c, None
+            winner = parse_pairwise(answer)
+            self.judge_calls.labels(result="ok" if winner else "tie").inc()
+            if winner is None:
+                log.info("unparseable verdict counted as a tie", extra={"fields": {"answer": answer[-300:]}})
+            return c, winner
+
+        pairs = comparisons(list(groups.values()), self.settings.both_orders)
+        judged = await asyncio.gather(*(judge(c) for c in pairs))
+        tallies = tally(
+            len(samples), [(c, w) for c, w in judged if c.first not in failures and c.second not in failures]
+        )
+        results = []
+        for i, image in enumerate(images):
+            if isinstance(image, str):
+                results.append(Result.failed(image))
+            elif i in failures:  # never a silent tie: an unreachable judge is an error
+                results.append(Result.failed(failures[i]))
+            elif (rate := tallies[i].win_rate) is None:
+                results.append(Result.not_applicable(reason="no other valid image in the group to compare with"))
+            else:
+                results.append(Result.ok(rate, comparisons=str(tallies[i].played), ties=str(tallies[i].ties)))
+        return results
+
+    async def _score_one(self, sample: Sample, image: JudgeImage | str) -> Result:
+        assert self.templates is not None
+        if isinstance(image, str):
+            return Result.failed(image)
+        try:
+            answer = await self._ask([image], fill(self.templates.pointwise, sample.prompt))
+        except (JudgeUnavailable, JudgeRejected) as exc:
+            self.judge_calls.labels(result="failed").inc()
+            return Result.failed(f"judge call failed: {exc}")
+        scores = parse_pointwise(answer)
+        if scores is None:
+            self.judge_calls.labels(result="unparseable").inc()
+            return Result.failed(f"judge answer has no Alignment / Coherence / Style scores: {answer[-200:]!r}")
+        self.judge_calls.labels(result="ok").inc()
+        return Result.ok(sum(scores.values()) / len(scores), **{k: f"{v:g}" for k, v in scores.items()})
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self.judge.close()

@@ -1,0 +1,43 @@
+"""Judge templates are data, loaded from TEMPLATES_DIR (here: the real ones in ../shared/data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reward_unified.settings import UnifiedSettings
+from reward_unified.templates import PAIRWISE_FILE, Templates, fill
+from tests.helpers import SHARED_DATA
+
+TEMPLATES = SHARED_DATA / "templates"
+
+
+def test_loads_the_official_templates():
+    templates = Templates.load(TEMPLATES)
+    text = fill(templates.pairwise, "two pandas in spacesuits")
+    assert "「two pandas in spacesuits」" in text
+    assert "<answer>Image 1 is better</answer>" in text  # the format example survives filling
+    assert "Text Caption: [a red bus]" in fill(templates.pointwise, "a red bus")
+
+
+def test_missing_template_says_how_to_fix(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=f"{PAIRWISE_FILE} .* set TEMPLATES_DIR"):
+        Templates.load(tmp_path)
+
+
+def test_template_without_placeholder_is_rejected(tmp_path: Path):
+    for name in ("unifiedreward_think_image_pairwise.txt", "unifiedreward_image_pointwise.txt"):
+        (tmp_path / name).write_text((TEMPLATES / name).read_text())
+    (tmp_path / PAIRWISE_FILE).write_text("Which image is better?")
+    with pytest.raises(ValueError, match=r"must contain the placeholder \{prompt\} exactly once"):
+        Templates.load(tmp_path)
+
+
+def test_settings_read_the_seed_variables(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("UNIFIEDREWARD_THINK_WORKERS", "7")
+    monkeypatch.setenv("JUDGE_URL", "http://judge:9000/v1")
+    monkeypatch.setenv("JUDGE_EXTRA_BODY", '{"structured_outputs": {"regex": "x"}}')
+    s = UnifiedSettings()
+    assert (s.workers, s.judge_url, s.judge_model, s.http_port) == (7, "http://judge:9000/v1", "UnifiedReward", 18087)
+    assert s.extra_body == {"structured_outputs": {"regex": "x"}}

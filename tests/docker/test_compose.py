@@ -1,0 +1,263 @@
+"""The compose stack on a real Docker engine: build the reward-ocr image with docker-compose, start
+it, wait for Docker's own health status, and score a rendered image over the published HTTP port.
+
+Needs a Docker engine, docker-compose 1.29+ and the base image (scripts/docker-env.sh sets all three
+up on a machine without Docker Hub). Without them the tests skip, except under CI=true, where they
+fail: CI must not go green by skipping them.
+
+Env: DEEPGEN_TEST_BASE_IMAGE (default local/debian:bookworm) picks the image's base. When pip here
+trusts an extra CA bundle (PIP_CERT or `pip config`: a TLS-intercepting proxy), the bundle is copied
+to build/pip-ca.pem (git-ignored) and passed to the build as PIP_CA_BUNDLE.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, render_text
+
+log = logging.getLogger(__name__)
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1200)]
+
+BASE_IMAGE = os.environ.get("DEEPGEN_TEST_BASE_IMAGE", "local/debian:bookworm")
+COMPOSE_FILE = REPO / "docker-compose.yml"
+CA_BUNDLE_IN_CONTEXT = "build/pip-ca.pem"  # relative to the build context (the repository root)
+HEALTHY_WITHIN_S = 300.0
+# Only these variables of the caller's environment reach docker-compose, so a developer's OCR_* or
+# .env settings cannot change what the tests run (the .env file is replaced by an empty one).
+PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_CERT_PATH")
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI=true, so the docker tests must run (scripts/docker-env.sh prepares the engine)")
+    pytest.skip(reason)
+
+
+def _run(args: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+def _check(args: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
+    done = _run(args, timeout, env)
+    if done.returncode != 0:
+        output = (done.stdout + done.stderr)[-4000:]
+        pytest.fail(f"{' '.join(args[:6])} ... exited {done.returncode}:\n{output}")
+    return done.stdout
+
+
+def _container_logs(container: str) -> str:
+    done = _run(["docker", "logs", "--tail", "40", container], timeout=30)
+    return (done.stdout + done.stderr)[-4000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _pip_ca_bundle() -> str:
+    """The CA bundle pip trusts on this machine, copied into the build context; "" when pip uses its
+    own store (the image then builds with plain PyPI)."""
+    cert = os.environ.get("PIP_CERT", "")
+    if not cert:
+        listing = _run([sys.executable, "-m", "pip", "config", "list"], timeout=60).stdout
+        for line in listing.splitlines():
+            key, _, value = line.partition("=")
+            if key.endswith(".cert"):
+                cert = value.strip().strip("'\"")
+    if not cert or not Path(cert).is_file():
+        return ""
+    target = REPO / CA_BUNDLE_IN_CONTEXT
+    source = Path(cert).read_bytes()
+    if not target.is_file() or target.read_bytes() != source:  # unchanged file: the build cache holds
+        target.parent.mkdir(exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(source)
+        tmp.replace(target)
+    return CA_BUNDLE_IN_CONTEXT
+
+
+@pytest.fixture(scope="module")
+def docker_engine() -> None:
+    for tool in ("docker", "docker-compose"):
+        if shutil.which(tool) is None:
+            _unavailable(f"{tool} is not installed")
+    try:
+        info = _run(["docker", "info"], timeout=30)
+    except subprocess.TimeoutExpired:
+        _unavailable("`docker info` did not answer within 30 s")
+    if info.returncode != 0:
+        _unavailable(f"no Docker engine (`docker info`: {info.stderr.strip()[-300:]})")
+    if _run(["docker", "image", "inspect", BASE_IMAGE], timeout=30).returncode != 0:
+        _unavailable(f"base image {BASE_IMAGE} is missing (scripts/docker-env.sh builds local/debian:bookworm)")
+
+
+@dataclass
+class Stack:
+    project: str
+    env: dict[str, str]
+    env_file: str
+    http_port: int
+    container: str = ""
+
+    def compose(self, *args: str, timeout: float = 300.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = ["docker-compose", "--env-file", self.env_file, "-f", str(COMPOSE_FILE), "-p", self.project, *args]
+        done = _run(cmd, timeout, self.env)
+        if check and done.returncode != 0:
+            pytest.fail(
+                f"docker-compose {' '.join(args)} exited {done.returncode}:\n{(done.stdout + done.stderr)[-4000:]}"
+            )
+        return done
+
+    def wait_healthy(self, container: str, within_s: float = HEALTHY_WITHIN_S) -> float:
+        """Seconds until Docker reports the container healthy (its own HEALTHCHECK, not a probe of ours)."""
+        start = time.monotonic()
+        status = ""
+        while time.monotonic() - start < within_s:
+            fmt = "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}"
+            status = _check(["docker", "inspect", "-f", fmt, container], timeout=30).strip()
+            if status == "running healthy":
+                return time.monotonic() - start
+            if not status.startswith("running"):
+                pytest.fail(f"container {container} is {status!r}:\n{_container_logs(container)}")
+            time.sleep(1.0)
+        pytest.fail(
+            f"container {container} not healthy after {within_s:.0f} s ({status!r}):\n{_container_logs(container)}"
+        )
+
+
+@pytest.fixture(scope="module")
+def stack(docker_engine: None) -> Iterator[Stack]:
+    """reward-ocr built from reward-ocr/Dockerfile on BASE_IMAGE and started with docker-compose under a
+    project name of its own, published on free 127.0.0.1 ports; torn down with its volumes."""
+    http_port, grpc_port = _free_port(), _free_port()
+    env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
+    env.update(
+        OCR_BASE_IMAGE=BASE_IMAGE,
+        PIP_CA_BUNDLE=_pip_ca_bundle(),
+        BIND_ADDRESS="127.0.0.1",
+        OCR_HTTP_PUBLISH_PORT=str(http_port),
+        OCR_GRPC_PUBLISH_PORT=str(grpc_port),
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".env") as empty_env_file:
+        s = Stack(f"deepgen-test-{uuid.uuid4().hex[:8]}", env, empty_env_file.name, http_port)
+        try:
+            start = time.monotonic()
+            s.compose("build", "reward-ocr", timeout=900)
+            log.info("image build: %.1f s", time.monotonic() - start)
+            s.compose("up", "-d", "reward-ocr", timeout=120)
+            s.container = s.compose("ps", "-q", "reward-ocr", timeout=60).stdout.strip()
+            assert s.container, "docker-compose started no reward-ocr container"
+            log.info("healthy after %.1f s", s.wait_healthy(s.container))
+            yield s
+        finally:
+            s.compose("--profile", "scale", "down", "-v", "--remove-orphans", timeout=180, check=False)
+
+
+def _post_json(url: str, payload: dict, timeout: float = 120.0) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, json.dumps(payload).encode(), {"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.status, json.loads(response.read())
+
+
+def test_healthy_service_scores_rendered_text_over_published_port(stack: Stack) -> None:
+    base = f"http://127.0.0.1:{stack.http_port}"
+    for path in ("/healthz", "/readyz"):
+        with urllib.request.urlopen(base + path, timeout=10) as response:
+            assert response.status == 200, path
+    image = {"data": base64.b64encode(render_text(["HELLO"])).decode(), "format": "png"}
+    status, body = _post_json(
+        f"{base}/v1/score",
+        {
+            "samples": [{"image": image, "prompt": 'a sign that says "HELLO"'}, {"image": image, "prompt": "a sign"}],
+            "mode": "pointwise",
+        },
+    )
+    assert status == 200
+    ok, not_applicable = body["results"]
+    assert ok["outcome"] == "OK", ok
+    assert ok["score"] == pytest.approx(1.0)
+    assert not_applicable["outcome"] == "NOT_APPLICABLE"
+    assert "score" not in not_applicable  # not applicable is never a 0.0
+
+
+def test_container_runs_unprivileged_under_init(stack: Stack) -> None:
+    uid = _check(["docker", "exec", stack.container, "id", "-u"], timeout=30).strip()
+    assert uid != "0"
+    fmt = "{{.HostConfig.Init}} {{.HostConfig.Privileged}}"
+    assert _check(["docker", "inspect", "-f", fmt, stack.container], timeout=30).split() == ["true", "false"]
+
+
+# Runs the container's healthcheck command against a stand-in /readyz answering 503 (a service whose
+# engine is not loaded) and exits with the healthcheck's exit status.
+PROBE_503 = """
+import http.server, json, os, subprocess, sys, threading
+class NotReady(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(503)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", 0), NotReady)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+env = dict(os.environ, HTTP_PORT=str(server.server_port))
+sys.exit(subprocess.run(json.loads(sys.argv[1]), env=env, capture_output=True).returncode)
+"""
+
+
+def test_healthcheck_fails_when_readyz_is_not_200(stack: Stack) -> None:
+    raw = _check(["docker", "inspect", "-f", "{{json .Config.Healthcheck.Test}}", stack.container], timeout=30)
+    kind, *argv = json.loads(raw)
+    assert kind == "CMD", f"healthcheck {kind!r}: expected an exec-form CMD"
+
+    def exec_probe(*args: str) -> int:
+        return _run(["docker", "exec", *args], timeout=60).returncode
+
+    assert exec_probe(stack.container, *argv) == 0  # the real service, ready
+    assert exec_probe("-e", "HTTP_PORT=1", stack.container, *argv) != 0  # nothing listening
+    assert exec_probe(stack.container, "python", "-c", PROBE_503, json.dumps(argv)) != 0  # 503: not ready
+
+
+def test_invalid_setting_exits_with_a_message(stack: Stack) -> None:
+    done = stack.compose(
+        "run", "--rm", "--no-deps", "-T", "-e", "OCR_WORKERS=0", "reward-ocr", timeout=120, check=False
+    )
+    assert done.returncode != 0
+    assert "OCR_WORKERS" in done.stdout + done.stderr
+
+
+def test_replicas_join_the_service_dns_name(stack: Stack) -> None:
+    """`--profile scale --scale reward-ocr-replica=2`: the name `reward-ocr` resolves to all three instances
+    on the compose network (what the trainer's dns:/// round robin spreads calls over)."""
+    stack.compose(
+        "--profile", "scale", "up", "-d", "--no-deps", "--scale", "reward-ocr-replica=2", "reward-ocr-replica"
+    )
+    replicas = stack.compose("--profile", "scale", "ps", "-q", "reward-ocr-replica").stdout.split()
+    assert len(replicas) == 2
+    for replica in replicas:
+        stack.wait_healthy(replica)
+    resolve = (
+        "import socket; print(len({a[4][0] for a in socket.getaddrinfo('reward-ocr', 50051, type=socket.SOCK_STREAM)}))"
+    )
+    assert _check(["docker", "exec", stack.container, "python", "-c", resolve], timeout=30).strip() == "3"

@@ -45,7 +45,11 @@ class UnifiedBackend:
             timeout_s=settings.judge_timeout_s,
             max_tokens=settings.judge_max_tokens,
             retry=RetryPolicy(max_attempts=settings.judge_max_attempts, initial_s=0.5, max_s=8.0),
-            breaker=CircuitBreaker(f"judge {settings.judge_url}", failure_threshold=5, reset_after_s=10.0),
+            breaker=CircuitBreaker(
+                f"judge {settings.judge_url}",
+                failure_threshold=settings.judge_breaker_failures,
+                reset_after_s=settings.judge_breaker_reset_s,
+            ),
             extra_body=settings.extra_body,
             max_connections=settings.workers,
         )
@@ -72,6 +76,8 @@ class UnifiedBackend:
             healthy = await self.judge.healthy()
             if healthy != self._healthy:
                 log.warning("judge health changed", extra={"fields": {"healthy": healthy}})
+                if healthy:  # a passing health check is proof enough: close the breaker for every caller
+                    self.judge.breaker.record_success()
             self._healthy = healthy
 
     def ready(self) -> bool:

@@ -28,6 +28,8 @@ class UnifiedSettings(ServiceSettings):
     judge_max_tokens: int = Field(2048, ge=16, description="Bound on the judge's answer length.")
     judge_timeout_s: float = Field(300.0, gt=0, description="Deadline of one judge call.")
     judge_max_attempts: int = Field(4, ge=1, description="Tries per judge call (transport errors, 429, 5xx).")
+    judge_breaker_failures: int = Field(5, ge=1, description="Consecutive failed judge calls that open the breaker.")
+    judge_breaker_reset_s: float = Field(10.0, gt=0, description="Seconds the open breaker waits before a trial.")
     judge_health_poll_s: float = Field(2.0, gt=0, description="How often readiness re-checks the judge's /health.")
     judge_extra_body: str = Field(
         "",

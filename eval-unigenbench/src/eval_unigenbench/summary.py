@@ -1,0 +1,201 @@
+"""Accuracies of an evaluation run, and its per-image CSV and summary JSON files.
+
+Definitions (testpoint = one (name, score) pair of a judged image; names such as "Attribute - Color"
+are the sub-dimensions):
+- sub-dimension accuracy = correct / total over the testpoints with that name;
+- primary dimension = `primary_dimension(name)` ("Attribute"); its accuracy pools its testpoints;
+- overall accuracy = Σcorrect / Σtotal over every testpoint (micro average);
+- primary mean accuracy = the unweighted mean of the primary-dimension accuracies (leaderboard style).
+Images whose answer could not be parsed, and images whose judging failed, are counted separately and
+contribute nothing to the accuracies (never zeros). With no judged image the accuracies are NaN (in
+the JSON: null), not 0.0.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from eval_unigenbench.benchmark import primary_dimension
+
+Status = Literal["ok", "parse_failure", "error"]
+RESULT_COLUMNS = ("prompt_id", "duplicate", "prompt", "testpoints", "scores", "analysis", "status", "detail")
+
+
+@dataclass(frozen=True)
+class JudgedImage:
+    """One image with a parsed answer: `scores[i]` in {0, 1} for `testpoints[i]`."""
+
+    prompt_id: str
+    duplicate: int
+    testpoints: list[str]
+    scores: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.testpoints) != len(self.scores):
+            raise ValueError(
+                f"prompt {self.prompt_id!r} duplicate {self.duplicate}: "
+                f"{len(self.testpoints)} testpoints but {len(self.scores)} scores"
+            )
+        if any(score not in (0, 1) for score in self.scores):
+            raise ValueError(f"prompt {self.prompt_id!r} duplicate {self.duplicate}: scores must be 0/1: {self.scores}")
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One row of the per-image results CSV. `scores` is set only when `status` is "ok";
+    `detail` says why a parse failure or error happened."""
+
+    prompt_id: str
+    duplicate: int
+    prompt: str
+    testpoints: list[str]
+    scores: list[int] | None
+    analysis: str | None
+    status: Status
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class DimensionScore:
+    """Accuracy of one dimension: `correct` of `total` testpoints; mirrors deepgen.eval.v1.DimensionScore."""
+
+    name: str
+    correct: int
+    total: int
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The result of one run; the fields mirror deepgen.eval.v1.RunSummary. Dimensions are sorted by name."""
+
+    run_id: str
+    step: int
+    images_judged: int
+    parse_failures: int
+    errors: int
+    sub_dimensions: list[DimensionScore]
+    primary_dimensions: list[DimensionScore]
+    overall_accuracy: float
+    primary_mean_accuracy: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values; NaN accuracies become None (JSON null)."""
+        data = asdict(self)
+        for key in ("overall_accuracy", "primary_mean_accuracy"):
+            data[key] = _none_if_nan(data[key])
+        return data
+
+
+def summarize(
+    run_id: str, step: int, judged: Iterable[JudgedImage], parse_failures: int = 0, errors: int = 0
+) -> RunSummary:
+    """Accuracies over `judged`; the failure counts are only reported (see the module docstring)."""
+    if parse_failures < 0 or errors < 0:
+        raise ValueError(f"counts must be >= 0, got parse_failures={parse_failures}, errors={errors}")
+    sub: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # name -> [correct, total]
+    primary: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    images = 0
+    for image in judged:
+        images += 1
+        for name, score in zip(image.testpoints, image.scores, strict=True):
+            for counts in (sub[name], primary[primary_dimension(name)]):
+                counts[0] += score
+                counts[1] += 1
+    sub_scores = _dimension_scores(sub)
+    primary_scores = _dimension_scores(primary)
+    correct = sum(c for c, _ in sub.values())
+    total = sum(t for _, t in sub.values())
+    return RunSummary(
+        run_id=run_id,
+        step=step,
+        images_judged=images,
+        parse_failures=parse_failures,
+        errors=errors,
+        sub_dimensions=sub_scores,
+        primary_dimensions=primary_scores,
+        overall_accuracy=correct / total if total else math.nan,
+        primary_mean_accuracy=(
+            sum(d.accuracy for d in primary_scores) / len(primary_scores) if primary_scores else math.nan
+        ),
+    )
+
+
+def summarize_results(run_id: str, step: int, results: Iterable[ImageResult]) -> RunSummary:
+    """`summarize` over per-image results, counting the non-"ok" ones by status."""
+    judged: list[JudgedImage] = []
+    counts = {"parse_failure": 0, "error": 0}
+    for result in results:
+        if result.status == "ok":
+            if result.scores is None:
+                raise ValueError(f"prompt {result.prompt_id!r} duplicate {result.duplicate}: status ok without scores")
+            judged.append(JudgedImage(result.prompt_id, result.duplicate, result.testpoints, result.scores))
+        elif result.status in counts:
+            counts[result.status] += 1
+        else:
+            raise ValueError(f"unknown status {result.status!r}; valid: ok, {', '.join(counts)}")
+    return summarize(run_id, step, judged, counts["parse_failure"], counts["error"])
+
+
+def write_results_csv(path: Path | str, rows: Iterable[ImageResult]) -> None:
+    """Write the per-image CSV atomically (columns RESULT_COLUMNS). Lists are JSON arrays
+    (`["Style", "Attribute - Color"]`, `[1, 0]`); a missing scores / analysis is an empty cell."""
+
+    def write(file: IO[str]) -> None:
+        writer = csv.writer(file)
+        writer.writerow(RESULT_COLUMNS)
+        for row in rows:
+            writer.writerow(
+                [
+                    row.prompt_id,
+                    row.duplicate,
+                    row.prompt,
+                    json.dumps(row.testpoints, ensure_ascii=False),
+                    "" if row.scores is None else json.dumps(row.scores),
+                    row.analysis or "",
+                    row.status,
+                    row.detail,
+                ]
+            )
+
+    _atomic_write(Path(path), write, newline="")
+
+
+def write_summary_json(path: Path | str, summary: RunSummary) -> None:
+    """Write `summary.to_dict()` as JSON atomically (UTF-8, indented; strictly valid JSON, no NaN)."""
+    text = json.dumps(summary.to_dict(), ensure_ascii=False, indent=2, allow_nan=False) + "\n"
+    _atomic_write(Path(path), lambda file: file.write(text))
+
+
+def _dimension_scores(counts: dict[str, list[int]]) -> list[DimensionScore]:
+    return [DimensionScore(name, c, t, c / t) for name, (c, t) in sorted(counts.items())]
+
+
+def _none_if_nan(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _atomic_write(path: Path, write: Callable[[IO[str]], object], newline: str | None = None) -> None:
+    """Write through a temporary file in the same folder, then rename it over `path`, so a reader (or
+    a crash mid-write) never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, "w", encoding="utf-8", newline=newline) as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temp, 0o644)  # mkstemp creates 0600; outputs are meant to be read by others
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from deepgen_common.errors import ImageError
-from deepgen_common.images import decode_image
+from deepgen_common.images import decode_image, inspect_image
 from deepgen_common.types import ImageFormat
 from tests.helpers import png_bomb
 
@@ -80,3 +80,19 @@ def test_decompression_bomb_rejected_from_header():
 def test_pixel_limit_below_pillows_own():
     with pytest.raises(ImageError, match=r"64x48 = 3072 pixels, over the limit of 1000"):
         decode_image(encode("PNG"), ImageFormat.PNG, max_bytes=1 << 20, max_pixels=1000)
+
+
+@pytest.mark.parametrize(("fmt", "mime"), [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")])
+def test_inspect_checks_without_decoding_and_names_the_mime_type(fmt: str, mime: str):
+    assert inspect_image(encode(fmt), ImageFormat.UNSPECIFIED, **LIMITS) == mime
+
+
+def test_inspect_applies_the_same_limits_and_catches_truncation():
+    with pytest.raises(ImageError, match="MAX_IMAGE_PIXELS"):
+        inspect_image(png_bomb(20000, 20000), ImageFormat.PNG, **LIMITS)
+    with pytest.raises(ImageError, match="not a decodable"):
+        inspect_image(b"junk", ImageFormat.UNSPECIFIED, **LIMITS)
+    noise = io.BytesIO()
+    Image.effect_noise((256, 256), 64).convert("RGB").save(noise, format="PNG")
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        inspect_image(noise.getvalue()[:-2000], ImageFormat.PNG, **LIMITS)

@@ -22,30 +22,50 @@ def decode_image(data: bytes, declared: ImageFormat, *, max_bytes: int, max_pixe
     Raises:
         ImageError: empty, oversized, undecodable, truncated, or not the declared format.
     """
+    image = _open(data, declared, max_bytes=max_bytes, max_pixels=max_pixels)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{image.format} image is corrupt or truncated: {exc}") from None
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def inspect_image(data: bytes, declared: ImageFormat, *, max_bytes: int, max_pixels: int) -> str:
+    """Check an image that is passed on rather than used here (e.g. to a judge model) without
+    decoding its pixels: the same limits as `decode_image`, plus Pillow's structural check (PNG
+    chunk CRCs and completeness). Returns its MIME type.
+
+    Raises:
+        ImageError: as `decode_image`.
+    """
+    image = _open(data, declared, max_bytes=max_bytes, max_pixels=max_pixels)
+    kind = image.format or "PNG"
+    try:
+        image.verify()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{kind} image is corrupt or truncated: {exc}") from None
+    return Image.MIME.get(kind, "application/octet-stream")
+
+
+def _open(data: bytes, declared: ImageFormat, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Open lazily (header only) and enforce the byte and pixel limits."""
     if not data:
         raise ImageError("image is empty")
     if len(data) > max_bytes:
         raise ImageError(f"image is {len(data)} bytes, over the limit of {max_bytes} bytes (MAX_IMAGE_BYTES)")
     allowed = list(_PILLOW_FORMATS.values()) if declared is ImageFormat.UNSPECIFIED else [_PILLOW_FORMATS[declared]]
-    expected = " / ".join(allowed)
     try:
         with warnings.catch_warnings():
             # Pillow's own bomb check only warns below 2x its global limit; ours below is the real one.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=allowed)
     except Image.DecompressionBombError as exc:
-        raise ImageError(
-            f"image dimensions are over the pixel limit of {max_pixels} (MAX_IMAGE_PIXELS): {exc}"
-        ) from None
+        raise ImageError(f"image is over the limit of {max_pixels} pixels (MAX_IMAGE_PIXELS): {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise ImageError(f"bytes are not a decodable {expected} image") from None
+        raise ImageError(f"bytes are not a decodable {' / '.join(allowed)} image") from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(
             f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} (MAX_IMAGE_PIXELS)"
         )
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{image.format} image is corrupt or truncated: {exc}") from None
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return image

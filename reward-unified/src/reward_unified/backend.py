@@ -13,7 +13,7 @@ from prometheus_client import Counter
 
 from deepgen_common.client import CircuitBreaker, RetryPolicy
 from deepgen_common.errors import ImageError
-from deepgen_common.images import decode_image
+from deepgen_common.images import inspect_image
 from deepgen_common.judge import JudgeClient, JudgeImage, JudgeRejected, JudgeUnavailable
 from deepgen_common.metrics import ServiceMetrics
 from deepgen_common.types import Mode, Result, Sample
@@ -23,8 +23,6 @@ from reward_unified.templates import Templates, fill
 from reward_unified.verdicts import Comparison, Winner, comparisons, parse_pairwise, parse_pointwise, tally
 
 log = logging.getLogger(__name__)
-
-_MIME = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg", b"RIFF": "image/webp"}
 
 
 class UnifiedBackend:
@@ -90,9 +88,10 @@ class UnifiedBackend:
         return await asyncio.gather(*(self._score_one(s, im) for s, im in zip(samples, images, strict=True)))
 
     def _validate(self, sample: Sample) -> JudgeImage | str:
-        """The image to send, or the reason it cannot be used."""
+        """The image to send, or the reason it cannot be used. The judge decodes it, so only the
+        header, the limits and the structure are checked here (no pixel decode on the hot path)."""
         try:
-            decode_image(
+            mime = inspect_image(
                 sample.image,
                 sample.image_format,
                 max_bytes=self.settings.max_image_bytes,
@@ -100,7 +99,6 @@ class UnifiedBackend:
             )
         except ImageError as exc:
             return str(exc)
-        mime = next((m for magic, m in _MIME.items() if sample.image.startswith(magic)), "image/png")
         return JudgeImage(sample.image, mime)
 
     async def _ask(self, images: list[JudgeImage], text: str) -> str:

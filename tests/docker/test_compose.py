@@ -16,99 +16,39 @@ import base64
 import json
 import logging
 import os
-import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
+from tests.docker.dockerutil import (
+    BASE_IMAGE,
+    HEALTHY_WITHIN_S,
+    PASSED_ENV,
+    check,
+    free_port,
+    pip_ca_bundle,
+    require_docker_engine,
+    run,
+    wait_health,
+)
 from tests.helpers import REPO, render_text
 
 log = logging.getLogger(__name__)
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1200)]
 
-BASE_IMAGE = os.environ.get("DEEPGEN_TEST_BASE_IMAGE", "local/debian:bookworm")
 COMPOSE_FILE = REPO / "docker-compose.yml"
-CA_BUNDLE_IN_CONTEXT = "build/pip-ca.pem"  # relative to the build context (the repository root)
-HEALTHY_WITHIN_S = 300.0
-# Only these variables of the caller's environment reach docker-compose, so a developer's OCR_* or
-# .env settings cannot change what the tests run (the .env file is replaced by an empty one).
-PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_CERT_PATH")
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}; CI=true, so the docker tests must run (scripts/docker-env.sh prepares the engine)")
-    pytest.skip(reason)
-
-
-def _run(args: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, check=False)
-
-
-def _check(args: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
-    done = _run(args, timeout, env)
-    if done.returncode != 0:
-        output = (done.stdout + done.stderr)[-4000:]
-        pytest.fail(f"{' '.join(args[:6])} ... exited {done.returncode}:\n{output}")
-    return done.stdout
-
-
-def _container_logs(container: str) -> str:
-    done = _run(["docker", "logs", "--tail", "40", container], timeout=30)
-    return (done.stdout + done.stderr)[-4000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _pip_ca_bundle() -> str:
-    """The CA bundle pip trusts on this machine, copied into the build context; "" when pip uses its
-    own store (the image then builds with plain PyPI)."""
-    cert = os.environ.get("PIP_CERT", "")
-    if not cert:
-        listing = _run([sys.executable, "-m", "pip", "config", "list"], timeout=60).stdout
-        for line in listing.splitlines():
-            key, _, value = line.partition("=")
-            if key.endswith(".cert"):
-                cert = value.strip().strip("'\"")
-    if not cert or not Path(cert).is_file():
-        return ""
-    target = REPO / CA_BUNDLE_IN_CONTEXT
-    source = Path(cert).read_bytes()
-    if not target.is_file() or target.read_bytes() != source:  # unchanged file: the build cache holds
-        target.parent.mkdir(exist_ok=True)
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(source)
-        tmp.replace(target)
-    return CA_BUNDLE_IN_CONTEXT
 
 
 @pytest.fixture(scope="module")
 def docker_engine() -> None:
-    for tool in ("docker", "docker-compose"):
-        if shutil.which(tool) is None:
-            _unavailable(f"{tool} is not installed")
-    try:
-        info = _run(["docker", "info"], timeout=30)
-    except subprocess.TimeoutExpired:
-        _unavailable("`docker info` did not answer within 30 s")
-    if info.returncode != 0:
-        _unavailable(f"no Docker engine (`docker info`: {info.stderr.strip()[-300:]})")
-    if _run(["docker", "image", "inspect", BASE_IMAGE], timeout=30).returncode != 0:
-        _unavailable(f"base image {BASE_IMAGE} is missing (scripts/docker-env.sh builds local/debian:bookworm)")
+    require_docker_engine()
 
 
 @dataclass
@@ -121,7 +61,7 @@ class Stack:
 
     def compose(self, *args: str, timeout: float = 300.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = ["docker-compose", "--env-file", self.env_file, "-f", str(COMPOSE_FILE), "-p", self.project, *args]
-        done = _run(cmd, timeout, self.env)
+        done = run(cmd, timeout, self.env)
         if check and done.returncode != 0:
             pytest.fail(
                 f"docker-compose {' '.join(args)} exited {done.returncode}:\n{(done.stdout + done.stderr)[-4000:]}"
@@ -130,30 +70,18 @@ class Stack:
 
     def wait_healthy(self, container: str, within_s: float = HEALTHY_WITHIN_S) -> float:
         """Seconds until Docker reports the container healthy (its own HEALTHCHECK, not a probe of ours)."""
-        start = time.monotonic()
-        status = ""
-        while time.monotonic() - start < within_s:
-            fmt = "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}"
-            status = _check(["docker", "inspect", "-f", fmt, container], timeout=30).strip()
-            if status == "running healthy":
-                return time.monotonic() - start
-            if not status.startswith("running"):
-                pytest.fail(f"container {container} is {status!r}:\n{_container_logs(container)}")
-            time.sleep(1.0)
-        pytest.fail(
-            f"container {container} not healthy after {within_s:.0f} s ({status!r}):\n{_container_logs(container)}"
-        )
+        return wait_health(container, "healthy", within_s)
 
 
 @pytest.fixture(scope="module")
 def stack(docker_engine: None) -> Iterator[Stack]:
     """reward-ocr built from reward-ocr/Dockerfile on BASE_IMAGE and started with docker-compose under a
     project name of its own, published on free 127.0.0.1 ports; torn down with its volumes."""
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
     env.update(
         OCR_BASE_IMAGE=BASE_IMAGE,
-        PIP_CA_BUNDLE=_pip_ca_bundle(),
+        PIP_CA_BUNDLE=pip_ca_bundle(),
         BIND_ADDRESS="127.0.0.1",
         OCR_HTTP_PUBLISH_PORT=str(http_port),
         OCR_GRPC_PUBLISH_PORT=str(grpc_port),
@@ -203,10 +131,10 @@ def test_healthy_service_scores_rendered_text_over_published_port(stack: Stack) 
 
 
 def test_container_runs_unprivileged_under_init(stack: Stack) -> None:
-    uid = _check(["docker", "exec", stack.container, "id", "-u"], timeout=30).strip()
+    uid = check(["docker", "exec", stack.container, "id", "-u"], timeout=30).strip()
     assert uid != "0"
     fmt = "{{.HostConfig.Init}} {{.HostConfig.Privileged}}"
-    assert _check(["docker", "inspect", "-f", fmt, stack.container], timeout=30).split() == ["true", "false"]
+    assert check(["docker", "inspect", "-f", fmt, stack.container], timeout=30).split() == ["true", "false"]
 
 
 # Runs the container's healthcheck command against a stand-in /readyz answering 503 (a service whose
@@ -227,12 +155,12 @@ sys.exit(subprocess.run(json.loads(sys.argv[1]), env=env, capture_output=True).r
 
 
 def test_healthcheck_fails_when_readyz_is_not_200(stack: Stack) -> None:
-    raw = _check(["docker", "inspect", "-f", "{{json .Config.Healthcheck.Test}}", stack.container], timeout=30)
+    raw = check(["docker", "inspect", "-f", "{{json .Config.Healthcheck.Test}}", stack.container], timeout=30)
     kind, *argv = json.loads(raw)
     assert kind == "CMD", f"healthcheck {kind!r}: expected an exec-form CMD"
 
     def exec_probe(*args: str) -> int:
-        return _run(["docker", "exec", *args], timeout=60).returncode
+        return run(["docker", "exec", *args], timeout=60).returncode
 
     assert exec_probe(stack.container, *argv) == 0  # the real service, ready
     assert exec_probe("-e", "HTTP_PORT=1", stack.container, *argv) != 0  # nothing listening
@@ -260,4 +188,4 @@ def test_replicas_join_the_service_dns_name(stack: Stack) -> None:
     resolve = (
         "import socket; print(len({a[4][0] for a in socket.getaddrinfo('reward-ocr', 50051, type=socket.SOCK_STREAM)}))"
     )
-    assert _check(["docker", "exec", stack.container, "python", "-c", resolve], timeout=30).strip() == "3"
+    assert check(["docker", "exec", stack.container, "python", "-c", resolve], timeout=30).strip() == "3"

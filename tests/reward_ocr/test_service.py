@@ -274,3 +274,9 @@ def test_grpc_reflection_lists_the_services(channel):
     [reply] = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
     names = {s.name for s in reply.list_services_response.service}
     assert {"deepgen.reward.v1.RewardService", "grpc.health.v1.Health"} <= names
+
+
+def test_unknown_paths_do_not_grow_the_metrics(ocr_service):
+    for i in range(3):
+        assert httpx.get(f"{ocr_service.http_url}/v1/nope-{i}").status_code == 404
+    assert "nope" not in httpx.get(f"{ocr_service.http_url}/metrics").text

@@ -23,6 +23,9 @@ from deepgen_common.types import ImageFormat, Mode, Result, Sample
 log = logging.getLogger(__name__)
 
 
+_API_PATHS = frozenset({"/v1/score", "/v1/info"})
+
+
 class ImageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     data: str = Field(description="Base64 (standard alphabet) of the encoded image.")
@@ -156,7 +159,7 @@ def create_http_app(service: RewardService) -> ASGIApp:
         response = await call_next(request)
         response.headers["x-request-id"] = rid
         method = request.url.path
-        if method.startswith("/v1/"):
+        if method in _API_PATHS:  # a fixed label set: arbitrary client paths must not grow the metrics
             metrics.requests.labels(transport="http", method=method, code=str(response.status_code)).inc()
             metrics.request_seconds.labels(transport="http", method=method).observe(time.perf_counter() - start)
         return response

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from deepgen_common.reward_api import reward_component
 from reward_ocr.backend import OcrBackend
 from reward_ocr.settings import OcrSettings
 from tests.helpers import ServiceThread
@@ -16,6 +17,6 @@ def ocr_settings(**overrides: object) -> OcrSettings:
 @pytest.fixture(scope="session")
 def ocr_service():
     """reward-ocr as deployed by default: RapidOCR in worker processes, one per core."""
-    service = ServiceThread(ocr_settings(), OcrBackend).start()
+    service = ServiceThread(ocr_settings(), reward_component(OcrBackend)).start()
     yield service
     service.stop()

@@ -49,9 +49,9 @@ def png_bomb(width: int, height: int) -> bytes:
 class ServiceThread:
     """A real service (gRPC + HTTP servers, real backend) on its own event loop in a thread."""
 
-    def __init__(self, settings: ServiceSettings, make_backend: Callable) -> None:
+    def __init__(self, settings: ServiceSettings, make_component: Callable) -> None:
         self.settings = settings
-        self.make_backend = make_backend
+        self.make_component = make_component
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.running: RunningService | None = None
@@ -64,7 +64,7 @@ class ServiceThread:
         return self
 
     async def _start(self) -> None:
-        self.running = RunningService(self.settings, self.make_backend)
+        self.running = RunningService(self.settings, self.make_component)
         await self.running.start()
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deepgen_common.client import BreakerState, CircuitBreaker, CircuitOpenError, RetryPolicy, RewardClient
 from deepgen_common.client.transports import TransientError
+from deepgen_common.reward_api import reward_component
 from deepgen_common.types import Sample
 from reward_ocr.backend import OcrBackend
 from tests.conftest import ocr_settings
@@ -30,7 +31,7 @@ def replica(grpc_port: int = 0, http_port: int = 0) -> ServiceThread:
     settings = ocr_settings(
         ocr_executor="thread", ocr_workers=1, grpc_port=grpc_port, http_port=http_port, shutdown_grace_s=1.0
     )
-    return ServiceThread(settings, OcrBackend).start()
+    return ServiceThread(settings, reward_component(OcrBackend)).start()
 
 
 def score_requests(service: ServiceThread) -> float:

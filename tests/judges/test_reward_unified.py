@@ -18,6 +18,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from deepgen_common.client import BreakerState, RewardClient, RewardServiceError
+from deepgen_common.reward_api import reward_component
 from deepgen_common.types import Mode, Outcome, Sample
 from reward_unified.backend import UnifiedBackend
 from reward_unified.settings import UnifiedSettings
@@ -51,7 +52,7 @@ def adapter(vllm: VllmServer, extra_body: dict, **overrides: object) -> ServiceT
         "judge_health_poll_s": 0.5,
     }
     values.update(overrides)
-    return ServiceThread(UnifiedSettings(**values), UnifiedBackend).start()
+    return ServiceThread(UnifiedSettings(**values), reward_component(UnifiedBackend)).start()
 
 
 def judge_calls(service: ServiceThread) -> dict[str, float]:

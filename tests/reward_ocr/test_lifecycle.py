@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deepgen.reward.v1 import reward_pb2
 from deepgen_common.client import RewardClient, wait_ready
+from deepgen_common.reward_api import reward_component
 from deepgen_common.types import Sample
 from reward_ocr.backend import OcrBackend
 from tests.conftest import ocr_settings
@@ -35,7 +36,7 @@ def health(port: int) -> int:
 
 def test_not_serving_until_the_engine_is_loaded():
     # Worker processes take seconds to spawn and load their models: long enough to look before.
-    service = ServiceThread(ocr_settings(ocr_workers=1), OcrBackend).start(wait_ready=False)
+    service = ServiceThread(ocr_settings(ocr_workers=1), reward_component(OcrBackend)).start(wait_ready=False)
     try:
         assert health(service.grpc_port) == health_pb2.HealthCheckResponse.NOT_SERVING
         assert httpx.get(f"{service.http_url}/readyz").status_code == 503
@@ -55,7 +56,7 @@ def test_not_serving_until_the_engine_is_loaded():
 
 def test_full_queue_answers_resource_exhausted_and_429():
     settings = ocr_settings(ocr_executor="thread", ocr_workers=1, max_batch_size=4, max_queued_samples=4)
-    service = ServiceThread(settings, OcrBackend).start()
+    service = ServiceThread(settings, reward_component(OcrBackend)).start()
     busy = reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(image={"data": IMAGE}, prompt='"QUEUE"')] * 4)
     one = reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(image={"data": IMAGE}, prompt='"QUEUE"')])
     try:

@@ -40,4 +40,10 @@ def test_settings_read_the_seed_variables(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("JUDGE_EXTRA_BODY", '{"structured_outputs": {"regex": "x"}}')
     s = UnifiedSettings()
     assert (s.workers, s.judge_url, s.judge_model, s.http_port) == (7, "http://judge:9000/v1", "UnifiedReward", 18087)
-    assert s.extra_body == {"structured_outputs": {"regex": "x"}}
+    assert s.judge_client().extra_body == {"structured_outputs": {"regex": "x"}}
+
+
+def test_settings_reject_an_extra_body_that_is_not_a_json_object(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("JUDGE_EXTRA_BODY", "[1, 2]")
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        UnifiedSettings()

@@ -1,4 +1,4 @@
-"""HTTP/JSON transport: the same reward API as gRPC (base64 images), plus health and metrics."""
+"""HTTP/JSON transport: a component's API router (base64 images), plus health, readiness and metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import binascii
 import dataclasses
 import logging
 import time
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,15 +15,16 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deepgen_common.api import Lifecycle, ServiceApi
 from deepgen_common.errors import InvalidInput, ServiceError
 from deepgen_common.logs import new_request_id
-from deepgen_common.service import RewardService
-from deepgen_common.types import ImageFormat, Mode, Result, Sample
+from deepgen_common.metrics import ServiceMetrics
+from deepgen_common.settings import ServiceSettings
+from deepgen_common.types import ImageFormat, Mode, ServiceInfo
 
 log = logging.getLogger(__name__)
 
-
-_API_PATHS = frozenset({"/v1/score", "/v1/info"})
+_OPERATIONAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class ImageIn(BaseModel):
@@ -37,35 +38,6 @@ class ImageIn(BaseModel):
         if not v:
             raise ValueError("image data is empty: every sample needs an encoded image")
         return v
-
-
-class SampleIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    image: ImageIn
-    prompt: str = Field("", description="Prompt the image was generated from.")
-    group_id: str = Field("", description="Group of the sample; required in group mode.")
-    metadata: dict[str, str] = Field(default_factory=dict, description="Carried for logging.")
-
-
-class ScoreRequestIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    samples: list[SampleIn]
-    mode: Mode = Mode.POINTWISE
-
-
-class ResultOut(BaseModel):
-    outcome: Literal["OK", "NOT_APPLICABLE", "ERROR"]
-    score: float | None = Field(None, description="Present only when outcome is OK.")
-    error: str | None = Field(None, description="Present only when outcome is ERROR.")
-    details: dict[str, str] = Field(default_factory=dict)
-
-    @classmethod
-    def of(cls, r: Result) -> ResultOut:
-        return cls(outcome=r.outcome.value, score=r.score, error=r.error or None, details=dict(r.details))
-
-
-class ScoreResponseOut(BaseModel):
-    results: list[ResultOut]
 
 
 class LimitsOut(BaseModel):
@@ -84,18 +56,16 @@ class InfoOut(BaseModel):
     limits: LimitsOut
     capabilities: list[Mode]
 
-
-def _to_samples(body: ScoreRequestIn) -> list[Sample]:
-    samples = []
-    for i, s in enumerate(body.samples):
-        try:
-            data = base64.b64decode(s.image.data, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidInput(f"samples[{i}].image.data is not valid base64") from None
-        samples.append(
-            Sample(image=data, prompt=s.prompt, image_format=s.image.format, group_id=s.group_id, metadata=s.metadata)
+    @classmethod
+    def of(cls, i: ServiceInfo) -> InfoOut:
+        return cls(
+            name=i.name,
+            version=i.version,
+            api=i.api,
+            backend=i.backend,
+            limits=LimitsOut(**dataclasses.asdict(i.limits)),
+            capabilities=list(i.capabilities),
         )
-    return samples
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -143,23 +113,37 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def create_http_app(service: RewardService) -> ASGIApp:
-    """The FastAPI app: `POST /v1/score`, `GET /v1/info`, `/healthz`, `/readyz`, `/metrics`."""
-    metrics = service.metrics
-    app = FastAPI(
-        title=service.backend.name,
-        version=service.backend.version,
-        description="DeepGen reward service (HTTP/JSON mirror of deepgen.reward.v1).",
-    )
+def decode_base64(data: str, field: str) -> bytes:
+    """Standard-alphabet base64; raises InvalidInput naming the field."""
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"{field} is not valid base64") from None
+
+
+def create_http_app(api: ServiceApi, service: Lifecycle, metrics: ServiceMetrics, settings: ServiceSettings) -> ASGIApp:
+    """The FastAPI app: the API's routes plus `/healthz`, `/readyz` and `/metrics`."""
+    app = FastAPI(title=service.name, version=service.version, description=api.description)
+    api_routes = frozenset(id(r) for r in api.http.routes)
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Any) -> Response:
         rid = new_request_id(request.headers.get("x-request-id"))
         start = time.perf_counter()
-        response = await call_next(request)
+        operational = request.url.path in _OPERATIONAL_PATHS
+        if not operational:
+            metrics.in_flight.inc()
+        try:
+            response = await call_next(request)
+        finally:
+            if not operational:
+                metrics.in_flight.dec()
         response.headers["x-request-id"] = rid
-        method = request.url.path
-        if method in _API_PATHS:  # a fixed label set: arbitrary client paths must not grow the metrics
+        route = request.scope.get("route")
+        # Label by route template ("/v1/runs/{run_id}/images"), and only the API's own routes: the
+        # label set stays fixed whatever paths clients send.
+        if route is not None and id(route) in api_routes:
+            method = route.path
             metrics.requests.labels(transport="http", method=method, code=str(response.status_code)).inc()
             metrics.request_seconds.labels(transport="http", method=method).observe(time.perf_counter() - start)
         return response
@@ -185,26 +169,7 @@ def create_http_app(service: RewardService) -> ASGIApp:
         log.error("request failed", exc_info=exc)
         return _error(500, "INTERNAL", f"internal error; request id {request.headers.get('x-request-id', '-')}")
 
-    @app.post("/v1/score", response_model=ScoreResponseOut, response_model_exclude_none=True)
-    async def score(body: ScoreRequestIn) -> ScoreResponseOut:
-        metrics.in_flight.inc()
-        try:
-            results = await service.score(_to_samples(body), body.mode)
-        finally:
-            metrics.in_flight.dec()
-        return ScoreResponseOut(results=[ResultOut.of(r) for r in results])
-
-    @app.get("/v1/info", response_model=InfoOut)
-    async def info() -> InfoOut:
-        i = service.info()
-        return InfoOut(
-            name=i.name,
-            version=i.version,
-            api=i.api,
-            backend=i.backend,
-            limits=LimitsOut(**dataclasses.asdict(i.limits)),
-            capabilities=list(i.capabilities),
-        )
+    app.include_router(api.http)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -219,4 +184,4 @@ def create_http_app(service: RewardService) -> ASGIApp:
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return BodyLimit(app, service.settings.max_request_bytes)
+    return BodyLimit(app, settings.max_request_bytes)

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from pydantic import Field, field_validator
 
 from deepgen_common.client.breaker import CircuitBreaker, CircuitOpenError
 from deepgen_common.client.reward_client import RetryPolicy
+from deepgen_common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,49 @@ class JudgeImage:
     def content_part(self) -> dict[str, Any]:
         url = f"data:{self.mime};base64,{base64.b64encode(self.data).decode()}"
         return {"type": "image_url", "image_url": {"url": url}}
+
+
+class JudgeSettings(ServiceSettings):
+    """Settings every judge adapter shares: where the judge is and how it is called. Subclasses set
+    the defaults of `judge_url`, `judge_model` and `workers`."""
+
+    judge_url: str = Field(description="OpenAI-compatible base URL of vLLM, e.g. http://vllm:8000/v1.")
+    judge_model: str = Field(description="Served model name of the judge.")
+    workers: int = Field(32, ge=1, description="Judge calls in flight at once, over all requests.")
+    judge_max_tokens: int = Field(2048, ge=16, description="Bound on the judge's answer length.")
+    judge_timeout_s: float = Field(300.0, gt=0, description="Deadline of one judge call.")
+    judge_max_attempts: int = Field(4, ge=1, description="Tries per judge call (transport errors, 429, 5xx).")
+    judge_breaker_failures: int = Field(5, ge=1, description="Consecutive failed judge calls that open the breaker.")
+    judge_breaker_reset_s: float = Field(10.0, gt=0, description="Seconds the open breaker waits before a trial.")
+    judge_health_poll_s: float = Field(2.0, gt=0, description="How often readiness re-checks the judge's /health.")
+    judge_extra_body: str = Field(
+        "",
+        description="JSON object merged into every chat request. Tests use it to force answers with vLLM's "
+        "structured_outputs; leave empty in production.",
+    )
+
+    @field_validator("judge_extra_body")
+    @classmethod
+    def _json_object(cls, v: str) -> str:
+        if v and not isinstance(json.loads(v), dict):
+            raise ValueError("must be a JSON object")
+        return v
+
+    def judge_client(self) -> JudgeClient:
+        return JudgeClient(
+            self.judge_url,
+            self.judge_model,
+            timeout_s=self.judge_timeout_s,
+            max_tokens=self.judge_max_tokens,
+            retry=RetryPolicy(max_attempts=self.judge_max_attempts, initial_s=0.5, max_s=8.0),
+            breaker=CircuitBreaker(
+                f"judge {self.judge_url}",
+                failure_threshold=self.judge_breaker_failures,
+                reset_after_s=self.judge_breaker_reset_s,
+            ),
+            extra_body=json.loads(self.judge_extra_body) if self.judge_extra_body else {},
+            max_connections=self.workers,
+        )
 
 
 class JudgeClient:
@@ -72,17 +119,18 @@ class JudgeClient:
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.AsyncClient(timeout=timeout_s, limits=limits)
 
-    async def chat(self, images: list[JudgeImage], text: str) -> str:
+    async def chat(self, images: list[JudgeImage], text: str, temperature: float = 0.0) -> str:
         """One user turn with the images first, then the text; returns the answer text.
 
-        Temperature 0 (judgements must be reproducible). Raises JudgeUnavailable / JudgeRejected.
+        Temperature 0 by default (judgements must be reproducible). Raises JudgeUnavailable /
+        JudgeRejected.
         """
         body = {
             "model": self.model,
             "messages": [
                 {"role": "user", "content": [*(i.content_part() for i in images), {"type": "text", "text": text}]}
             ],
-            "temperature": 0.0,
+            "temperature": temperature,
             "max_tokens": self.max_tokens,
             **self.extra_body,
         }
@@ -147,3 +195,34 @@ class JudgeClient:
 
     async def close(self) -> None:
         await self._http.aclose()
+
+
+class HealthWatch:
+    """Polls the judge's `/health`; `healthy` backs the adapter's readiness. A passing check after a
+    failing one closes the breaker for every caller (the judge is back; no need to wait out the reset)."""
+
+    def __init__(self, judge: JudgeClient, poll_s: float) -> None:
+        self.judge = judge
+        self.poll_s = poll_s
+        self.healthy = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.healthy = await self.judge.healthy()
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            healthy = await self.judge.healthy()
+            if healthy != self.healthy:
+                log.warning("judge health changed", extra={"fields": {"url": self.judge.root_url, "healthy": healthy}})
+                if healthy:
+                    self.judge.breaker.record_success()
+            self.healthy = healthy
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,4 +1,4 @@
-"""Wiring: one process serves a backend over gRPC and HTTP on one event loop, tracks readiness and
+"""Wiring: one process serves a component over gRPC and HTTP on one event loop, tracks readiness and
 stops gracefully on SIGTERM."""
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ import pydantic
 import uvicorn
 from grpc_health.v1 import health_pb2
 
-from deepgen_common.grpc_server import REWARD_SERVICE, create_grpc_server
+from deepgen_common.api import Component
+from deepgen_common.grpc_server import create_grpc_server
 from deepgen_common.http_server import create_http_app
 from deepgen_common.logs import configure_logging
 from deepgen_common.metrics import ServiceMetrics
-from deepgen_common.service import Backend, RewardService
 from deepgen_common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
 READINESS_POLL_S = 0.5
 S = TypeVar("S", bound=ServiceSettings)
-BackendFactory = Callable[[S, ServiceMetrics], Backend]
+ComponentFactory = Callable[[S, ServiceMetrics], Component]
 
 
 class _Uvicorn(uvicorn.Server):
@@ -52,17 +52,17 @@ def _listen(host: str, port: int) -> socket.socket:
 class RunningService:
     """A started service. `grpc_port` / `http_port` are the bound ports (real ones when 0 was asked)."""
 
-    def __init__(self, settings: S, make_backend: BackendFactory[S]) -> None:
+    def __init__(self, settings: S, make_component: ComponentFactory[S]) -> None:
         self.settings = settings
         self.metrics = ServiceMetrics()
-        self.service = RewardService(make_backend(settings, self.metrics), settings, self.metrics)
-        self.grpc_server, self.grpc_port, self._health = create_grpc_server(
-            self.service, settings.host, settings.grpc_port
-        )
+        component = make_component(settings, self.metrics)
+        self.service = component.service
+        self._grpc_service = component.api.grpc_service
+        self.grpc_server, self.grpc_port, self._health = create_grpc_server(component.api, self.metrics, settings)
         self._http_socket = _listen(settings.host, settings.http_port)
         self.http_port: int = self._http_socket.getsockname()[1]
         config = uvicorn.Config(
-            create_http_app(self.service),
+            create_http_app(component.api, self.service, self.metrics, settings),
             lifespan="off",
             log_config=None,
             access_log=False,
@@ -81,22 +81,22 @@ class RunningService:
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", REWARD_SERVICE):
+        for name in ("", self._grpc_service):
             await self._health.set(name, status)
 
     async def _load_and_track_readiness(self) -> None:
-        backend = self.service.backend
+        service = self.service
         await self._set_health(False)
         try:
-            await backend.load()
+            await service.load()
         except Exception:
-            log.exception("backend failed to load")
+            log.exception("service failed to load")
             self.failed.set()
             return
-        log.info("backend loaded", extra={"fields": {"backend": backend.description}})
+        log.info("service loaded", extra={"fields": {"backend": service.description}})
         serving = None
         while True:  # readiness can change later, e.g. when a judge's upstream goes down
-            ready = backend.ready()
+            ready = service.ready()
             if ready != serving:
                 await self._set_health(ready)
                 serving = ready
@@ -111,17 +111,17 @@ class RunningService:
         await self._health.enter_graceful_shutdown()
         self._http.should_exit = True
         await asyncio.gather(self.grpc_server.stop(grace), self._tasks[0], return_exceptions=True)
-        await self.service.backend.close()
+        await self.service.close()
         log.info("stopped")
 
 
-async def serve(settings: S, make_backend: BackendFactory[S]) -> None:
+async def serve(settings: S, make_component: ComponentFactory[S]) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = RunningService(settings, make_backend)
+    running = RunningService(settings, make_component)
     await running.start()
     stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(running.failed.wait())
     await asyncio.wait((stopped, failed), return_when=asyncio.FIRST_COMPLETED)
@@ -131,7 +131,7 @@ async def serve(settings: S, make_backend: BackendFactory[S]) -> None:
         raise SystemExit(1)
 
 
-def main(settings_factory: Callable[[], S], make_backend: BackendFactory[S]) -> None:
+def main(settings_factory: Callable[[], S], make_component: ComponentFactory[S]) -> None:
     """Entry point of `python -m <service>`: settings from env, JSON logs, serve until signalled."""
     try:
         settings = settings_factory()
@@ -139,4 +139,4 @@ def main(settings_factory: Callable[[], S], make_backend: BackendFactory[S]) -> 
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper() or 'settings'}: {e['msg']}" for e in exc.errors())
         raise SystemExit(f"invalid settings: {problems}") from None
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings, make_backend))
+    asyncio.run(serve(settings, make_component))

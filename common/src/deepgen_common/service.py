@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
+from deepgen_common.api import Lifecycle
 from deepgen_common.errors import InvalidInput, NotReady, Overloaded
 from deepgen_common.metrics import ServiceMetrics
 from deepgen_common.settings import ServiceSettings
@@ -21,25 +22,13 @@ log = logging.getLogger(__name__)
 REWARD_API = "deepgen.reward.v1"
 
 
-class Backend(Protocol):
-    """What a service implements; everything else comes from the kit."""
+class Backend(Lifecycle, Protocol):
+    """What a reward service implements; everything else comes from the kit."""
 
-    name: str
-    version: str
-    description: str  # e.g. "rapidocr"
     capabilities: tuple[Mode, ...]
-
-    async def load(self) -> None:
-        """Load models; the service turns ready when it returns."""
-
-    def ready(self) -> bool:
-        """True while requests can be served (loaded, upstream reachable)."""
 
     async def score(self, samples: Sequence[Sample], mode: Mode) -> list[Result]:
         """One result per sample, in order. Per-sample problems are ERROR results, not exceptions."""
-
-    async def close(self) -> None:
-        """Release workers and connections."""
 
 
 class Admission:
@@ -77,7 +66,14 @@ class RewardService:
         self.settings = settings
         self.metrics = metrics
         self.admission = Admission(settings.max_queued_samples, metrics)
+        self.name, self.version, self.description = backend.name, backend.version, backend.description
         metrics.info.info({"name": backend.name, "version": backend.version, "backend": backend.description})
+
+    async def load(self) -> None:
+        await self.backend.load()
+
+    async def close(self) -> None:
+        await self.backend.close()
 
     def info(self) -> ServiceInfo:
         return ServiceInfo(

@@ -4,17 +4,15 @@ verdicts and answers per-image win rates."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
 
 from prometheus_client import Counter
 
-from deepgen_common.client import CircuitBreaker, RetryPolicy
 from deepgen_common.errors import ImageError
 from deepgen_common.images import inspect_image
-from deepgen_common.judge import JudgeClient, JudgeImage, JudgeRejected, JudgeUnavailable
+from deepgen_common.judge import HealthWatch, JudgeImage, JudgeRejected, JudgeUnavailable
 from deepgen_common.metrics import ServiceMetrics
 from deepgen_common.types import Mode, Result, Sample
 from reward_unified import __version__
@@ -37,20 +35,8 @@ class UnifiedBackend:
         self.settings = settings
         self.metrics = metrics
         self.description = f"vllm:{settings.judge_model}"
-        self.judge = JudgeClient(
-            settings.judge_url,
-            settings.judge_model,
-            timeout_s=settings.judge_timeout_s,
-            max_tokens=settings.judge_max_tokens,
-            retry=RetryPolicy(max_attempts=settings.judge_max_attempts, initial_s=0.5, max_s=8.0),
-            breaker=CircuitBreaker(
-                f"judge {settings.judge_url}",
-                failure_threshold=settings.judge_breaker_failures,
-                reset_after_s=settings.judge_breaker_reset_s,
-            ),
-            extra_body=settings.extra_body,
-            max_connections=settings.workers,
-        )
+        self.judge = settings.judge_client()
+        self.health = HealthWatch(self.judge, settings.judge_health_poll_s)
         self.judge_calls = Counter(
             "deepgen_judge_calls",
             "Judge calls by result (ok, tie, unparseable, failed).",
@@ -59,27 +45,14 @@ class UnifiedBackend:
         )
         self.templates: Templates | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._healthy = False
-        self._watch: asyncio.Task[None] | None = None
 
     async def load(self) -> None:
         self.templates = Templates.load(self.settings.templates_dir)
         self._slots = asyncio.Semaphore(self.settings.workers)
-        self._healthy = await self.judge.healthy()
-        self._watch = asyncio.create_task(self._watch_health())
-
-    async def _watch_health(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.judge_health_poll_s)
-            healthy = await self.judge.healthy()
-            if healthy != self._healthy:
-                log.warning("judge health changed", extra={"fields": {"healthy": healthy}})
-                if healthy:  # a passing health check is proof enough: close the breaker for every caller
-                    self.judge.breaker.record_success()
-            self._healthy = healthy
+        await self.health.start()
 
     def ready(self) -> bool:
-        return self.templates is not None and self._healthy
+        return self.templates is not None and self.health.healthy
 
     async def score(self, samples: Sequence[Sample], mode: Mode) -> list[Result]:
         images = await asyncio.gather(*(asyncio.to_thread(self._validate, s) for s in samples))
@@ -166,8 +139,5 @@ class UnifiedBackend:
         return Result.ok(sum(scores.values()) / len(scores), **{k: f"{v:g}" for k, v in scores.items()})
 
     async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        await self.health.stop()
         await self.judge.close()

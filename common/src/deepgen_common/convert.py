@@ -27,12 +27,24 @@ _OUTCOME_FROM_PB = {v: k for k, v in _OUTCOME_TO_PB.items()}
 _MODE_NAMES = frozenset(m.value for m in Mode)
 
 
+def image_format_to_pb(image_format: ImageFormat) -> int:
+    return _FORMAT_TO_PB[image_format]
+
+
+def image_format_from_pb(value: int, field: str) -> ImageFormat:
+    """Raises InvalidInput naming `field` for a value this version does not know."""
+    image_format = _FORMAT_FROM_PB.get(value)
+    if image_format is None:
+        raise InvalidInput(f"{field} has unknown value {value}")
+    return image_format
+
+
 def request_to_pb(samples: Sequence[Sample], mode: Mode) -> reward_pb2.ScoreRequest:
     return reward_pb2.ScoreRequest(
         mode=_MODE_TO_PB[mode],
         samples=[
             reward_pb2.Sample(
-                image=types_pb2.Image(data=s.image, format=_FORMAT_TO_PB[s.image_format]),
+                image=types_pb2.Image(data=s.image, format=image_format_to_pb(s.image_format)),
                 prompt=s.prompt,
                 group_id=s.group_id,
                 metadata=dict(s.metadata),
@@ -51,9 +63,7 @@ def request_from_pb(request: reward_pb2.ScoreRequest) -> tuple[list[Sample], Mod
     for i, s in enumerate(request.samples):
         if not s.image.data:
             raise InvalidInput(f"samples[{i}].image.data is empty: every sample needs an encoded image")
-        image_format = _FORMAT_FROM_PB.get(s.image.format)
-        if image_format is None:
-            raise InvalidInput(f"samples[{i}].image.format has unknown value {s.image.format}")
+        image_format = image_format_from_pb(s.image.format, f"samples[{i}].image.format")
         samples.append(
             Sample(
                 image=s.image.data,

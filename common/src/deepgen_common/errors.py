@@ -33,3 +33,10 @@ class NotReady(ServiceError):
 
 class ImageError(ValueError):
     """An image cannot be used (bad bytes, wrong format, over a limit). Per item, not per request."""
+
+
+class NotFound(ServiceError):
+    """The request names something that does not exist (NOT_FOUND / 404), e.g. an unknown run id."""
+
+    grpc_code = "NOT_FOUND"
+    http_status = 404

@@ -1,4 +1,4 @@
-"""Transport-free domain types of the reward contract (`deepgen.reward.v1`).
+"""Transport-free domain types of the contracts (`deepgen.reward.v1`, `deepgen.eval.v1`).
 
 Servicers convert protobuf / JSON to these and back; backends see only these.
 """
@@ -8,7 +8,8 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 class ImageFormat(enum.StrEnum):
@@ -102,3 +103,37 @@ class ServiceInfo:
     backend: str
     limits: Limits
     capabilities: tuple[Mode, ...]
+
+
+@dataclass(frozen=True)
+class DimensionScore:
+    """Accuracy of one dimension: `correct` of `total` testpoints; mirrors deepgen.eval.v1.DimensionScore."""
+
+    name: str
+    correct: int
+    total: int
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The result of one evaluation run; mirrors deepgen.eval.v1.RunSummary. Dimensions are sorted by name;
+    accuracies are NaN when nothing was judged."""
+
+    run_id: str
+    step: int
+    images_judged: int
+    parse_failures: int
+    errors: int
+    sub_dimensions: list[DimensionScore]
+    primary_dimensions: list[DimensionScore]
+    overall_accuracy: float
+    primary_mean_accuracy: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values; NaN accuracies become None (JSON null)."""
+        data = asdict(self)
+        for key in ("overall_accuracy", "primary_mean_accuracy"):
+            if math.isnan(data[key]):
+                data[key] = None
+        return data

@@ -20,10 +20,11 @@ import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Literal
 
+from deepgen_common.types import DimensionScore, RunSummary
 from eval_unigenbench.benchmark import primary_dimension
 
 Status = Literal["ok", "parse_failure", "error"]
@@ -62,38 +63,6 @@ class ImageResult:
     analysis: str | None
     status: Status
     detail: str = ""
-
-
-@dataclass(frozen=True)
-class DimensionScore:
-    """Accuracy of one dimension: `correct` of `total` testpoints; mirrors deepgen.eval.v1.DimensionScore."""
-
-    name: str
-    correct: int
-    total: int
-    accuracy: float
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """The result of one run; the fields mirror deepgen.eval.v1.RunSummary. Dimensions are sorted by name."""
-
-    run_id: str
-    step: int
-    images_judged: int
-    parse_failures: int
-    errors: int
-    sub_dimensions: list[DimensionScore]
-    primary_dimensions: list[DimensionScore]
-    overall_accuracy: float
-    primary_mean_accuracy: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready values; NaN accuracies become None (JSON null)."""
-        data = asdict(self)
-        for key in ("overall_accuracy", "primary_mean_accuracy"):
-            data[key] = _none_if_nan(data[key])
-        return data
 
 
 def summarize(
@@ -178,10 +147,6 @@ def write_summary_json(path: Path | str, summary: RunSummary) -> None:
 
 def _dimension_scores(counts: dict[str, list[int]]) -> list[DimensionScore]:
     return [DimensionScore(name, c, t, c / t) for name, (c, t) in sorted(counts.items())]
-
-
-def _none_if_nan(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 def _atomic_write(path: Path, write: Callable[[IO[str]], object], newline: str | None = None) -> None:

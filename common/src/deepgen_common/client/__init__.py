@@ -1,6 +1,7 @@
-"""Client of the reward contract (`deepgen.reward.v1`) over gRPC or HTTP/JSON."""
+"""Clients of the reward (`deepgen.reward.v1`) and eval (`deepgen.eval.v1`) contracts over gRPC or HTTP/JSON."""
 
 from deepgen_common.client.breaker import BreakerState, CircuitBreaker, CircuitOpenError
+from deepgen_common.client.eval_client import EvalClient, EvalImage, EvalPrompts
 from deepgen_common.client.readiness import is_ready, wait_ready
 from deepgen_common.client.reward_client import RetryPolicy, RewardClient, make_transport
 from deepgen_common.client.transports import RewardServiceError, TransientError
@@ -9,6 +10,9 @@ __all__ = [
     "BreakerState",
     "CircuitBreaker",
     "CircuitOpenError",
+    "EvalClient",
+    "EvalImage",
+    "EvalPrompts",
     "RetryPolicy",
     "RewardClient",
     "RewardServiceError",

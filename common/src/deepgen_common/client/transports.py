@@ -56,21 +56,34 @@ def grpc_target(url: str) -> str:
     return url
 
 
+def grpc_channel(url: str, max_message_bytes: int) -> grpc.Channel:
+    """A channel with client-side round-robin load balancing over every resolved address."""
+    options = [
+        ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Reconnect quickly to a restarted replica instead of gRPC's default 1 s..120 s backoff.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+    return grpc.insecure_channel(grpc_target(url), options=options)
+
+
+def rpc_error(exc: grpc.RpcError) -> TransientError | RewardServiceError:
+    """The client error for a failed call: TransientError (worth retrying) or RewardServiceError."""
+    code, details = exc.code(), exc.details() or ""
+    if code in _RETRYABLE_GRPC:
+        return TransientError(f"{code.name}: {details}")
+    return RewardServiceError(code.name, details)
+
+
 class GrpcTransport:
     """gRPC with client-side round-robin load balancing over every resolved address."""
 
     def __init__(self, target: str, max_message_bytes: int) -> None:
         self.target = grpc_target(target)
-        options = [
-            ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            # Reconnect quickly to a restarted replica instead of gRPC's default 1 s..120 s backoff.
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 2000),
-        ]
-        self._channel = grpc.insecure_channel(self.target, options=options)
+        self._channel = grpc_channel(target, max_message_bytes)
         self._score = self._channel.unary_unary(
             _SCORE,
             request_serializer=reward_pb2.ScoreRequest.SerializeToString,
@@ -86,10 +99,7 @@ class GrpcTransport:
         try:
             return stub(request, timeout=timeout_s)
         except grpc.RpcError as exc:
-            code, details = exc.code(), exc.details() or ""
-            if code in _RETRYABLE_GRPC:
-                raise TransientError(f"{code.name}: {details}") from None
-            raise RewardServiceError(code.name, details) from None
+            raise rpc_error(exc) from None
 
     def score(self, samples: Sequence[Sample], mode: Mode, timeout_s: float) -> list[Result]:
         return results_from_pb(self._call(self._score, request_to_pb(samples, mode), timeout_s))  # type: ignore[arg-type]
@@ -137,7 +147,7 @@ class HttpTransport:
             address = self._addresses[next(self._next) % len(self._addresses)]
         return f"http://{address}:{self._port}{path}"
 
-    def _request(self, method: str, path: str, timeout_s: float, body: dict | None = None) -> dict:
+    def request(self, method: str, path: str, timeout_s: float, body: dict | None = None) -> dict:
         try:
             response = self._http.request(method, self._url(path), json=body, timeout=timeout_s)
         except httpx.TimeoutException as exc:
@@ -167,7 +177,7 @@ class HttpTransport:
                 for s in samples
             ],
         }
-        out = self._request("POST", "/v1/score", timeout_s, body)
+        out = self.request("POST", "/v1/score", timeout_s, body)
         return [
             Result(
                 outcome=Outcome(r["outcome"]),
@@ -179,7 +189,7 @@ class HttpTransport:
         ]
 
     def info(self, timeout_s: float) -> ServiceInfo:
-        out = self._request("GET", "/v1/info", timeout_s)
+        out = self.request("GET", "/v1/info", timeout_s)
         return ServiceInfo(
             name=out["name"],
             version=out["version"],

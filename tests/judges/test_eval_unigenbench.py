@@ -1,0 +1,343 @@
+"""eval-unigenbench against a real vLLM server (tiny random Qwen2-VL on CPU) and real benchmark data.
+
+The judge's answers are forced per prompt by `ForcingProxy` (vLLM structured outputs), so each test
+knows the score list every image gets and checks the accuracies the service computes from them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from PIL import Image
+
+from deepgen.eval.v1 import eval_pb2
+from deepgen_common.client import EvalClient, EvalImage, RewardServiceError, TransientError
+from deepgen_common.types import RunSummary
+from eval_unigenbench.api import eval_component
+from eval_unigenbench.benchmark import BenchmarkItem, load_benchmark, primary_dimension
+from eval_unigenbench.settings import EvalSettings
+from tests.helpers import SHARED_DATA, ServiceThread
+from tests.judges.forcing_proxy import ForcingProxy
+from tests.judges.vllm_server import VllmServer
+
+pytestmark = pytest.mark.integration
+
+BENCHMARKS = SHARED_DATA / "unigenbench"
+EN = load_benchmark(BENCHMARKS / "test_prompts_en.csv").items[:20]
+ZH = load_benchmark(BENCHMARKS / "test_prompts_zh.csv").items[:5]
+
+
+def png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 96), (seed * 37 % 256, seed * 91 % 256, 128)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def forced_scores(item: BenchmarkItem) -> list[int]:
+    """A fixed, varied 0/1 list per prompt (about two thirds ones)."""
+    return [int(zlib.crc32(f"{item.prompt_id}:{k}".encode()) % 3 != 0) for k in range(len(item.testpoints))]
+
+
+def answer_regex(scores: list[int]) -> str:
+    return re.escape(f"<analysis>checked</analysis><score>[{', '.join(map(str, scores))}]</score>")
+
+
+def forcer(items: list[BenchmarkItem], garbage_ids: frozenset[str] = frozenset()) -> Callable[[str], str | None]:
+    def force(text: str) -> str:
+        # The judge prompt quotes the benchmark prompt; the longest match is the item asked about.
+        item = max((i for i in items if i.prompt in text), key=lambda i: len(i.prompt))
+        if item.prompt_id in garbage_ids:
+            return re.escape("<analysis>no idea</analysis>I cannot score this")
+        return answer_regex(forced_scores(item))
+
+    return force
+
+
+def expected_accuracies(items: list[BenchmarkItem]) -> tuple[dict[str, float], dict[str, float], float]:
+    """Hand computation: sub-dimension, primary-dimension and overall accuracy of the forced scores."""
+    sub: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    primary: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for item in items:
+        for name, score in zip(item.testpoints, forced_scores(item), strict=True):
+            for counts in (sub[name], primary[primary_dimension(name)]):
+                counts[0] += score
+                counts[1] += 1
+    correct = sum(c for c, _ in sub.values())
+    total = sum(t for _, t in sub.values())
+    return (
+        {k: c / t for k, (c, t) in sub.items()},
+        {k: c / t for k, (c, t) in primary.items()},
+        correct / total,
+    )
+
+
+def check_summary(summary: RunSummary, items: list[BenchmarkItem]) -> None:
+    sub, primary, overall = expected_accuracies(items)
+    assert {d.name: d.accuracy for d in summary.sub_dimensions} == pytest.approx(sub)
+    assert {d.name: d.accuracy for d in summary.primary_dimensions} == pytest.approx(primary)
+    assert summary.overall_accuracy == pytest.approx(overall)
+    assert summary.primary_mean_accuracy == pytest.approx(sum(primary.values()) / len(primary))
+
+
+def start_eval(judge_url: str, results: Path, **overrides: object) -> ServiceThread:
+    values: dict[str, object] = {
+        "host": "127.0.0.1",
+        "http_port": 0,
+        "grpc_port": 0,
+        "log_format": "text",
+        "judge_url": judge_url,
+        "templates_dir": SHARED_DATA / "templates",
+        "unigenbench_data_dir": BENCHMARKS,
+        "benchmark": "test_prompts_en",
+        "prompt_limit": 20,
+        "judge_max_tokens": 96,
+        "judge_health_poll_s": 0.3,
+        "judge_max_attempts": 2,
+        "judge_breaker_failures": 2,
+        "judge_breaker_reset_s": 60.0,
+        "results_dir": results,
+    }
+    values.update(overrides)
+    return ServiceThread(EvalSettings(**values), eval_component).start()
+
+
+@pytest.fixture
+def proxy(vllm_server: VllmServer) -> Iterator[ForcingProxy]:
+    p = ForcingProxy(vllm_server.base_url.removesuffix("/v1"), forcer(EN + ZH)).start()
+    yield p
+    p.stop()
+
+
+def generate(client: EvalClient) -> list[EvalImage]:
+    """What the trainer does: an image for every prompt and duplicate the service lists."""
+    listed = client.prompts()
+    return [
+        EvalImage(prompt_id, dup, png(n * listed.duplicates + dup))
+        for n, (prompt_id, _) in enumerate(listed.prompts)
+        for dup in range(listed.duplicates)
+    ]
+
+
+def test_grpc_run_over_20_english_prompts_gives_the_forced_accuracies(proxy: ForcingProxy, tmp_path: Path):
+    service = start_eval(proxy.base_url, tmp_path)
+    try:
+        with EvalClient(service.grpc_url, batch_size=6) as client:
+            listed = client.prompts()
+            assert (listed.benchmark, listed.duplicates) == ("unigenbench-en", 1)
+            assert [p for p, _ in listed.prompts] == [i.prompt_id for i in EN]
+            run_id = client.start_run(step=10)
+            assert client.submit(run_id, generate(client)) == 20  # one client stream of 4 batches
+            summary = client.finish(run_id)
+    finally:
+        service.stop()
+    assert (summary.step, summary.images_judged, summary.parse_failures, summary.errors) == (10, 20, 0, 0)
+    check_summary(summary, EN)
+    assert len(proxy.chat_texts) == 20  # every answer parsed at the first attempt: no retries
+
+    folder = tmp_path / f"step-0000010-{run_id}"
+    written = json.loads((folder / "summary.json").read_text())
+    assert written["overall_accuracy"] == pytest.approx(summary.overall_accuracy)
+    rows = (folder / "results.csv").read_text().splitlines()
+    assert len(rows) == 21
+    assert rows[0].startswith("prompt_id,duplicate,prompt")
+
+
+def test_http_run_over_5_chinese_prompts_with_duplicates(proxy: ForcingProxy, tmp_path: Path):
+    service = start_eval(proxy.base_url, tmp_path, benchmark="test_prompts_zh", prompt_limit=5, duplicates=2)
+    try:
+        with EvalClient(service.http_url, batch_size=4) as client:
+            run_id = client.start_run(step=3)
+            assert client.submit(run_id, generate(client)) == 10
+            summary = client.finish(run_id)
+    finally:
+        service.stop()
+    assert (summary.images_judged, summary.parse_failures, summary.errors) == (10, 0, 0)
+    check_summary(summary, ZH)  # each prompt counted twice: the accuracies are unchanged
+    assert sum(d.total for d in summary.sub_dimensions) == 2 * sum(len(i.testpoints) for i in ZH)
+
+
+def test_garbage_answers_are_retried_then_counted_as_parse_failures(vllm_server: VllmServer, tmp_path: Path):
+    garbage = frozenset({EN[1].prompt_id, EN[3].prompt_id})
+    proxy = ForcingProxy(vllm_server.base_url.removesuffix("/v1"), forcer(EN, garbage)).start()
+    service = start_eval(proxy.base_url, tmp_path, prompt_limit=5, parse_retries=2)
+    try:
+        with EvalClient(service.http_url) as client:
+            run_id = client.start_run(step=0)
+            client.submit(run_id, generate(client))
+            summary = client.finish(run_id)
+        metrics = httpx.get(f"{service.http_url}/metrics").text
+    finally:
+        service.stop()
+        proxy.stop()
+    assert (summary.images_judged, summary.parse_failures, summary.errors) == (3, 2, 0)
+    check_summary(summary, [i for i in EN[:5] if i.prompt_id not in garbage])  # excluded, not zeros
+    asked = [max((i for i in EN if i.prompt in t), key=lambda i: len(i.prompt)).prompt_id for t in proxy.chat_texts]
+    assert {pid: asked.count(pid) for pid in garbage} == dict.fromkeys(garbage, 3)  # 1 + PARSE_RETRIES
+    assert 'deepgen_judge_calls_total{result="unparseable"} 6.0' in metrics
+    rows = (tmp_path / f"step-0000000-{run_id}" / "results.csv").read_text()
+    assert rows.count("parse_failure") == 2
+    assert "missing_tag" in rows
+
+
+def test_judge_down_mid_run_gives_errors_opens_the_breaker_and_recovers(proxy: ForcingProxy, tmp_path: Path):
+    """The judge disappears (the proxy in front of vLLM stops: connection refused, as with a stopped
+    vLLM), then comes back on the same address; the adapter is never restarted."""
+    service = start_eval(proxy.base_url, tmp_path, prompt_limit=6)
+    backend = service.running.service
+    try:
+        with EvalClient(service.http_url) as client:
+            images = generate(client)
+            run_id = client.start_run(step=1)
+            client.submit(run_id, images[:3])
+            proxy.stop()
+            client.submit(run_id, images[3:])
+            summary = client.finish(run_id)
+            assert summary.errors >= 3
+            assert summary.images_judged + summary.errors == 6
+            assert backend.judge.breaker.state == "open"
+            wait_for(lambda: not service.running.service.ready(), "readiness to turn false")
+            assert httpx.get(f"{service.http_url}/readyz").status_code == 503
+            with pytest.raises(TransientError, match="is not answering /health"):
+                client.start_run(step=2)  # retried (503 is transient), then given up
+
+            proxy.start()  # same port
+            wait_for(lambda: service.running.service.ready(), "readiness to come back")
+            run_id = client.start_run(step=2)
+            client.submit(run_id, images)
+            summary = client.finish(run_id)
+    finally:
+        service.stop()
+    assert (summary.images_judged, summary.errors) == (6, 0)
+    check_summary(summary, EN[:6])
+
+
+def test_bad_input_gets_clear_errors_and_the_service_stays_up(proxy: ForcingProxy, tmp_path: Path):
+    service = start_eval(proxy.base_url, tmp_path, prompt_limit=3, max_batch_size=4)
+    try:
+        with EvalClient(service.grpc_url) as client:
+            images = generate(client)
+            run_id = client.start_run(step=0)
+            cases = [
+                ("nope", images[:1], "NOT_FOUND", "is not open"),
+                (run_id, [EvalImage("no-such-id", 0, png(1))], "INVALID_ARGUMENT", "is not a prompt of"),
+                (
+                    run_id,
+                    [EvalImage(images[0].prompt_id, 1, png(1))],
+                    "INVALID_ARGUMENT",
+                    r"duplicate is 1; valid: 0\.\.0",
+                ),
+                (run_id, [images[0], images[0]], "INVALID_ARGUMENT", "already submitted"),
+                (run_id, [EvalImage(images[0].prompt_id, 0, b"")], "INVALID_ARGUMENT", "image.data is empty"),
+            ]
+            for rid, batch, code, message in cases:
+                with pytest.raises(RewardServiceError, match=message) as err:
+                    client.submit(rid, batch)
+                assert err.value.code == code
+            client.submit(run_id, images[:1])
+            with pytest.raises(RewardServiceError, match="already submitted"):
+                client.submit(run_id, images[:1])
+
+        channel = grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}")
+        start = channel.unary_unary("/deepgen.eval.v1.EvalService/StartRun")
+        with pytest.raises(grpc.RpcError) as err:
+            start(b"\xff\xff\xff", timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "StartRunRequest" in err.value.details()
+        channel.close()
+
+        http = httpx.Client(base_url=service.http_url, timeout=30)
+        too_many = {"images": [{"prompt_id": "0", "image": {"data": "aGk="}}] * 5}
+        bad = [
+            ("/v1/runs", {"step": -1}, 422, "step"),
+            ("/v1/runs", {"step": 1, "extra": 1}, 422, "extra"),
+            (f"/v1/runs/{run_id}/images", {"images": [{"prompt_id": "0", "image": {"data": "!!"}}]}, 400, "base64"),
+            (f"/v1/runs/{run_id}/images", {"images": []}, 400, "images is empty"),
+            (f"/v1/runs/{run_id}/images", too_many, 400, "MAX_BATCH_SIZE"),
+        ]
+        for path, body, status, message in bad:
+            reply = http.post(path, json=body)
+            assert reply.status_code == status, reply.text
+            assert message in reply.json()["error"]["message"]
+        assert (
+            http.post("/v1/runs", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+        )
+
+        undecodable = {"images": [{"prompt_id": images[1].prompt_id, "image": {"data": "aGVsbG8="}}]}
+        assert http.post(f"/v1/runs/{run_id}/images", json=undecodable).json() == {"accepted": 1}
+        summary = http.post(f"/v1/runs/{run_id}/finish").json()
+        assert (summary["images_judged"], summary["errors"]) == (1, 1)  # the bad image is an error row
+        assert http.post(f"/v1/runs/{run_id}/finish").status_code == 404
+        assert http.get("/v1/prompts").status_code == 200  # still serving
+        http.close()
+    finally:
+        service.stop()
+
+
+def test_sleep_mode_switches_the_judge_and_its_peer_around_a_run(vllm_server: VllmServer, tmp_path: Path):
+    """vLLM on CPU frees nothing when asleep, but its dev endpoints exist: the proxies record which
+    server the adapter puts to sleep and wakes, and when."""
+    upstream = vllm_server.base_url.removesuffix("/v1")
+    judge, peer = ForcingProxy(upstream, forcer(EN)).start(), ForcingProxy(upstream, forcer(EN)).start()
+    service = start_eval(
+        judge.base_url, tmp_path, prompt_limit=2, sleep_between_runs=True, peer_judge_url=peer.root_url
+    )
+    try:
+        assert judge.other_calls == ["POST /sleep"]  # asleep until the first run
+        with EvalClient(service.http_url) as client:
+            run_id = client.start_run(step=0)
+            assert (judge.other_calls[1:], peer.other_calls) == (["POST /wake_up"], ["POST /sleep"])
+            client.submit(run_id, generate(client))
+            summary = client.finish(run_id)
+        assert (judge.other_calls[2:], peer.other_calls[1:]) == (["POST /sleep"], ["POST /wake_up"])
+    finally:
+        service.stop()
+        judge.stop()
+        peer.stop()
+        httpx.post(f"{upstream}/wake_up", timeout=30)
+    assert summary.images_judged == 2
+    assert not math.isnan(summary.overall_accuracy)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_grpc_stream_messages_are_parsed_one_by_one(proxy: ForcingProxy, tmp_path: Path):
+    """A raw client stream whose second message is garbage: the first batch is accepted (and judged),
+    the call fails with INVALID_ARGUMENT naming the message type."""
+    service = start_eval(proxy.base_url, tmp_path, prompt_limit=2)
+    try:
+        with EvalClient(service.grpc_url) as client:
+            images = generate(client)
+            run_id = client.start_run(step=0)
+        channel = grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}")
+        submit = channel.stream_unary("/deepgen.eval.v1.EvalService/SubmitImages")
+        first = eval_pb2.SubmitImagesRequest(
+            run_id=run_id, images=[eval_pb2.GeneratedImage(prompt_id=images[0].prompt_id)]
+        )
+        first.images[0].image.data = images[0].image
+        with pytest.raises(grpc.RpcError) as err:
+            submit(iter([first.SerializeToString(), b"\xff\xff\xff"]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "SubmitImagesRequest" in err.value.details()
+        channel.close()
+        with EvalClient(service.grpc_url) as client:
+            summary = client.finish(run_id)
+    finally:
+        service.stop()
+    assert summary.images_judged == 1

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PROTOS := $(shell cd proto && find deepgen -name '*.proto' | sort)
 PYTEST_ARGS ?=
 
-.PHONY: help setup setup-judges test lint format proto bench-ocr bench-sde bench-judges demo
+.PHONY: help setup setup-judges fetch-judge-data test lint format proto bench-ocr bench-sde bench-judges demo
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -16,7 +16,12 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade --quiet pip
 
 setup: $(BIN)/python  ## Create .venv/ with every component and the test tools
-	$(BIN)/pip install --quiet -e ./proto -e './common[server]' -e ./reward-ocr -e ./reward-unified -e ./eval-unigenbench -e ./trainer -r requirements-dev.txt
+	$(BIN)/pip install --quiet -e ./proto -e './common[server]' -e ./reward-ocr -e ./reward-unified -e ./eval-unigenbench -e './trainer[parquet,tracking]' -r requirements-dev.txt
+
+JUDGE_DATA_DIR ?= data/judges
+
+fetch-judge-data:  ## Download the judges' templates + UniGenBench CSVs (pinned commits) into JUDGE_DATA_DIR
+	$(PYTHON) scripts/fetch_judge_data.py --dest $(JUDGE_DATA_DIR)
 
 setup-judges:  ## Build .venv-vllm/ (vLLM on CPU, ~2 min, 2.5 GiB) for the judge tests against a real vLLM
 	bash scripts/vllm-cpu-env.sh

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from eval_unigenbench.settings import EvalSettings
 from reward_ocr.settings import OcrSettings
 from reward_unified.settings import UnifiedSettings
 from tests.helpers import REPO
@@ -32,8 +33,17 @@ SEED = [
     "WANDB_MODE",
     "SWANLAB_MODE",
 ]
-# Differ per service: set in docker-compose.yml.
-PER_SERVICE = {"HOST", "HTTP_PORT", "GRPC_PORT", "JUDGE_URL", "JUDGE_MODEL", "TEMPLATES_DIR"}
+# Differ per service, or are paths inside the container: set in docker-compose.yml.
+PER_SERVICE = {
+    "HOST",
+    "HTTP_PORT",
+    "GRPC_PORT",
+    "JUDGE_URL",
+    "JUDGE_MODEL",
+    "TEMPLATES_DIR",
+    "UNIGENBENCH_DATA_DIR",
+    "RESULTS_DIR",
+}
 
 
 def documented() -> set[str]:
@@ -45,7 +55,7 @@ def test_seed_variables_are_listed():
     assert set(SEED) <= documented(), set(SEED) - documented()
 
 
-@pytest.mark.parametrize("settings_class", [OcrSettings, UnifiedSettings])
+@pytest.mark.parametrize("settings_class", [OcrSettings, UnifiedSettings, EvalSettings])
 def test_every_service_setting_is_listed(settings_class: type):
     names = {name.upper() for name in settings_class.model_fields} - PER_SERVICE - {"WORKERS"}
     assert names <= documented(), names - documented()

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers import REPO
 
@@ -82,6 +83,18 @@ def pip_ca_bundle() -> str:
         tmp.write_bytes(source)
         tmp.replace(target)
     return CA_BUNDLE_IN_CONTEXT
+
+
+def service_build_args(service: str) -> list[str]:
+    """`docker build` arguments for `service`'s image: the shared Dockerfile and the build args that
+    docker-compose.yml gives that service (so a test builds what compose builds)."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    build = compose["services"][service]["build"]
+    args = ["-f", build["dockerfile"]]
+    for key, value in build["args"].items():
+        if "${" not in str(value):  # interpolated ones (BASE_IMAGE, PIP_CA_BUNDLE) are the caller's
+            args += ["--build-arg", f"{key}={value}"]
+    return args
 
 
 def require_docker_engine() -> None:

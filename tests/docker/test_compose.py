@@ -75,7 +75,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(docker_engine: None) -> Iterator[Stack]:
-    """reward-ocr built from reward-ocr/Dockerfile on BASE_IMAGE and started with docker-compose under a
+    """reward-ocr built from docker/service.Dockerfile on BASE_IMAGE and started with docker-compose under a
     project name of its own, published on free 127.0.0.1 ports; torn down with its volumes."""
     http_port, grpc_port = free_port(), free_port()
     env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}

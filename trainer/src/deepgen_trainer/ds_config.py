@@ -28,6 +28,8 @@ from deepgen_trainer.config import ConfigError, TrainConfig, deepspeed_config_pa
 def deepspeed_config(name_or_path: str | Path, cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
     """The DeepSpeed config dict for ``deepspeed.initialize(config=...)``, with no "auto" left."""
     path = deepspeed_config_path(name_or_path)
+    if path is None:
+        raise ConfigError("--deepspeed none means plain PyTorch DDP: there is no DeepSpeed config to build")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

@@ -237,6 +237,7 @@ class DeepGen(nn.Module):
         cond: Conditioning,
         cfg_scale: float = 0.0,
         uncond: Conditioning | None = None,
+        dit: SD3Transformer2DModel | None = None,
     ) -> Tensor:
         """Flow-matching velocity v = ε − x0 predicted by the DiT (with grad if the caller wants it).
 
@@ -247,6 +248,7 @@ class DeepGen(nn.Module):
             cfg_scale: 0 → the conditional velocity only. > 0 → classifier-free guidance
                 v = v_u + s·(v_c − v_u), with cond and uncond batched into one DiT call.
             uncond: conditioning of the negative prompt, B rows or 1 (broadcast); needed when cfg_scale > 0.
+            dit: another DiT of the same shape to run instead of `transformer` (the frozen KL reference).
 
         Returns:
             (B, C, h, w) in latents' dtype.
@@ -258,18 +260,19 @@ class DeepGen(nn.Module):
             if uncond is None:
                 raise ValueError(f"cfg_scale={cfg_scale} needs uncond (encode_prompts([NEGATIVE_PROMPT]))")
             both = Conditioning.cat([cond, _broadcast(uncond, batch, "uncond")])
-            v = self._dit(torch.cat([latents, latents]), torch.cat([sigma_t, sigma_t]), both)
+            v = self._dit(torch.cat([latents, latents]), torch.cat([sigma_t, sigma_t]), both, dit)
             v_c, v_u = v.chunk(2)
             v = v_u + cfg_scale * (v_c - v_u)
         elif cfg_scale == 0:
-            v = self._dit(latents, sigma_t, cond)
+            v = self._dit(latents, sigma_t, cond, dit)
         else:
             raise ValueError(f"cfg_scale={cfg_scale} must be >= 0 (0 turns guidance off)")
         return v.to(latents.dtype)
 
-    def _dit(self, latents: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
-        dtype = self.transformer.dtype
-        return self.transformer(
+    def _dit(self, latents: Tensor, sigma: Tensor, cond: Conditioning, dit: SD3Transformer2DModel | None) -> Tensor:
+        dit = self.transformer if dit is None else dit
+        dtype = dit.dtype
+        return dit(
             hidden_states=latents.to(dtype),
             encoder_hidden_states=cond.prompt_embeds.to(dtype),
             pooled_projections=cond.pooled.to(dtype),

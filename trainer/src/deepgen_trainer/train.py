@@ -1,0 +1,490 @@
+"""`python -m deepgen_trainer.train` (under `torchrun` for several GPUs): MR-GRPO training of DeepGen.
+
+One step, on every rank, in the order of `train()`:
+1. rollout: `rollout_n` images per prompt from one shared initial noise, SDE sampling with the
+   log-prob of every transition kept in float32; each generation micro-batch is decoded and sent to
+   the reward models at once, so scoring overlaps the next micro-batch's generation;
+2. rewards: wait for the scores, an (N, K) matrix with NaN for failed / not-applicable entries;
+3. advantages (`--atrain_adv_type`, per-dataset reward weights);
+4. policy update: `num_train_timesteps` random SDE steps (never the last), every training
+   micro-batch: clipped ratio loss + β·KL against the frozen initial DiT, one backward each;
+5. SFT auxiliary loss on one image-caption batch (`--sftaux_dataset_config`);
+6. one optimizer step for the whole rollout batch (`--step_per_backward` emulates the reference's
+   step after every backward instead);
+7. log, checkpoint every `--save_steps`, evaluate every `--eval_freq`.
+A run resumes from the newest complete checkpoint in `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from deepgen_common.client import EvalClient
+from deepgen_trainer.advantages import clamp_fraction, compute_advantages, weighted_reward_sum
+from deepgen_trainer.checkpoint import apply_rng, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from deepgen_trainer.clip_reward import ClipSimReward, build_tiny_clip
+from deepgen_trainer.config import ConfigError, TrainConfig, parse_args
+from deepgen_trainer.data import TrainData, load_train_data
+from deepgen_trainer.distributed import World, close_world, init_world
+from deepgen_trainer.evaluation import evaluate
+from deepgen_trainer.loading import load_deepgen
+from deepgen_trainer.model import NEGATIVE_PROMPT, Conditioning, DeepGen, to_uint8
+from deepgen_trainer.optim import Updater, build_updater
+from deepgen_trainer.policy_loss import (
+    approx_kl,
+    clipped_policy_loss,
+    flow_matching_inputs,
+    flow_matching_loss,
+    kl_penalty,
+)
+from deepgen_trainer.rewards import REWARD_NAMES, RewardBatch, RewardFn, RewardScorer, build_reward, reward_metrics
+from deepgen_trainer.rollout import sde_rollout
+from deepgen_trainer.sampler import PromptSampler
+from deepgen_trainer.sde import sde_step_with_logprob
+from deepgen_trainer.sftaux_data import SftAuxLoader, load_sftaux_data
+from deepgen_trainer.tiny import build_tiny
+from deepgen_trainer.tracking import Tracker
+
+log = logging.getLogger("deepgen_trainer")
+
+
+@dataclass
+class Run:
+    """Everything `setup` builds for the loop."""
+
+    cfg: TrainConfig
+    world: World
+    model: DeepGen
+    reference: torch.nn.Module | None
+    data: TrainData
+    reward_names: tuple[str, ...]
+    sampler: PromptSampler
+    sftaux: SftAuxLoader | None
+    scorer: RewardScorer
+    updater: Updater
+    tracker: Tracker
+    eval_client: EvalClient | None
+    start_step: int
+    total_steps: int
+    uncond: Conditioning | None
+
+
+def train(cfg: TrainConfig, world: World | None = None) -> DeepGen:
+    """Run MR-GRPO training to `total_steps`; returns the trained model."""
+    world = world or init_world()
+    run = setup(cfg, world)
+    model, updater = run.model, run.updater
+    n = cfg.rollout_n
+    progress = tqdm(total=run.total_steps, initial=run.start_step, desc="train", disable=not world.is_main)
+    try:
+        if cfg.eval_before_train and run.start_step == 0:
+            run.tracker.log(run_eval(run, 0), step=0)
+        for step in range(run.start_step + 1, run.total_steps + 1):
+            t_step = time.perf_counter()
+            batch = next(run.sampler)
+            prompts = [p for p in batch.prompts for _ in range(n)]
+            weights = run.data.reward_weight_matrix(batch.dataset_indices, run.reward_names).repeat_interleave(n, 0)
+            group_ids = [f"s{step}-r{world.rank}-p{i // n}" for i in range(len(prompts))]
+            g = torch.Generator(world.device).manual_seed(_step_seed(cfg.seed, step, world.rank))
+
+            # 1. rollout; rewards of each micro-batch are requested as soon as it is decoded
+            t0 = time.perf_counter()
+            cond = model.encode_prompts(list(batch.prompts)).repeat_interleave(n)
+            noise = initial_noise(model, cfg, len(batch.prompts), g)
+            trajectories, pending = [], []
+            mb = cfg.rollout_micro_batch_size
+            for s in range(0, len(prompts), mb):
+                trajectory = sde_rollout(
+                    model, noise[s : s + mb], cond[s : s + mb], model.sigmas(cfg.num_inference_steps),
+                    cfg.atrain_sde_sampler, cfg.sde_eta, cfg_scale=cfg.cfg_scale, uncond=run.uncond, generator=g,
+                    exact_logprob=cfg.exact_logprob,
+                )  # fmt: skip
+                trajectories.append(trajectory)
+                images = to_uint8(model.decode(trajectory.final))
+                sl = slice(s, s + mb)
+                pending.append(run.scorer.submit(images, prompts[sl], group_ids[sl], weights[sl]))
+            latents = torch.cat([t.latents for t in trajectories], dim=1)  # (T + 1, N, C, h, w)
+            old_log_probs = torch.cat([t.log_probs for t in trajectories], dim=1)  # (T, N) float32
+            sigmas = trajectories[0].sigmas
+            t_rollout = time.perf_counter() - t0
+
+            # 2. rewards
+            rewards: RewardBatch = run.scorer.gather(pending)
+
+            # 3. advantages
+            advantages = compute_advantages(
+                cfg.atrain_adv_type, rewards.rewards, weights, n, eps=cfg.adv_eps, clip=cfg.adv_clip,
+                all_gather=world.all_gather_cat if cfg.global_adv_stats else None,
+            ).to(world.device)  # fmt: skip
+
+            # 4. policy update over a random subset of the SDE steps (the last one is deterministic)
+            t0 = time.perf_counter()
+            model.train()
+            chosen = torch.randperm(
+                len(sigmas) - 2, generator=torch.Generator().manual_seed(_step_seed(cfg.seed, step, 0))
+            )
+            chosen = chosen[: cfg.num_train_timesteps].tolist()
+            micro = cfg.atrain_micro_batch_size
+            grpo_passes = len(chosen) * math.ceil(len(prompts) / micro)
+            # (1 − λ)·mean over passes; in the emulation mode every backward is its own optimizer step.
+            grpo_scale = (1.0 - _sft_coef(cfg, run)) / (1 if cfg.step_per_backward else grpo_passes)
+            stats = _Mean()
+            grad_norm = math.nan
+            for j in chosen:
+                for s in range(0, len(prompts), micro):
+                    sl = slice(s, s + micro)
+                    x, x_next = latents[j, sl], latents[j + 1, sl]
+                    v = model.velocity(x, sigmas[j].item(), cond[sl], cfg.cfg_scale, run.uncond)
+                    _, log_prob, mean, std = sde_step_with_logprob(
+                        cfg.atrain_sde_sampler, v, x, sigmas[j].item(), sigmas[j + 1].item(), cfg.sde_eta,
+                        prev_sample=x_next, exact_logprob=cfg.exact_logprob,
+                    )  # fmt: skip
+                    loss, ratio, clipped = clipped_policy_loss(
+                        log_prob, old_log_probs[j, sl], advantages[sl], cfg.clip_range
+                    )
+                    if run.reference is not None:
+                        kl = kl_to_reference(
+                            run, x, x_next, v, mean, std, sigmas[j].item(), sigmas[j + 1].item(), cond[sl]
+                        )
+                        loss = loss + cfg.beta * kl
+                        stats.add("policy/kl", kl.mean())
+                    updater.backward(loss.mean() * grpo_scale)
+                    if cfg.step_per_backward:
+                        grad_norm = updater.step()
+                    stats.add("policy/loss", loss.mean())
+                    stats.add("policy/clipfrac", clipped.float().mean())
+                    stats.add("policy/ratio_mean", ratio.mean())
+                    stats.add("policy/approx_kl", approx_kl(log_prob, old_log_probs[j, sl]))
+
+            # 5. SFT auxiliary loss on real image-caption pairs
+            if run.sftaux is not None:
+                sft_loss = sft_auxiliary_loss(model, run.sftaux, micro, g)
+                updater.backward(sft_loss * cfg.sftaux_coef)
+                if cfg.step_per_backward:
+                    grad_norm = updater.step()
+                stats.add("sft/loss", sft_loss)
+
+            # 6. one optimizer step per rollout batch
+            if not cfg.step_per_backward:
+                grad_norm = updater.step()
+            t_update = time.perf_counter() - t0
+
+            # 7. log, checkpoint, evaluate
+            t_step_total = time.perf_counter() - t_step
+            metrics = {
+                **reward_metrics(run.reward_names, rewards.rewards, rewards.status),
+                "reward/total": _nanmean(weighted_reward_sum(rewards.rewards, weights)),
+                "adv/mean": advantages.mean().item(),
+                "adv/std": advantages.std().item() if len(advantages) > 1 else 0.0,
+                "adv/clamp_frac": clamp_fraction(advantages, cfg.adv_clip).item(),
+                **stats.means(),
+                "time/rollout": t_rollout,
+                "time/reward": rewards.wait_s,
+                "time/update": t_update,
+                "time/step": t_step_total,
+                "perf/images_per_sec_per_gpu": len(prompts) / t_step_total,
+                "perf/images_per_sec": len(prompts) * world.world_size / t_step_total,
+                "lr": updater.lr,
+                "grad_norm": grad_norm,
+                "optim/steps": float(updater.optimizer_steps),
+            }
+            if step % cfg.save_steps == 0 or step == run.total_steps:
+                checkpoint(run, step)
+            if run.eval_client is not None and cfg.eval_freq and step % cfg.eval_freq == 0:
+                t0 = time.perf_counter()
+                metrics |= run_eval(run, step)
+                metrics["time/eval"] = time.perf_counter() - t0
+            log_step(run, step, metrics)
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", loss=f"{metrics.get('policy/loss', 0):.2e}")
+        check_ranks_agree(model, world)
+    finally:
+        progress.close()
+        run.scorer.close()
+        run.tracker.close()
+        if run.eval_client is not None:
+            run.eval_client.close()
+    return model
+
+
+# ------------------------------------------------------------------------------------------- the phases
+
+
+def initial_noise(model: DeepGen, cfg: TrainConfig, n_prompts: int, generator: torch.Generator) -> torch.Tensor:
+    """(n_prompts · rollout_n, C, h, w): with `--init_same_noise` the images of a group share one noise,
+    so their differences come from the SDE noise alone."""
+    shape = model.latent_shape(cfg.image_height, cfg.image_width)
+    n = cfg.rollout_n
+    if cfg.init_same_noise:
+        noise = torch.randn((n_prompts, *shape), generator=generator, device=generator.device)
+        return noise.repeat_interleave(n, dim=0)
+    return torch.randn((n_prompts * n, *shape), generator=generator, device=generator.device)
+
+
+def kl_to_reference(
+    run: Run,
+    x: torch.Tensor,
+    x_next: torch.Tensor,
+    v: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+    cond: Conditioning,
+) -> torch.Tensor:
+    """Per-sample KL penalty against the frozen initial DiT: on velocities (`v-based`) or on the
+    step means (`x-based`)."""
+    cfg = run.cfg
+    with torch.no_grad():
+        v_ref = run.model.velocity(x, sigma, cond, cfg.cfg_scale, run.uncond, dit=run.reference)
+        if cfg.atrain_kl_type == "v-based":
+            return kl_penalty("v-based", v, v_ref, std)
+        _, _, mean_ref, _ = sde_step_with_logprob(
+            cfg.atrain_sde_sampler, v_ref, x, sigma, sigma_next, cfg.sde_eta, prev_sample=x_next
+        )
+    return kl_penalty("x-based", mean, mean_ref, std)
+
+
+def sft_auxiliary_loss(
+    model: DeepGen, loader: SftAuxLoader, batch_size: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Flow-matching loss on a batch of real images: x_σ = (1 − σ)z + σε, target ε − z, σ drawn from
+    the scheduler's shifted training distribution σ = s·u / (1 + (s − 1)·u), u ~ U(0, 1)."""
+    images, captions = loader.next_batch(batch_size)  # images in [-1, 1]
+    latents = model.encode_images((images + 1.0) / 2.0, generator=None)
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
+    u = torch.rand(latents.shape[0], generator=generator, device=generator.device).to(latents.device)
+    shift = float(model.scheduler.config.shift)
+    sigma = shift * u / (1.0 + (shift - 1.0) * u)
+    v = model.velocity(flow_matching_inputs(latents, noise, sigma), sigma, model.encode_prompts(captions))
+    return flow_matching_loss(v, latents, noise).mean()
+
+
+def checkpoint(run: Run, step: int) -> None:
+    cfg, world = run.cfg, run.world
+    sampler_state = {"prompts": run.sampler.state_dict()}
+    if run.sftaux is not None:
+        sampler_state["sftaux"] = run.sftaux.state_dict()
+    path = save_checkpoint(
+        cfg.output_dir,
+        step,
+        trainable=run.model.transformer.state_dict() if world.is_main else None,
+        sampler_state=sampler_state,
+        config=cfg.to_dict(),
+        rank=world.rank,
+        world_size=world.world_size,
+        barrier=world.barrier,
+        **run.updater.checkpoint_state(),
+    )
+    if world.is_main:
+        log.info("checkpoint written: %s", path)
+        if cfg.save_total_limit is not None:
+            prune_checkpoints(cfg.output_dir, cfg.save_total_limit)
+    world.barrier()
+
+
+def run_eval(run: Run, step: int) -> dict[str, float]:
+    assert run.eval_client is not None
+    cfg = run.cfg
+    run.model.eval()
+    return evaluate(
+        run.model, run.eval_client, run.world, step,
+        height=cfg.image_height, width=cfg.image_width, num_inference_steps=cfg.num_inference_steps,
+        cfg_scale=cfg.eval_cfg_scale, batch_size=cfg.rollout_micro_batch_size,
+    )  # fmt: skip
+
+
+def check_ranks_agree(model: DeepGen, world: World) -> None:
+    """Data parallelism keeps one DiT on every rank: compare a checksum of the weights across ranks."""
+    if not world.distributed:
+        return
+    with torch.no_grad():
+        params = model.trainable_parameters()
+        local = torch.stack([sum(p.double().sum() for p in params), sum(p.double().abs().sum() for p in params)])
+    checksums = world.all_gather_cat(local.to(world.device)[None]).cpu()
+    if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
+        raise RuntimeError(f"ranks hold different DiT weights (checksums {checksums.tolist()}): data parallelism broke")
+    log.info("all %d ranks hold identical DiT weights (checksum %.10g)", world.world_size, checksums[0, 0].item())
+
+
+def log_step(run: Run, step: int, metrics: dict[str, float]) -> None:
+    metrics = run.world.mean_over_ranks(metrics)
+    if not run.world.is_main:
+        return
+    run.tracker.log(metrics, step=step)
+    with (Path(run.cfg.output_dir) / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, **{k: _json_float(v) for k, v in metrics.items()}}) + "\n")
+    log.info(
+        "step %d/%d: reward %.4f, loss %.3e, clipfrac %.3f, %.1f s (rollout %.1f, reward wait %.1f, update %.1f)",
+        step, run.total_steps, metrics["reward/total"], metrics.get("policy/loss", math.nan),
+        metrics.get("policy/clipfrac", math.nan), metrics["time/step"], metrics["time/rollout"],
+        metrics["time/reward"], metrics["time/update"],
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- setup
+
+
+def setup(cfg: TrainConfig, world: World) -> Run:
+    """Build the model, data, rewards, optimizer and trackers; resume from the newest checkpoint."""
+    if cfg.dataset_config is None:
+        raise ConfigError("no training prompts: pass --dataset_config (or set DATASET_CONFIG) to a train YAML")
+    _seed_everything(cfg.seed + world.rank)
+    data = load_train_data(cfg.dataset_config, REWARD_NAMES)
+    reward_names = data.reward_names
+    model = build_model(cfg).to(world.device)
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    reference = None
+    if cfg.beta > 0:  # the KL reference: a frozen copy of the initial DiT
+        reference = copy.deepcopy(model.transformer).requires_grad_(False).eval()
+    scorer = RewardScorer({name: _reward(name, cfg, world) for name in reward_names})
+    sampler = PromptSampler(data, cfg.prompts_per_rank_for(world.world_size), cfg.seed, world.rank, world.world_size)
+    sftaux = None
+    if cfg.uses_sftaux:
+        sftaux = SftAuxLoader(load_sftaux_data(cfg.sftaux_dataset_config), cfg.seed, world.rank)
+    epochs_steps = math.ceil(cfg.num_train_epochs * sampler.batches_per_epoch)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else epochs_steps
+    updater = build_updater(model.transformer, cfg, world, total_steps)
+
+    start_step = 0
+    resume = latest_checkpoint(cfg.output_dir)
+    if resume is not None:
+        ckpt = load_checkpoint(resume, map_location=world.device, rank=world.rank)
+        model.transformer.load_state_dict(ckpt.trainable)
+        updater.restore(ckpt)
+        if ckpt.sampler_state is not None:
+            sampler.load_state_dict(ckpt.sampler_state["prompts"])
+            if sftaux is not None:
+                sftaux.load_state_dict(ckpt.sampler_state["sftaux"])
+        if ckpt.rng is not None:
+            apply_rng(ckpt.rng)
+        start_step = ckpt.step
+        log.info("resumed from %s at step %d", resume, start_step)
+
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        (Path(cfg.output_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    tracker = Tracker(
+        cfg.report_to, output_dir=cfg.output_dir, config=cfg.to_dict(), prometheus_port=cfg.metrics_port,
+        rank=world.rank,
+    )  # fmt: skip
+    eval_client = None
+    if cfg.unigenbench_api_url and (cfg.eval_freq or cfg.eval_before_train):
+        eval_client = EvalClient(cfg.unigenbench_api_url)
+    uncond = model.encode_prompts([NEGATIVE_PROMPT]) if cfg.cfg_scale > 0 else None
+    log.info(
+        "training %d steps from step %d: %d prompts × %d images per rank, %d ranks, rewards %s, DiT %.3g M parameters",
+        total_steps, start_step, cfg.prompts_per_rank_for(world.world_size), cfg.rollout_n, world.world_size,
+        ", ".join(reward_names), sum(p.numel() for p in model.trainable_parameters()) / 1e6,
+    )  # fmt: skip
+    return Run(
+        cfg, world, model, reference, data, reward_names, sampler, sftaux, scorer, updater, tracker, eval_client,
+        start_step, total_steps, uncond,
+    )  # fmt: skip
+
+
+def build_model(cfg: TrainConfig) -> DeepGen:
+    if cfg.model == "tiny":
+        return build_tiny(seed=cfg.seed)
+    if not cfg.sd3_5_model_name_or_path or not cfg.qwen2_5_vl_model_name_or_path:
+        raise ConfigError(
+            "--model hf needs SD3_5_MODEL_NAME_OR_PATH and QWEN2_5_VL_MODEL_NAME_OR_PATH (flags or env); "
+            "or pass --model tiny for a random tiny model"
+        )
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    model, report = load_deepgen(
+        cfg.sd3_5_model_name_or_path, cfg.qwen2_5_vl_model_name_or_path, cfg.checkpoint, dtype=dtype
+    )
+    log.info("model loaded: %s", report.summary())
+    return model
+
+
+def _reward(name: str, cfg: TrainConfig, world: World) -> RewardFn:
+    if name == "clip_sim":
+        if cfg.clip_model_name_or_path:
+            clip = ClipSimReward.from_pretrained(cfg.clip_model_name_or_path, device=world.device)
+        elif cfg.model == "tiny":
+            clip = build_tiny_clip(seed=cfg.seed, device=world.device)
+        else:
+            raise ConfigError("reward clip_sim needs CLIP_MODEL_NAME_OR_PATH (or --clip_model_name_or_path)")
+        return build_reward(name, clip=clip)
+    url = {"ocr": cfg.ocr_url, "unifiedreward_think": cfg.unifiedreward_think_url}[name]
+    return build_reward(name, url=url)
+
+
+# ------------------------------------------------------------------------------------------- small helpers
+
+
+class _Mean:
+    """Running means of per-pass scalars."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        value = value.detach().item() if isinstance(value, torch.Tensor) else value
+        self.sums[name] = self.sums.get(name, 0.0) + value
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+def _sft_coef(cfg: TrainConfig, run: Run) -> float:
+    return cfg.sftaux_coef if run.sftaux is not None else 0.0
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """A distinct seed per (run seed, step, rank): a resumed run draws the same noise as an unbroken one."""
+    return (seed * 1_000_003 + step * 10_007 + rank) % (2**63)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _nanmean(t: torch.Tensor) -> float:
+    valid = t[~torch.isnan(t)]
+    return valid.mean().item() if len(valid) else math.nan
+
+
+def _json_float(v: float) -> float | None:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    world = init_world()
+    try:
+        train(cfg, world)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    finally:
+        close_world(world)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,11 +5,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROTOS := $(shell cd proto && find deepgen -name '*.proto' | sort)
 PYTEST_ARGS ?=
+# Flags of the trainer for `make train` / `make train-local`, e.g. ARGS="--max_steps 100 --deepspeed zero3".
+ARGS ?=
+# docker compose v2 when installed, else docker-compose 1.29.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
 
-.PHONY: help setup setup-judges fetch-judge-data test lint format proto bench-ocr bench-sde bench-judges demo
+.PHONY: help setup setup-judges fetch-judge-data test lint format proto bench-ocr bench-sde bench-judges demo \
+	train train-local convert
 
 help:  ## List the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,3 +58,14 @@ bench-sde:  ## Rollout sampler overhead: SDE steps with log-prob vs. a plain Eul
 
 demo:  ## Main job on the embedded default: start reward-ocr and score rendered sample images
 	$(BIN)/python scripts/demo_ocr.py
+
+train:  ## GRPO training in the trainer container (compose profile `train`, GPUs TRAINER_GPUS); ARGS="flags"
+	$(COMPOSE) --profile train run --rm --use-aliases trainer $(ARGS)
+
+train-local:  ## GRPO training from .venv on this machine: torchrun over NGPUS (scripts/train.sh); ARGS="flags"
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/train.sh $(ARGS)
+
+# `make convert CKPT=outputs/run1 [OUT=run1.pth] [MERGE_ONTO=sft.pth] [DTYPE=bf16]`
+convert:  ## RL checkpoint -> SFT-format .pth: CKPT=run or checkpoint dir [OUT=] [MERGE_ONTO=sft.pth] [DTYPE=]
+	@test -n "$(CKPT)" || { echo "make convert: set CKPT to a run folder (its latest checkpoint) or a checkpoint-<step> folder, e.g. make convert CKPT=outputs/run1 [OUT=run1.pth] [MERGE_ONTO=sft.pth] [DTYPE=bf16]" >&2; exit 2; }
+	$(BIN)/python -m deepgen_trainer.convert $(CKPT)$(if $(OUT), --output $(OUT))$(if $(MERGE_ONTO), --merge-onto $(MERGE_ONTO))$(if $(DTYPE), --dtype $(DTYPE))

@@ -149,9 +149,17 @@ class DeepGen(nn.Module):
 
     # ----------------------------------------------------------------- parameters and modes
     def freeze(self) -> None:
-        """Freeze everything (VLM and its LoRA, think tokens, connector, VAE) except the DiT."""
+        """Freeze everything (VLM and its LoRA, think tokens, connector, VAE) except the DiT, and the
+        DiT parameters that cannot affect its output: the last block is `context_pre_only`, so the
+        context queries it computes (add_q_proj, norm_added_q) feed outputs it discards. Their
+        gradient is always zero; frozen, they carry no optimizer state."""
         self.requires_grad_(False)
         self.transformer.requires_grad_(True)
+        for block in self.transformer.transformer_blocks:
+            if block.context_pre_only:
+                for module in (block.attn.add_q_proj, block.attn.norm_added_q):
+                    if module is not None:
+                        module.requires_grad_(False)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the RL optimizer updates: the DiT's."""

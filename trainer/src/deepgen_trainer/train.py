@@ -37,7 +37,7 @@ from deepgen_trainer.advantages import clamp_fraction, compute_advantages, weigh
 from deepgen_trainer.checkpoint import apply_rng, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from deepgen_trainer.clip_reward import ClipSimReward, build_tiny_clip
 from deepgen_trainer.config import ConfigError, TrainConfig, parse_args
-from deepgen_trainer.data import TrainData, load_train_data
+from deepgen_trainer.data import DataConfigError, TrainData, load_train_data
 from deepgen_trainer.distributed import World, close_world, init_world
 from deepgen_trainer.evaluation import evaluate
 from deepgen_trainer.loading import load_deepgen
@@ -422,7 +422,10 @@ def _reward(name: str, cfg: TrainConfig, world: World) -> RewardFn:
             raise ConfigError("reward clip_sim needs CLIP_MODEL_NAME_OR_PATH (or --clip_model_name_or_path)")
         return build_reward(name, clip=clip)
     url = {"ocr": cfg.ocr_url, "unifiedreward_think": cfg.unifiedreward_think_url}[name]
-    return build_reward(name, url=url)
+    try:
+        return build_reward(name, url=url)
+    except ValueError as exc:  # a missing URL
+        raise ConfigError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------------- small helpers
@@ -478,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     world = init_world()
     try:
         train(cfg, world)
-    except ConfigError as exc:
+    except (ConfigError, DataConfigError) as exc:
         log.error("%s", exc)
         return 2
     finally:

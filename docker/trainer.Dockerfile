@@ -1,4 +1,4 @@
-# The GPU training image: proto/ + common (client side) + trainer[parquet,tracking] + swanlab in a venv
+# The GPU training image: proto/ + common (client side) + trainer[parquet,tracking] in a venv
 # on top of a CUDA PyTorch base, run as a non-root user; the entrypoint scripts/train.sh starts
 # `torchrun -m deepgen_trainer.train` with the node layout from NNODES / NODE_RANK / MASTER_ADDR /
 # MASTER_PORT / NGPUS and passes its arguments on to the trainer. Build context: the repository root.
@@ -21,7 +21,8 @@
 #   WHEELS_DIR      optional: folder inside the build context with extra wheels pip may use (pip
 #                   --find-links), e.g. build/wheels holding a CPU torch wheel. Empty (default): none.
 #   TRAINER_EXTRAS  extras of the trainer package (default [parquet,tracking]: parquet prompt files, wandb).
-#   EXTRA_PACKAGES  more pip requirements (default swanlab: the second tracker of the default --report_to).
+#   EXTRA_PACKAGES  more pip requirements (default none). Not swanlab: its releases need protobuf < 7,
+#                   which would break the gRPC stubs the trainer talks to the reward services with.
 #   PIP_CA_BUNDLE   optional: path, inside the build context, of a PEM bundle pip must trust (a
 #                   TLS-intercepting proxy); used while installing only, it does not reach the final image.
 #
@@ -73,7 +74,7 @@ COPY common/ /src/common/
 COPY trainer/ /opt/deepgen/trainer/
 COPY scripts/train.sh /opt/deepgen/scripts/train.sh
 ARG TRAINER_EXTRAS="[parquet,tracking]"
-ARG EXTRA_PACKAGES="swanlab"
+ARG EXTRA_PACKAGES=""
 RUN set -eu; \
     if [ -n "$PIP_CA_BUNDLE" ]; then export PIP_CERT=/tmp/pip-ca.pem; fi; \
     if [ -n "$WHEELS_DIR" ]; then export PIP_FIND_LINKS=/tmp/wheels; fi; \

@@ -188,8 +188,7 @@ class _SwanlabRun:
         log_dir = output_dir / "swanlog"
         log_dir.mkdir(parents=True, exist_ok=True)
         self._swanlab = swanlab
-        # swanlab 0.10 calls these log_dir / name, 0.6 logdir / experiment_name; pip resolves 0.6.x next
-        # to the gRPC stack's protobuf 7 (0.10 pins protobuf < 7), so accept both generations.
+        # swanlab 0.10 calls these log_dir / name, 0.6 logdir / experiment_name: accept both generations.
         renamed = "log_dir" in inspect.signature(swanlab.init).parameters
         names = (
             {"log_dir": str(log_dir), "name": run_name}

@@ -56,8 +56,8 @@ bench-judges:  ## reward-unified overhead over direct vLLM calls (needs make set
 bench-sde:  ## Rollout sampler overhead: SDE steps with log-prob vs. a plain Euler step
 	$(BIN)/python benchmarks/bench_sde.py
 
-demo:  ## Main job on the embedded default: start reward-ocr and score rendered sample images
-	$(BIN)/python scripts/demo_ocr.py
+demo:  ## Main job on the embedded default: tiny DeepGen MR-GRPO on CPU against a real reward-ocr service
+	$(BIN)/python scripts/demo.py
 
 train:  ## GRPO training in the trainer container (compose profile `train`, GPUs TRAINER_GPUS); ARGS="flags"
 	$(COMPOSE) --profile train run --rm --use-aliases trainer $(ARGS)

@@ -37,7 +37,7 @@ from deepgen_trainer.advantages import clamp_fraction, compute_advantages, weigh
 from deepgen_trainer.checkpoint import apply_rng, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from deepgen_trainer.clip_reward import ClipSimReward, build_tiny_clip
 from deepgen_trainer.config import ConfigError, TrainConfig, parse_args
-from deepgen_trainer.data import DataConfigError, TrainData, load_train_data
+from deepgen_trainer.data import DataConfigError, TrainData, load_eval_data, load_train_data
 from deepgen_trainer.distributed import World, close_world, init_world
 from deepgen_trainer.evaluation import evaluate
 from deepgen_trainer.loading import load_deepgen
@@ -77,6 +77,7 @@ class Run:
     updater: Updater
     tracker: Tracker
     eval_client: EvalClient | None
+    eval_plans: list[tuple[str, float, int]]  # (name, cfg_scale, num_inference_steps) per evaluation
     start_step: int
     total_steps: int
     uncond: Conditioning | None
@@ -91,7 +92,7 @@ def train(cfg: TrainConfig, world: World | None = None) -> DeepGen:
     progress = tqdm(total=run.total_steps, initial=run.start_step, desc="train", disable=not world.is_main)
     try:
         if cfg.eval_before_train and run.start_step == 0:
-            run.tracker.log(run_eval(run, 0), step=0)
+            log_step(run, 0, run_eval(run, 0))
         for step in range(run.start_step + 1, run.total_steps + 1):
             t_step = time.perf_counter()
             batch = next(run.sampler)
@@ -297,14 +298,21 @@ def checkpoint(run: Run, step: int) -> None:
 
 
 def run_eval(run: Run, step: int) -> dict[str, float]:
+    """Every evaluation of the eval YAML (one by default); metrics under eval/ (eval/<name>/ for several)."""
     assert run.eval_client is not None
     cfg = run.cfg
     run.model.eval()
-    return evaluate(
-        run.model, run.eval_client, run.world, step,
-        height=cfg.image_height, width=cfg.image_width, num_inference_steps=cfg.num_inference_steps,
-        cfg_scale=cfg.eval_cfg_scale, batch_size=cfg.rollout_micro_batch_size,
-    )  # fmt: skip
+    metrics = {}
+    for name, cfg_scale, num_inference_steps in run.eval_plans:
+        result = evaluate(
+            run.model, run.eval_client, run.world, step,
+            height=cfg.image_height, width=cfg.image_width, num_inference_steps=num_inference_steps,
+            cfg_scale=cfg_scale, batch_size=cfg.rollout_micro_batch_size,
+        )  # fmt: skip
+        if len(run.eval_plans) > 1:
+            result = {k.replace("eval/", f"eval/{name}/", 1): v for k, v in result.items()}
+        metrics |= result
+    return metrics
 
 
 def check_ranks_agree(model: DeepGen, world: World) -> None:
@@ -321,18 +329,22 @@ def check_ranks_agree(model: DeepGen, world: World) -> None:
 
 
 def log_step(run: Run, step: int, metrics: dict[str, float]) -> None:
+    """Metrics (averaged over ranks) to the trackers and `<output_dir>/metrics.jsonl`, one line to the log."""
     metrics = run.world.mean_over_ranks(metrics)
     if not run.world.is_main:
         return
     run.tracker.log(metrics, step=step)
     with (Path(run.cfg.output_dir) / "metrics.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps({"step": step, **{k: _json_float(v) for k, v in metrics.items()}}) + "\n")
-    log.info(
-        "step %d/%d: reward %.4f, loss %.3e, clipfrac %.3f, %.1f s (rollout %.1f, reward wait %.1f, update %.1f)",
-        step, run.total_steps, metrics["reward/total"], metrics.get("policy/loss", math.nan),
-        metrics.get("policy/clipfrac", math.nan), metrics["time/step"], metrics["time/rollout"],
-        metrics["time/reward"], metrics["time/update"],
-    )  # fmt: skip
+    if "eval/overall_accuracy" in metrics:
+        log.info("step %d eval: overall accuracy %.4f", step, metrics["eval/overall_accuracy"])
+    if "reward/total" in metrics:
+        log.info(
+            "step %d/%d: reward %.4f, loss %.3e, clipfrac %.3f, %.1f s (rollout %.1f, reward wait %.1f, update %.1f)",
+            step, run.total_steps, metrics["reward/total"], metrics.get("policy/loss", math.nan),
+            metrics.get("policy/clipfrac", math.nan), metrics["time/step"], metrics["time/rollout"],
+            metrics["time/reward"], metrics["time/update"],
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- setup
@@ -384,6 +396,11 @@ def setup(cfg: TrainConfig, world: World) -> Run:
     eval_client = None
     if cfg.unigenbench_api_url and (cfg.eval_freq or cfg.eval_before_train):
         eval_client = EvalClient(cfg.unigenbench_api_url)
+    # The eval service owns the prompts and duplicates; the eval YAML sets how each evaluation samples.
+    eval_plans = [("unigenbench", cfg.eval_cfg_scale, cfg.num_inference_steps)]
+    if cfg.eval_dataset_config:
+        datasets = load_eval_data(cfg.eval_dataset_config).datasets
+        eval_plans = [(d.name, d.cfg_scale, d.num_inference_steps) for d in datasets]
     uncond = model.encode_prompts([NEGATIVE_PROMPT]) if cfg.cfg_scale > 0 else None
     log.info(
         "training %d steps from step %d: %d prompts × %d images per rank, %d ranks, rewards %s, DiT %.3g M parameters",
@@ -392,7 +409,7 @@ def setup(cfg: TrainConfig, world: World) -> Run:
     )  # fmt: skip
     return Run(
         cfg, world, model, reference, data, reward_names, sampler, sftaux, scorer, updater, tracker, eval_client,
-        start_step, total_steps, uncond,
+        eval_plans, start_step, total_steps, uncond,
     )  # fmt: skip
 
 

@@ -10,7 +10,7 @@ ARGS ?=
 # docker compose v2 when installed, else docker-compose 1.29.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
 
-.PHONY: help setup setup-judges fetch-judge-data test lint format proto bench-ocr bench-sde bench-judges demo \
+.PHONY: help setup setup-judges fetch-judge-data test lint format proto bench-ocr bench-sde bench-judges bench-train bench-flops demo \
 	train train-local convert
 
 help:  ## List the targets
@@ -55,6 +55,12 @@ bench-judges:  ## reward-unified overhead over direct vLLM calls (needs make set
 
 bench-sde:  ## Rollout sampler overhead: SDE steps with log-prob vs. a plain Euler step
 	$(BIN)/python benchmarks/bench_sde.py
+
+bench-train:  ## Training step on CPU (tiny model): time per phase, reward wait, sampler overhead vs Euler, peak RSS
+	$(BIN)/python benchmarks/bench_train.py
+
+bench-flops:  ## FLOPs of one default training step per GPU (analytic, checked with FlopCounterMode) and MFU
+	$(BIN)/python benchmarks/flops.py
 
 demo:  ## Main job on the embedded default: tiny DeepGen MR-GRPO on CPU against a real reward-ocr service
 	$(BIN)/python scripts/demo.py

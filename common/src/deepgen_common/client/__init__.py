@@ -1,4 +1,4 @@
-"""Clients of the reward (`deepgen.reward.v1`) and eval (`deepgen.eval.v1`) contracts over gRPC or HTTP/JSON."""
+"""Clients of the contracts `deepgen.reward.v1` (rewards) and `deepgen.eval.v1` (evaluation), over gRPC or HTTP/JSON."""
 
 from deepgen_common.client.breaker import BreakerState, CircuitBreaker, CircuitOpenError
 from deepgen_common.client.eval_client import EvalClient, EvalImage, EvalPrompts

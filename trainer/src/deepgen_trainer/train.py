@@ -11,7 +11,7 @@ One step, on every rank, in the order of `train()`:
 5. SFT auxiliary loss on one image-caption batch (`--sftaux_dataset_config`);
 6. one optimizer step for the whole rollout batch (`--step_per_backward` emulates the reference's
    step after every backward instead);
-7. log, checkpoint every `--save_steps`, evaluate every `--eval_freq`.
+7. evaluate every `--eval_freq`, log, checkpoint every `--save_steps`.
 A run resumes from the newest complete checkpoint in `--output_dir`.
 """
 
@@ -183,7 +183,7 @@ def train(cfg: TrainConfig, world: World | None = None) -> DeepGen:
                 grad_norm = updater.step()
             t_update = time.perf_counter() - t0
 
-            # 7. log, checkpoint, evaluate
+            # 7. evaluate, log, checkpoint
             t_step_total = time.perf_counter() - t_step
             metrics = {
                 **reward_metrics(run.reward_names, rewards.rewards, rewards.status),
@@ -202,13 +202,13 @@ def train(cfg: TrainConfig, world: World | None = None) -> DeepGen:
                 "grad_norm": grad_norm,
                 "optim/steps": float(updater.optimizer_steps),
             }
-            if step % cfg.save_steps == 0 or step == run.total_steps:
-                checkpoint(run, step)
             if run.eval_client is not None and cfg.eval_freq and step % cfg.eval_freq == 0:
                 t0 = time.perf_counter()
                 metrics |= run_eval(run, step)
                 metrics["time/eval"] = time.perf_counter() - t0
-            log_step(run, step, metrics)
+            log_step(run, step, metrics)  # before the checkpoint: a resumed run never misses a step's metrics
+            if step % cfg.save_steps == 0 or step == run.total_steps:
+                checkpoint(run, step)
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", loss=f"{metrics.get('policy/loss', 0):.2e}")
         check_ranks_agree(model, world)

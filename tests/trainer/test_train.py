@@ -184,25 +184,48 @@ def test_make_convert_gives_a_state_dict_that_loads_into_a_fresh_model(tmp_path:
         torch.testing.assert_close(fresh.transformer.state_dict()[name], tensor, rtol=0, atol=0)
 
 
+def torchrun(args: list[str]) -> str:
+    """Run the trainer on 2 CPU ranks (gloo); returns its output, failing the test on a non-zero exit."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run(
+        [str(launcher), "--nproc_per_node", "2", "--master_port", str(port), "-m", "deepgen_trainer.train", *args],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    return output
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("deepspeed", ["zero2", "none"])
 def test_torchrun_two_ranks_on_cpu_end_with_identical_weights(tmp_path: Path, deepspeed: str):
     out = tmp_path / "run"
     args = [*SMALL, "--dataset_config", str(train_yaml(tmp_path, "{clip_sim: 1.0}")), "--output_dir", str(out),
             "--max_steps", "2", "--deepspeed", deepspeed]  # fmt: skip
-    torchrun = Path(sys.executable).with_name("torchrun")
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    done = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), "-m", "deepgen_trainer.train", *args],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-4000:]
-    assert "all 2 ranks hold identical DiT weights" in output
+    assert "all 2 ranks hold identical DiT weights" in torchrun(args)
     checkpoint = load_checkpoint(latest_checkpoint(out))
     assert (checkpoint.step, checkpoint.world_size) == (2, 2)
+    assert metrics(out)[2]["optim/steps"] == 2
+
+
+@pytest.mark.integration
+def test_zero3_saves_whole_weights_and_resumes(tmp_path: Path):
+    """ZeRO-3 with every parameter partitioned over the 2 ranks (no persistence threshold): the
+    checkpoint holds the gathered weights, and a second run resumes from DeepSpeed's own state."""
+    config = json.loads((REPO / "trainer" / "deepspeed" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    args = [*SMALL, "--dataset_config", str(train_yaml(tmp_path, "{clip_sim: 1.0}")), "--output_dir", str(out),
+            "--deepspeed", str(tmp_path / "zero3.json")]  # fmt: skip
+    torchrun([*args, "--max_steps", "1"])
+    shapes = {k: v.shape for k, v in build_tiny().transformer.state_dict().items()}
+    saved = load_file(out / "checkpoint-1" / "transformer.safetensors")
+    assert {k: v.shape for k, v in saved.items()} == shapes
+    assert "resumed from" in torchrun([*args, "--max_steps", "2"])
     assert metrics(out)[2]["optim/steps"] == 2
 
 

@@ -50,10 +50,14 @@ class Updater(Protocol):
     @property
     def optimizer_steps(self) -> int: ...
 
+    def trainable_state(self, is_main: bool) -> dict[str, Tensor] | None:
+        """The DiT's full state dict on the main rank (None elsewhere); called on every rank."""
+
     def checkpoint_state(self) -> dict[str, Any]:
         """Keyword arguments of `save_checkpoint` for the optimizer and LR schedule."""
 
-    def restore(self, checkpoint: Checkpoint) -> None: ...
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """The DiT's weights, the optimizer and the LR schedule from a checkpoint."""
 
 
 def build_updater(dit: nn.Module, cfg: TrainConfig, world: World, total_steps: int) -> Updater:
@@ -67,7 +71,7 @@ def build_updater(dit: nn.Module, cfg: TrainConfig, world: World, total_steps: i
         cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max(ticks, 1)
     )
     if cfg.deepspeed == "none":
-        return TorchUpdater(params, optimizer, scheduler, world, cfg.max_grad_norm)
+        return TorchUpdater(dit, params, optimizer, scheduler, world, cfg.max_grad_norm)
     return DeepSpeedUpdater(dit, optimizer, scheduler, cfg, world)
 
 
@@ -79,12 +83,14 @@ def _passes_per_step(cfg: TrainConfig, world: World) -> int:
 class TorchUpdater:
     def __init__(
         self,
+        dit: nn.Module,
         params: list[nn.Parameter],
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         world: World,
         max_grad_norm: float,
     ) -> None:
+        self.dit = dit
         self.params = params
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -121,14 +127,19 @@ class TorchUpdater:
     def optimizer_steps(self) -> int:
         return self._steps
 
+    def trainable_state(self, is_main: bool) -> dict[str, Tensor] | None:
+        return self.dit.state_dict() if is_main else None
+
     def checkpoint_state(self) -> dict[str, Any]:
         return {"optimizer_state": self.optimizer.state_dict(), "scheduler_state": self.scheduler.state_dict()}
 
     def restore(self, checkpoint: Checkpoint) -> None:
         if checkpoint.optimizer_state is None or checkpoint.scheduler_state is None:
             raise ValueError(f"{checkpoint.path} has no optimizer/scheduler state to resume from")
+        self.dit.load_state_dict(checkpoint.trainable)
         self.optimizer.load_state_dict(checkpoint.optimizer_state)
         self.scheduler.load_state_dict(checkpoint.scheduler_state)
+        self._steps = self.scheduler.last_epoch  # one schedule tick per optimizer step
 
 
 def init_single_process_group(device: torch.device) -> None:
@@ -193,6 +204,16 @@ class DeepSpeedUpdater:
     def optimizer_steps(self) -> int:
         return self._steps
 
+    def trainable_state(self, is_main: bool) -> dict[str, Tensor] | None:
+        module = self.engine.module
+        if self.engine.zero_optimization_stage() < 3:
+            return module.state_dict() if is_main else None
+        import deepspeed
+
+        # ZeRO-3 partitions the weights over the ranks: gather them (a collective) to save them whole.
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().clone() for k, v in module.state_dict().items()} if is_main else None
+
     def checkpoint_state(self) -> dict[str, Any]:
         save: Callable[[Path], None] = lambda d: self.engine.save_checkpoint(str(d), tag=_DEEPSPEED_TAG)  # noqa: E731
         return {"deepspeed_save": save}
@@ -200,4 +221,6 @@ class DeepSpeedUpdater:
     def restore(self, checkpoint: Checkpoint) -> None:
         if checkpoint.deepspeed_dir is None:
             raise ValueError(f"{checkpoint.path} was not written by DeepSpeed; resume it with the same --deepspeed")
+        # DeepSpeed's own state holds the (possibly partitioned) weights, the optimizer and the schedule.
         self.engine.load_checkpoint(str(checkpoint.deepspeed_dir), tag=_DEEPSPEED_TAG, load_module_strict=True)
+        self._steps = self.engine.global_steps

@@ -211,7 +211,7 @@ def train(cfg: TrainConfig, world: World | None = None) -> DeepGen:
                 checkpoint(run, step)
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", loss=f"{metrics.get('policy/loss', 0):.2e}")
-        check_ranks_agree(model, world)
+        check_ranks_agree(updater, world)
     finally:
         progress.close()
         run.scorer.close()
@@ -282,7 +282,7 @@ def checkpoint(run: Run, step: int) -> None:
     path = save_checkpoint(
         cfg.output_dir,
         step,
-        trainable=run.model.transformer.state_dict() if world.is_main else None,
+        trainable=run.updater.trainable_state(world.is_main),
         sampler_state=sampler_state,
         config=cfg.to_dict(),
         rank=world.rank,
@@ -315,12 +315,13 @@ def run_eval(run: Run, step: int) -> dict[str, float]:
     return metrics
 
 
-def check_ranks_agree(model: DeepGen, world: World) -> None:
-    """Data parallelism keeps one DiT on every rank: compare a checksum of the weights across ranks."""
+def check_ranks_agree(updater: Updater, world: World) -> None:
+    """Data parallelism keeps one DiT on every rank: compare a checksum of the weights across ranks
+    (under ZeRO-3 of the weights gathered from their partitions)."""
     if not world.distributed:
         return
     with torch.no_grad():
-        params = model.trainable_parameters()
+        params = list(updater.trainable_state(is_main=True).values())
         local = torch.stack([sum(p.double().sum() for p in params), sum(p.double().abs().sum() for p in params)])
     checksums = world.all_gather_cat(local.to(world.device)[None]).cpu()
     if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
@@ -375,7 +376,6 @@ def setup(cfg: TrainConfig, world: World) -> Run:
     resume = latest_checkpoint(cfg.output_dir)
     if resume is not None:
         ckpt = load_checkpoint(resume, map_location=world.device, rank=world.rank)
-        model.transformer.load_state_dict(ckpt.trainable)
         updater.restore(ckpt)
         if ckpt.sampler_state is not None:
             sampler.load_state_dict(ckpt.sampler_state["prompts"])

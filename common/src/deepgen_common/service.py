@@ -31,6 +31,14 @@ class Backend(Lifecycle, Protocol):
         """One result per sample, in order. Per-sample problems are ERROR results, not exceptions."""
 
 
+def check_batch_size(field: str, n: int, limit: int) -> None:
+    """A request's batch must hold 1..MAX_BATCH_SIZE items; raises InvalidInput naming `field`."""
+    if n == 0:
+        raise InvalidInput(f"{field} is empty: send at least one item")
+    if n > limit:
+        raise InvalidInput(f"{field} has {n} entries, over the limit of {limit} (MAX_BATCH_SIZE); split the batch")
+
+
 class Admission:
     """Bounded count of samples admitted and not yet answered: the service's queue.
 
@@ -89,13 +97,7 @@ class RewardService:
         return self.backend.ready()
 
     def validate(self, samples: Sequence[Sample], mode: Mode) -> None:
-        if not samples:
-            raise InvalidInput("samples is empty: send at least one sample")
-        if len(samples) > self.settings.max_batch_size:
-            raise InvalidInput(
-                f"samples has {len(samples)} entries, over the limit of {self.settings.max_batch_size} "
-                "(MAX_BATCH_SIZE); split the batch"
-            )
+        check_batch_size("samples", len(samples), self.settings.max_batch_size)
         if mode not in self.backend.capabilities:
             supported = ", ".join(m.value for m in self.backend.capabilities)
             raise InvalidInput(f"mode {mode.value!r} is not supported by {self.backend.name}; supported: {supported}")

@@ -21,6 +21,7 @@ from deepgen_common.errors import ImageError, InvalidInput, NotFound, NotReady, 
 from deepgen_common.images import inspect_image
 from deepgen_common.judge import HealthWatch, JudgeClient, JudgeImage, JudgeRejected, JudgeUnavailable
 from deepgen_common.metrics import ServiceMetrics
+from deepgen_common.service import check_batch_size
 from deepgen_common.types import ImageFormat, Limits, ServiceInfo
 from eval_unigenbench import __version__
 from eval_unigenbench.answers import JudgeAnswer, parse_answer
@@ -175,13 +176,7 @@ class UniGenBenchEval:
         run = self._run(run_id)
         benchmark = self._loaded()
         self._check_judge()
-        if not images:
-            raise InvalidInput("images is empty: send at least one image")
-        if len(images) > self.settings.max_batch_size:
-            raise InvalidInput(
-                f"images has {len(images)} entries, over the limit of {self.settings.max_batch_size} "
-                "(MAX_BATCH_SIZE); split the batch"
-            )
+        check_batch_size("images", len(images), self.settings.max_batch_size)
         keys: set[tuple[str, int]] = set()
         for i, s in enumerate(images):
             if s.prompt_id not in benchmark.by_id:

@@ -79,8 +79,9 @@ class ForcingProxy:
         return self
 
     def stop(self) -> None:
-        """Stop listening (the port is kept for `start` to reuse)."""
+        """Stop at once, dropping requests in flight, like a killed server (the port is kept for `start`)."""
         assert self._server is not None
         assert self._thread is not None
         self._server.should_exit = True
+        self._server.force_exit = True
         self._thread.join(10)

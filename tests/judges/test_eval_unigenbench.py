@@ -124,7 +124,9 @@ def test_garbage_answers_are_retried_then_counted_as_parse_failures(vllm_server:
 def test_judge_down_mid_run_gives_errors_opens_the_breaker_and_recovers(proxy: ForcingProxy, tmp_path: Path):
     """The judge disappears (the proxy in front of vLLM stops: connection refused, as with a stopped
     vLLM), then comes back on the same address; the adapter is never restarted."""
-    service = start_eval(proxy.base_url, tmp_path, prompt_limit=6)
+    # Health polls every 2 s: the images submitted right after the judge goes away are accepted and then
+    # fail at the judge (error rows); the next poll turns readiness false.
+    service = start_eval(proxy.base_url, tmp_path, prompt_limit=6, judge_health_poll_s=2.0)
     backend = service.running.service
     try:
         with EvalClient(service.http_url) as client:

@@ -11,6 +11,8 @@ import base64
 import contextlib
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +74,8 @@ class JudgeSettings(ServiceSettings):
             raise ValueError("must be a JSON object")
         return v
 
-    def judge_client(self) -> JudgeClient:
+    def judge_client(self, on_latency: Callable[[float], None] | None = None) -> JudgeClient:
+        """The client these settings describe, with `workers` calls in flight at most."""
         return JudgeClient(
             self.judge_url,
             self.judge_model,
@@ -85,7 +88,8 @@ class JudgeSettings(ServiceSettings):
                 reset_after_s=self.judge_breaker_reset_s,
             ),
             extra_body=json.loads(self.judge_extra_body) if self.judge_extra_body else {},
-            max_connections=self.workers,
+            max_in_flight=self.workers,
+            on_latency=on_latency,
         )
 
 
@@ -93,7 +97,8 @@ class JudgeClient:
     """Chat completions against `base_url` (e.g. `http://vllm:8000/v1`) for `model`.
 
     `extra_body` is merged into every request; tests use it to force an answer format with vLLM's
-    `structured_outputs`, production leaves it empty.
+    `structured_outputs`, production leaves it empty. At most `max_in_flight` chats run at once (the
+    others wait their turn); `on_latency` receives each chat's seconds, retries included.
     """
 
     def __init__(
@@ -106,7 +111,8 @@ class JudgeClient:
         retry: RetryPolicy | None = None,
         breaker: CircuitBreaker | None = None,
         extra_body: dict[str, Any] | None = None,
-        max_connections: int = 64,
+        max_in_flight: int = 64,
+        on_latency: Callable[[float], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.root_url = self.base_url.removesuffix("/v1")
@@ -116,7 +122,9 @@ class JudgeClient:
         self.retry = retry or RetryPolicy(max_attempts=4, initial_s=0.5, max_s=8.0)
         self.breaker = breaker or CircuitBreaker(f"judge {self.base_url}", failure_threshold=5, reset_after_s=10.0)
         self.extra_body = dict(extra_body or {})
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._on_latency = on_latency
+        limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
         self._http = httpx.AsyncClient(timeout=timeout_s, limits=limits)
 
     async def chat(self, images: list[JudgeImage], text: str, temperature: float = 0.0) -> str:
@@ -134,7 +142,13 @@ class JudgeClient:
             "max_tokens": self.max_tokens,
             **self.extra_body,
         }
-        reply = await self._post("/chat/completions", body)
+        async with self._slots:
+            start = time.perf_counter()
+            try:
+                reply = await self._post("/chat/completions", body)
+            finally:
+                if self._on_latency is not None:
+                    self._on_latency(time.perf_counter() - start)
         try:
             return reply["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):

@@ -64,13 +64,12 @@ class UniGenBenchEval:
         self.settings = settings
         self.metrics = metrics
         self.description = f"vllm:{settings.judge_model}"
-        self.judge = settings.judge_client()
+        self.judge = settings.judge_client(on_latency=lambda seconds: metrics.observe_stage("judge", seconds))
         self.health = HealthWatch(self.judge, settings.judge_health_poll_s)
         self.peer = JudgeClient(settings.peer_judge_url, settings.peer_judge_model) if settings.peer_judge_url else None
         self.benchmark: Benchmark | None = None
         self._judge_prompts: dict[str, str] = {}
         self._runs: dict[str, _Run] = {}
-        self._slots = asyncio.Semaphore(settings.workers)
         # Images accepted and not judged yet, over all runs: bounded, submissions wait for room.
         self._room = asyncio.Semaphore(settings.max_queued_samples)
         self._queued = 0
@@ -261,15 +260,11 @@ class UniGenBenchEval:
         for attempt in range(1 + self.settings.parse_retries):
             # At temperature 0 a retry would repeat the same answer; retries sample instead.
             temperature = 0.0 if attempt == 0 else self.settings.retry_temperature
-            async with self._slots:
-                start = time.perf_counter()
-                try:
-                    answer = await self.judge.chat([image], self._judge_prompts[item.prompt_id], temperature)
-                except (JudgeUnavailable, JudgeRejected) as exc:
-                    self.judge_calls.labels(result="failed").inc()
-                    return row("error", scores=None, analysis=None, detail=f"judge call failed: {exc}")
-                finally:
-                    self.metrics.observe_stage("judge", time.perf_counter() - start)
+            try:
+                answer = await self.judge.chat([image], self._judge_prompts[item.prompt_id], temperature)
+            except (JudgeUnavailable, JudgeRejected) as exc:
+                self.judge_calls.labels(result="failed").inc()
+                return row("error", scores=None, analysis=None, detail=f"judge call failed: {exc}")
             parsed = parse_answer(answer, len(item.testpoints))
             if isinstance(parsed, JudgeAnswer):
                 self.judge_calls.labels(result="ok").inc()

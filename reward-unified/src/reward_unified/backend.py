@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
 
 from prometheus_client import Counter
@@ -35,7 +34,7 @@ class UnifiedBackend:
         self.settings = settings
         self.metrics = metrics
         self.description = f"vllm:{settings.judge_model}"
-        self.judge = settings.judge_client()
+        self.judge = settings.judge_client(on_latency=lambda seconds: metrics.observe_stage("judge", seconds))
         self.health = HealthWatch(self.judge, settings.judge_health_poll_s)
         self.judge_calls = Counter(
             "deepgen_judge_calls",
@@ -44,11 +43,9 @@ class UnifiedBackend:
             registry=metrics.registry,
         )
         self.templates: Templates | None = None
-        self._slots: asyncio.Semaphore | None = None
 
     async def load(self) -> None:
         self.templates = Templates.load(self.settings.templates_dir)
-        self._slots = asyncio.Semaphore(self.settings.workers)
         await self.health.start()
 
     def ready(self) -> bool:
@@ -74,15 +71,6 @@ class UnifiedBackend:
             return str(exc)
         return JudgeImage(sample.image, mime)
 
-    async def _ask(self, images: list[JudgeImage], text: str) -> str:
-        assert self._slots is not None, "score() before load()"
-        async with self._slots:
-            start = time.perf_counter()
-            try:
-                return await self.judge.chat(images, text)
-            finally:
-                self.metrics.observe_stage("judge", time.perf_counter() - start)
-
     async def _score_groups(self, samples: Sequence[Sample], images: list[JudgeImage | str]) -> list[Result]:
         assert self.templates is not None
         groups: dict[str, list[int]] = {}
@@ -94,7 +82,7 @@ class UnifiedBackend:
         async def judge(c: Comparison) -> tuple[Comparison, Winner | None]:
             pair = [images[c.first], images[c.second]]
             try:
-                answer = await self._ask(pair, fill(self.templates.pairwise, samples[c.first].prompt))  # type: ignore[arg-type, union-attr]
+                answer = await self.judge.chat(pair, fill(self.templates.pairwise, samples[c.first].prompt))  # type: ignore[arg-type, union-attr]
             except (JudgeUnavailable, JudgeRejected) as exc:
                 self.judge_calls.labels(result="failed").inc()
                 failures[c.first] = failures[c.second] = f"judge call failed: {exc}"
@@ -127,7 +115,7 @@ class UnifiedBackend:
         if isinstance(image, str):
             return Result.failed(image)
         try:
-            answer = await self._ask([image], fill(self.templates.pointwise, sample.prompt))
+            answer = await self.judge.chat([image], fill(self.templates.pointwise, sample.prompt))
         except (JudgeUnavailable, JudgeRejected) as exc:
             self.judge_calls.labels(result="failed").inc()
             return Result.failed(f"judge call failed: {exc}")

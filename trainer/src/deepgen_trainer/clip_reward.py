@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tokenizers import pre_tokenizers
 from torch import Tensor
-from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
 Images = Tensor | Sequence[Image.Image]
 """uint8 (B, H, W, 3) RGB tensor (any device), or a sequence of B PIL images."""
@@ -36,7 +36,7 @@ class ClipSimReward:
         self,
         model: CLIPModel,
         tokenizer: CLIPTokenizer,
-        image_processor: CLIPImageProcessor,
+        image_processor: CLIPImageProcessorPil,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
     ) -> None:
@@ -65,7 +65,8 @@ class ClipSimReward:
             )
         model = CLIPModel.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        image_processor = CLIPImageProcessor.from_pretrained(path)
+        # The PIL preprocessing (CLIP's own): the same scores whether or not torchvision is installed.
+        image_processor = CLIPImageProcessorPil.from_pretrained(path)
         return cls(model, tokenizer, image_processor, device=device, batch_size=batch_size)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -144,7 +145,7 @@ def build_tiny_clip(seed: int = 0, image_size: int = 32, device: str | torch.dev
     )
     torch.manual_seed(seed)
     model = CLIPModel(config)
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     return ClipSimReward(model, tokenizer, image_processor, device=device)

@@ -83,5 +83,9 @@ def init_world(timeout_s: float = 1800.0) -> World:
 
 
 def close_world(world: World) -> None:
-    if world.distributed and dist.is_initialized():
+    """Leave the process group together: a rank that tears down gloo while a peer is still in its last
+    collective makes that peer abort."""
+    if dist.is_initialized():
+        if world.distributed:
+            dist.barrier()
         dist.destroy_process_group()

@@ -31,21 +31,7 @@ from deepgen_trainer.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-
-
-def tiny_dit() -> SD3Transformer2DModel:
-    return SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        caption_projection_dim=16,
-        pooled_projection_dim=16,
-        out_channels=4,
-    )
+from tests.trainer.tiny_dit import tiny_dit
 
 
 def dit_loss(model: SD3Transformer2DModel, seed: int) -> torch.Tensor:

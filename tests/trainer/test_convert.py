@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
 from safetensors.torch import save_file
 from torch import nn
 from torch.testing import assert_close
@@ -16,21 +15,7 @@ from torch.testing import assert_close
 from deepgen_trainer import convert as convert_mod
 from deepgen_trainer.checkpoint import CheckpointError, save_checkpoint
 from deepgen_trainer.convert import MergeMismatch, MergeReport, convert, main
-
-
-def tiny_dit() -> SD3Transformer2DModel:
-    return SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        caption_projection_dim=16,
-        pooled_projection_dim=16,
-        out_channels=4,
-    )
+from tests.trainer.tiny_dit import tiny_dit
 
 
 class TinyDeepGen(nn.Module):

@@ -21,7 +21,9 @@ from pydantic import Field, field_validator
 
 from deepgen_common.client.breaker import CircuitBreaker, CircuitOpenError
 from deepgen_common.client.reward_client import RetryPolicy
+from deepgen_common.images import inspect_image
 from deepgen_common.settings import ServiceSettings
+from deepgen_common.types import ImageFormat
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,12 @@ class JudgeImage:
 
     data: bytes
     mime: str = "image/png"
+
+    @classmethod
+    def checked(cls, data: bytes, declared: ImageFormat, *, max_bytes: int, max_pixels: int) -> JudgeImage:
+        """The image to send, after the checks the adapter owes its limits; raises ImageError. The judge
+        decodes it, so only the header, the limits and the structure are checked (no pixel decode)."""
+        return cls(data, inspect_image(data, declared, max_bytes=max_bytes, max_pixels=max_pixels))
 
     def content_part(self) -> dict[str, Any]:
         url = f"data:{self.mime};base64,{base64.b64encode(self.data).decode()}"

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Gauge
 
 from deepgen_common.errors import ImageError, InvalidInput, NotFound, NotReady, Overloaded
-from deepgen_common.images import inspect_image
 from deepgen_common.judge import HealthWatch, JudgeClient, JudgeImage, JudgeRejected, JudgeUnavailable
 from deepgen_common.metrics import ServiceMetrics
 from deepgen_common.service import check_batch_size
@@ -246,16 +245,11 @@ class UniGenBenchEval:
             self.metrics.items.labels(outcome="OK" if status == "ok" else "ERROR").inc()
             return ImageResult(s.prompt_id, s.duplicate, item.prompt, item.testpoints, status=status, **values)  # type: ignore[arg-type]
 
+        limits = {"max_bytes": self.settings.max_image_bytes, "max_pixels": self.settings.max_image_pixels}
         try:
-            mime = inspect_image(
-                s.image,
-                s.image_format,
-                max_bytes=self.settings.max_image_bytes,
-                max_pixels=self.settings.max_image_pixels,
-            )
+            image = JudgeImage.checked(s.image, s.image_format, **limits)
         except ImageError as exc:
             return row("error", scores=None, analysis=None, detail=str(exc))
-        image = JudgeImage(s.image, mime)
         detail = ""
         for attempt in range(1 + self.settings.parse_retries):
             # At temperature 0 a retry would repeat the same answer; retries sample instead.

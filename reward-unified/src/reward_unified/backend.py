@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from prometheus_client import Counter
 
 from deepgen_common.errors import ImageError
-from deepgen_common.images import inspect_image
 from deepgen_common.judge import HealthWatch, JudgeImage, JudgeRejected, JudgeUnavailable
 from deepgen_common.metrics import ServiceMetrics
 from deepgen_common.types import Mode, Result, Sample
@@ -60,16 +59,11 @@ class UnifiedBackend:
     def _validate(self, sample: Sample) -> JudgeImage | str:
         """The image to send, or the reason it cannot be used. The judge decodes it, so only the
         header, the limits and the structure are checked here (no pixel decode on the hot path)."""
+        limits = {"max_bytes": self.settings.max_image_bytes, "max_pixels": self.settings.max_image_pixels}
         try:
-            mime = inspect_image(
-                sample.image,
-                sample.image_format,
-                max_bytes=self.settings.max_image_bytes,
-                max_pixels=self.settings.max_image_pixels,
-            )
+            return JudgeImage.checked(sample.image, sample.image_format, **limits)
         except ImageError as exc:
             return str(exc)
-        return JudgeImage(sample.image, mime)
 
     async def _score_groups(self, samples: Sequence[Sample], images: list[JudgeImage | str]) -> list[Result]:
         assert self.templates is not None

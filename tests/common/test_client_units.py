@@ -7,17 +7,19 @@ import socket
 import pytest
 
 from deepgen_common.client import RetryPolicy, RewardClient, is_ready, make_transport, wait_ready
+from deepgen_common.client.failover import FailoverTransport
 from deepgen_common.client.reward_client import _chunk
-from deepgen_common.client.transports import GrpcTransport, HttpTransport, grpc_target
+from deepgen_common.client.transports import GrpcTransport, HttpTransport
 from deepgen_common.types import Mode, Sample
 
 
 def test_url_schemes_pick_the_transport():
     assert isinstance(make_transport("http://reward-ocr:18082"), HttpTransport)
     assert isinstance(make_transport("grpc://reward-ocr:50051"), GrpcTransport)
-    assert grpc_target("grpc://reward-ocr:50051") == "dns:///reward-ocr:50051"
-    assert grpc_target("ipv4:127.0.0.1:1,127.0.0.1:2") == "ipv4:127.0.0.1:1,127.0.0.1:2"
-    with pytest.raises(ValueError, match=r"use http://host:port \(HTTP/JSON\) or grpc://host:port"):
+    assert isinstance(make_transport("grpcs://reward-ocr:50051"), GrpcTransport)
+    assert isinstance(make_transport("ipv4:127.0.0.1:1,127.0.0.1:2"), GrpcTransport)
+    assert isinstance(make_transport("grpc://h1:1,h2:2"), FailoverTransport)
+    with pytest.raises(ValueError, match=r"use http://host:port or https://host:port \(HTTP/JSON\)"):
         make_transport("ftp://x")
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from deepgen_common.client.urls import parse_service_url
 from deepgen_trainer.advantages import ADVANTAGE_TYPES, GROUP_NORMALISING_TYPES, AdvantageType
 from deepgen_trainer.policy_loss import KL_TYPES, KLType
 from deepgen_trainer.sde import SAMPLERS, Sampler
@@ -96,9 +97,12 @@ class TrainConfig:
     clip_model_name_or_path: str | None = field(default=None, metadata=_help("CLIP folder of the clip_sim reward"))
     checkpoint: str | None = field(default=None, metadata=_help("SFT .pth state dict or DeepSpeed dir to start from"))
     output_dir: str = field(default="outputs", metadata=_help("run folder: checkpoints, resolved config, logs"))
-    ocr_url: str | None = field(default=None, metadata=_help("reward-ocr: http://host:port or grpc://host:port"))
-    unifiedreward_think_url: str | None = field(default=None, metadata=_help("reward-unified URL"))
-    unigenbench_api_url: str | None = field(default=None, metadata=_help("eval-unigenbench URL"))
+    ocr_url: str | None = field(
+        default=None,
+        metadata=_help("reward-ocr: http(s)://host:port or grpc(s)://host:port, several comma-separated addresses"),
+    )
+    unifiedreward_think_url: str | None = field(default=None, metadata=_help("reward-unified URL (as --ocr_url)"))
+    unigenbench_api_url: str | None = field(default=None, metadata=_help("eval-unigenbench URL (as --ocr_url)"))
     dataset_config: str | None = field(default=None, metadata=_help("train prompt YAML"))
     eval_dataset_config: str | None = field(default=None, metadata=_help("eval prompt YAML"))
     sftaux_dataset_config: str | None = field(default=None, metadata=_help("SFT-aux image-caption YAML"))
@@ -244,6 +248,12 @@ def _validate(cfg: TrainConfig) -> None:
     one_of("atrain_adv_type", cfg.atrain_adv_type, ADVANTAGE_TYPES)
     one_of("atrain_kl_type", cfg.atrain_kl_type, KL_TYPES)
     one_of("lr_scheduler_type", cfg.lr_scheduler_type, LR_SCHEDULER_TYPES)
+    for flag in ("ocr_url", "unifiedreward_think_url", "unigenbench_api_url"):
+        if getattr(cfg, flag):
+            try:
+                parse_service_url(getattr(cfg, flag))
+            except ValueError as exc:
+                raise ConfigError(f"--{flag} ({flag.upper()}): {exc}") from None
     for tracker in cfg.report_to:
         _require(
             tracker in REPORT_TO,

@@ -19,8 +19,11 @@ import grpc
 
 from deepgen.common.v1 import types_pb2
 from deepgen.eval.v1 import eval_pb2
+from deepgen_common.client.credentials import ClientCredentials
+from deepgen_common.client.failover import RoundRobin
 from deepgen_common.client.reward_client import RetryPolicy
 from deepgen_common.client.transports import HttpTransport, TransientError, grpc_channel, rpc_error
+from deepgen_common.client.urls import ServiceURL, parse_service_url
 from deepgen_common.convert import image_format_to_pb, info_from_pb
 from deepgen_common.types import DimensionScore, ImageFormat, RunSummary, ServiceInfo
 
@@ -47,8 +50,42 @@ class EvalImage:
     image_format: ImageFormat = ImageFormat.PNG
 
 
+class _Endpoint:
+    """One address of the eval service: an HTTP transport or a gRPC channel, with the token."""
+
+    def __init__(self, url: ServiceURL, credentials: ClientCredentials, max_message_bytes: int) -> None:
+        self.name = str(url)
+        self.http = HttpTransport(url, credentials) if url.protocol == "http" else None
+        self.channel = grpc_channel(url, credentials, max_message_bytes) if url.protocol == "grpc" else None
+        self.metadata = credentials.grpc_metadata
+
+    def unary(self, method: str, request: object, response_type: type[T], timeout_s: float = 30.0) -> T:
+        assert self.channel is not None
+        stub = self.channel.unary_unary(
+            f"/{_SERVICE}/{method}",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=response_type.FromString,  # type: ignore[attr-defined]
+        )
+        try:
+            return stub(request, timeout=timeout_s, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise rpc_error(exc) from None
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
+        if self.channel is not None:
+            self.channel.close()
+
+
 class EvalClient:
-    """Synchronous client of one eval service. `url`: `http://host:port` or `grpc://host:port`."""
+    """Synchronous client of one eval service.
+
+    `url` takes any form of `deepgen_common.client.urls`. With several addresses, calls that change
+    nothing and StartRun go round-robin with failover; a run's submissions and FinishRun go to the
+    address that started it (a run lives in one service process). The token and TLS roots come from
+    `credentials`, by default from the environment (`ClientCredentials.from_env`).
+    """
 
     def __init__(
         self,
@@ -58,6 +95,7 @@ class EvalClient:
         batch_size: int = 16,
         retry: RetryPolicy | None = None,
         max_message_bytes: int = 256 * 1024 * 1024,
+        credentials: ClientCredentials | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -65,75 +103,72 @@ class EvalClient:
         self.timeout_s = timeout_s
         self.batch_size = batch_size
         self.retry = retry or RetryPolicy()
-        if url.startswith(("http://", "https://")):
-            self._http: HttpTransport | None = HttpTransport(url)
-            self._channel: grpc.Channel | None = None
-        elif url.startswith(("grpc://", "dns:", "ipv4:", "ipv6:", "unix:")):
-            self._http = None
-            self._channel = grpc_channel(url, max_message_bytes)
-        else:
-            raise ValueError(f"unsupported eval service URL {url!r}: use http://host:port or grpc://host:port")
+        credentials = credentials if credentials is not None else ClientCredentials.from_env()
+        parts = parse_service_url(url).split()
+        endpoints = [_Endpoint(part, credentials, max_message_bytes) for part in parts]
+        self._robin = RoundRobin(endpoints, [e.name for e in endpoints])
+        self._run_endpoints: dict[str, _Endpoint] = {}
 
-    def _retrying(self, call: Callable[[], T]) -> T:
+    def _retrying(self, call: Callable[[_Endpoint], T]) -> T:
         for attempt in range(self.retry.max_attempts):
             try:
-                return call()
+                return self._robin.call(call)
             except TransientError:
                 if attempt + 1 == self.retry.max_attempts:
                     raise
                 time.sleep(self.retry.delay(attempt))
         raise AssertionError("unreachable")
 
-    def _unary(self, method: str, request: object, response_type: type[T], timeout_s: float = 30.0) -> T:
-        assert self._channel is not None
-        stub = self._channel.unary_unary(
-            f"/{_SERVICE}/{method}",
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=response_type.FromString,  # type: ignore[attr-defined]
-        )
-        try:
-            return stub(request, timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise rpc_error(exc) from None
-
     def info(self) -> ServiceInfo:
-        if self._http is not None:
-            return self._retrying(lambda: self._http.info(30.0))  # type: ignore[union-attr]
-        return info_from_pb(
-            self._retrying(lambda: self._unary("GetInfo", types_pb2.GetInfoRequest(), types_pb2.ServiceInfo))
-        )
+        def call(e: _Endpoint) -> ServiceInfo:
+            if e.http is not None:
+                return e.http.info(30.0)
+            return info_from_pb(e.unary("GetInfo", types_pb2.GetInfoRequest(), types_pb2.ServiceInfo))
+
+        return self._retrying(call)
 
     def prompts(self) -> EvalPrompts:
-        if self._http is not None:
-            out = self._retrying(lambda: self._http.request("GET", "/v1/prompts", 60.0))  # type: ignore[union-attr]
-            return EvalPrompts(
-                out["benchmark"], out["duplicates"], [(p["prompt_id"], p["prompt"]) for p in out["prompts"]]
-            )
-        reply = self._retrying(
-            lambda: self._unary("ListPrompts", eval_pb2.ListPromptsRequest(), eval_pb2.ListPromptsResponse, 60.0)
-        )
-        return EvalPrompts(reply.benchmark, reply.duplicates, [(p.prompt_id, p.prompt) for p in reply.prompts])
+        def call(e: _Endpoint) -> EvalPrompts:
+            if e.http is not None:
+                out = e.http.request("GET", "/v1/prompts", 60.0)
+                return EvalPrompts(
+                    out["benchmark"], out["duplicates"], [(p["prompt_id"], p["prompt"]) for p in out["prompts"]]
+                )
+            reply = e.unary("ListPrompts", eval_pb2.ListPromptsRequest(), eval_pb2.ListPromptsResponse, 60.0)
+            return EvalPrompts(reply.benchmark, reply.duplicates, [(p.prompt_id, p.prompt) for p in reply.prompts])
+
+        return self._retrying(call)
 
     def start_run(self, step: int) -> str:
-        if self._http is not None:
-            out = self._retrying(lambda: self._http.request("POST", "/v1/runs", 120.0, {"step": step}))  # type: ignore[union-attr]
-            return out["run_id"]
-        reply = self._retrying(
-            lambda: self._unary("StartRun", eval_pb2.StartRunRequest(step=step), eval_pb2.StartRunResponse, 120.0)
-        )
-        return reply.run_id
+        def call(e: _Endpoint) -> tuple[str, _Endpoint]:
+            if e.http is not None:
+                return e.http.request("POST", "/v1/runs", 120.0, {"step": step})["run_id"], e
+            return e.unary("StartRun", eval_pb2.StartRunRequest(step=step), eval_pb2.StartRunResponse, 120.0).run_id, e
+
+        run_id, endpoint = self._retrying(call)
+        self._run_endpoints[run_id] = endpoint
+        return run_id
+
+    def _endpoint_of(self, run_id: str) -> _Endpoint:
+        # A run started elsewhere (another client process) can only be addressed on a one-address URL.
+        if run_id in self._run_endpoints:
+            return self._run_endpoints[run_id]
+        if len(self._robin.members) == 1:
+            return self._robin.members[0]
+        raise ValueError(f"run {run_id!r} was not started by this client; with several addresses it cannot be found")
 
     def submit(self, run_id: str, images: Iterable[EvalImage]) -> int:
         """Send images in batches of `batch_size` (over gRPC: one stream); returns how many were accepted.
         The service judges them as they arrive and holds the stream back while its queue is full."""
-        if self._http is not None:
+        e = self._endpoint_of(run_id)
+        if e.http is not None:
             accepted = 0
             for batch in _batches(images, self.batch_size):
                 body = {"images": [_image_json(i) for i in batch]}
-                accepted += self._http.request("POST", f"/v1/runs/{run_id}/images", self.timeout_s, body)["accepted"]
+                accepted += e.http.request("POST", f"/v1/runs/{run_id}/images", self.timeout_s, body)["accepted"]
             return accepted
-        assert self._channel is not None
-        stub = self._channel.stream_unary(
+        assert e.channel is not None
+        stub = e.channel.stream_unary(
             f"/{_SERVICE}/SubmitImages",
             request_serializer=eval_pb2.SubmitImagesRequest.SerializeToString,
             response_deserializer=eval_pb2.SubmitImagesResponse.FromString,
@@ -143,22 +178,24 @@ class EvalClient:
             for batch in _batches(images, self.batch_size)
         )
         try:
-            return stub(requests, timeout=self.timeout_s).accepted
+            return stub(requests, timeout=self.timeout_s, metadata=e.metadata).accepted
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
 
     def finish(self, run_id: str) -> RunSummary:
         """Wait for the last judgement; returns the summary (accuracies NaN when nothing was judged)."""
-        if self._http is not None:
-            return _summary_from_json(self._http.request("POST", f"/v1/runs/{run_id}/finish", self.timeout_s))
-        reply = self._unary("FinishRun", eval_pb2.FinishRunRequest(run_id=run_id), eval_pb2.RunSummary, self.timeout_s)
-        return _summary_from_pb(reply)
+        e = self._endpoint_of(run_id)
+        if e.http is not None:
+            summary = _summary_from_json(e.http.request("POST", f"/v1/runs/{run_id}/finish", self.timeout_s))
+        else:
+            reply = e.unary("FinishRun", eval_pb2.FinishRunRequest(run_id=run_id), eval_pb2.RunSummary, self.timeout_s)
+            summary = _summary_from_pb(reply)
+        self._run_endpoints.pop(run_id, None)
+        return summary
 
     def close(self) -> None:
-        if self._http is not None:
-            self._http.close()
-        if self._channel is not None:
-            self._channel.close()
+        for endpoint in self._robin.members:
+            endpoint.close()
 
     def __enter__(self) -> EvalClient:
         return self

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from deepgen_common.client.breaker import CircuitBreaker
+from deepgen_common.client.credentials import ClientCredentials
+from deepgen_common.client.failover import FailoverTransport
 from deepgen_common.client.transports import GrpcTransport, HttpTransport, TransientError, Transport
+from deepgen_common.client.urls import ServiceURL, parse_service_url
 from deepgen_common.types import Mode, Result, Sample, ServiceInfo
 
 log = logging.getLogger(__name__)
@@ -39,19 +42,29 @@ class RetryPolicy:
         return random.uniform(0.0, min(self.max_s, self.initial_s * 2**attempt))
 
 
-def make_transport(url: str, max_message_bytes: int = 256 * 1024 * 1024) -> Transport:
-    """`http(s)://host:port` -> HTTP/JSON; `grpc://host:port`, `dns:///host:port`, `ipv4:...` -> gRPC."""
-    if url.startswith(("http://", "https://")):
-        return HttpTransport(url)
-    if url.startswith(("grpc://", "dns:", "ipv4:", "ipv6:", "unix:")):
-        return GrpcTransport(url, max_message_bytes)
-    raise ValueError(
-        f"unsupported reward service URL {url!r}: use http://host:port (HTTP/JSON) or grpc://host:port (gRPC)"
-    )
+def make_transport(
+    url: str, credentials: ClientCredentials | None = None, max_message_bytes: int = 256 * 1024 * 1024
+) -> Transport:
+    """The transport for a service URL (forms in `deepgen_common.client.urls`): HTTP/JSON or gRPC,
+    TLS for `https://` / `grpcs://`; an address list gets round-robin with failover."""
+    credentials = credentials if credentials is not None else ClientCredentials.from_env()
+    parts = parse_service_url(url).split()
+
+    def one(part: ServiceURL) -> Transport:
+        if part.protocol == "http":
+            return HttpTransport(part, credentials)
+        return GrpcTransport(part, credentials, max_message_bytes)
+
+    if len(parts) == 1:
+        return one(parts[0])
+    return FailoverTransport([one(p) for p in parts], [str(p) for p in parts])
 
 
 class RewardClient:
     """Thread-safe, synchronous client of one reward service (all of its replicas).
+
+    `url` takes any form of `deepgen_common.client.urls` (several addresses included); the token and
+    TLS roots come from `credentials`, by default from the environment (`ClientCredentials.from_env`).
 
     `score` splits the samples into requests within the service's limits (never splitting a group),
     sends them concurrently, retries UNAVAILABLE / RESOURCE_EXHAUSTED / transport errors with
@@ -66,13 +79,14 @@ class RewardClient:
         retry: RetryPolicy | None = None,
         breaker: CircuitBreaker | None = None,
         max_concurrent_requests: int = 4,
+        credentials: ClientCredentials | None = None,
         transport: Transport | None = None,
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self.breaker = breaker or CircuitBreaker(url)
-        self._transport = transport or make_transport(url)
+        self._transport = transport or make_transport(url, credentials)
         self._pool = ThreadPoolExecutor(max_concurrent_requests, thread_name_prefix="reward-client")
         self._info: ServiceInfo | None = None
 

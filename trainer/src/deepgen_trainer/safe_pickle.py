@@ -198,6 +198,8 @@ def foreign_classes(obj: Any) -> set[str]:
         if isinstance(item, ForeignObject):
             found.add(item.qualified_name)
             stack.extend([item.args, item.state])
+        elif isinstance(item, type) and issubclass(item, ForeignObject):  # e.g. a pickled method reference
+            found.add(item.qualified_name)
         elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())

@@ -59,6 +59,17 @@ def test_tensors_containers_and_numpy_round_trip(tmp_path: Path) -> None:
     assert foreign_classes(got) == set()
 
 
+class ConfigDict(dict):
+    """Like mmengine's ConfigDict or addict.Dict: a dict subclass, pickled with SETITEMS."""
+
+
+def test_dict_subclasses_keep_their_items(tmp_path: Path) -> None:
+    torch.save({"cfg": ConfigDict(lr=0.5, steps=[1, 2])}, tmp_path / "f.pt")
+    cfg = restricted_torch_load(tmp_path / "f.pt")["cfg"]
+    assert isinstance(cfg, ForeignObject)
+    assert cfg.items == {"lr": 0.5, "steps": [1, 2]}
+
+
 def test_unknown_classes_become_inert_placeholders(tmp_path: Path) -> None:
     torch.save({"w": torch.ones(1), "note": Unknown(3, np.ones(2)), "method": Stats().mean}, tmp_path / "f.pt")
     got = restricted_torch_load(tmp_path / "f.pt")

@@ -46,18 +46,28 @@ class ForeignObject(metaclass=_RefuseCalls):
     """An object of a class outside the allowlist: its class name and pickled state, nothing else.
 
     `qualified_name` is ``module.Class`` as the pickle names it; `args` are the arguments pickle
-    passed to ``__new__`` and `state` what it passed to ``__setstate__`` (None when it passed none).
+    passed to ``__new__``, `state` what it passed to ``__setstate__`` (None when it passed none), and
+    `items` / `values` what it added as to a dict or list subclass.
     """
 
     qualified_name = "ForeignObject"
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ForeignObject:
         obj = object.__new__(cls)
-        obj.__dict__.update(args=args, kwargs=kwargs, state=None)
+        obj.__dict__.update(args=args, kwargs=kwargs, state=None, items={}, values=[])
         return obj
 
     def __setstate__(self, state: Any) -> None:
         self.__dict__["state"] = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # SETITEMS of a pickled dict subclass
+        self.__dict__["items"][key] = value
+
+    def append(self, value: Any) -> None:  # APPENDS of a pickled list subclass
+        self.__dict__["values"].append(value)
+
+    def extend(self, values: Any) -> None:
+        self.__dict__["values"].extend(values)
 
     def __repr__(self) -> str:
         return f"<ForeignObject {self.qualified_name}>"
@@ -76,12 +86,17 @@ def _placeholder(qualified_name: str) -> type[ForeignObject]:
 def _numpy_globals() -> dict[str, Any]:
     import numpy as np
 
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray, numeric
+
     allowed: dict[str, Any] = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
-    # numpy 2 pickles under numpy._core, numpy 1 under numpy.core; both load in numpy 2.
+    # numpy 2 pickles under numpy._core, numpy 1 under numpy.core: accept both names.
     for package in ("numpy.core", "numpy._core"):
-        allowed[f"{package}.multiarray._reconstruct"] = np._core.multiarray._reconstruct
-        allowed[f"{package}.multiarray.scalar"] = np._core.multiarray.scalar
-        allowed[f"{package}.numeric._frombuffer"] = np._core.numeric._frombuffer
+        allowed[f"{package}.multiarray._reconstruct"] = multiarray._reconstruct
+        allowed[f"{package}.multiarray.scalar"] = multiarray.scalar
+        allowed[f"{package}.numeric._frombuffer"] = numeric._frombuffer
     for name in dir(np.dtypes):
         if name.endswith("DType"):
             allowed[f"numpy.dtypes.{name}"] = getattr(np.dtypes, name)
@@ -197,7 +212,7 @@ def foreign_classes(obj: Any) -> set[str]:
         item = stack.pop()
         if isinstance(item, ForeignObject):
             found.add(item.qualified_name)
-            stack.extend([item.args, item.state])
+            stack.extend([item.args, item.state, item.items, item.values])
         elif isinstance(item, type) and issubclass(item, ForeignObject):  # e.g. a pickled method reference
             found.add(item.qualified_name)
         elif isinstance(item, dict):

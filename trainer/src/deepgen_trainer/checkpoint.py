@@ -404,12 +404,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def load_trainable(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """The trainable weights of the complete checkpoint `path` (diffusers key names)."""
-    path = resolve_checkpoint(path)
-    return load_file(path / WEIGHTS_FILE, device=str(map_location))
-
-
 def sft_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, Tensor]:
     """The complete checkpoint `path` under the SFT model's key names: the DiT under ``transformer.``
     (its EMA with `use_ema`) plus the DeepGen-only weights the run used, when the checkpoint has them."""

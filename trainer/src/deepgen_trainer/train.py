@@ -286,16 +286,16 @@ def run_eval(run: Run, step: int) -> dict[str, float]:
     cfg = run.cfg
     run.model.eval()
     metrics = {}
-    for name, cfg_scale, num_inference_steps in run.eval_plans:
-        with ema_dit(run.model, run.ema) if cfg.eval_with_ema and run.ema is not None else contextlib.nullcontext():
+    with ema_dit(run.model, run.ema) if cfg.eval_with_ema and run.ema is not None else contextlib.nullcontext():
+        for name, cfg_scale, num_inference_steps in run.eval_plans:
             result = evaluate(
                 run.model, run.eval_client, run.world, step,
                 height=cfg.image_height, width=cfg.image_width, num_inference_steps=num_inference_steps,
                 cfg_scale=cfg_scale, batch_size=cfg.rollout_micro_batch_size,
             )  # fmt: skip
-        if len(run.eval_plans) > 1:
-            result = {k.replace("eval/", f"eval/{name}/", 1): v for k, v in result.items()}
-        metrics |= result
+            if len(run.eval_plans) > 1:
+                result = {k.replace("eval/", f"eval/{name}/", 1): v for k, v in result.items()}
+            metrics |= result
     return metrics
 
 

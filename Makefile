@@ -71,7 +71,7 @@ train:  ## GRPO training in the trainer container (compose profile `train`, GPUs
 train-local:  ## GRPO training from .venv on this machine: torchrun over NGPUS (scripts/train.sh); ARGS="flags"
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/train.sh $(ARGS)
 
-# `make convert CKPT=outputs/run1 [OUT=run1.pth] [MERGE_ONTO=sft.pth] [DTYPE=bf16]`
-convert:  ## RL checkpoint -> SFT-format .pth: CKPT=run or checkpoint dir [OUT=] [MERGE_ONTO=sft.pth] [DTYPE=]
-	@test -n "$(CKPT)" || { echo "make convert: set CKPT to a run folder (its latest checkpoint) or a checkpoint-<step> folder, e.g. make convert CKPT=outputs/run1 [OUT=run1.pth] [MERGE_ONTO=sft.pth] [DTYPE=bf16]" >&2; exit 2; }
-	$(BIN)/python -m deepgen_trainer.convert $(CKPT)$(if $(OUT), --output $(OUT))$(if $(MERGE_ONTO), --merge-onto $(MERGE_ONTO))$(if $(DTYPE), --dtype $(DTYPE))
+# `make convert CKPT=outputs/run1 [OUT=run1.pth] [MERGE_ONTO=sft.pth] [DTYPE=bf16] [EMA=1] [DIT_ONLY=1]`
+convert:  ## RL checkpoint -> SFT-format .pth: CKPT=run or checkpoint dir [OUT=] [MERGE_ONTO=sft] [DTYPE=] [EMA=1] [DIT_ONLY=1]
+	@test -n "$(CKPT)" || { echo "make convert: set CKPT to a run folder (its latest checkpoint) or a checkpoint-<step> folder, e.g. make convert CKPT=outputs/run1 [OUT=run1.pth] [MERGE_ONTO=sft.pth] [DTYPE=bf16] [EMA=1] [DIT_ONLY=1]" >&2; exit 2; }
+	$(BIN)/python -m deepgen_trainer.convert $(CKPT)$(if $(OUT), --output $(OUT))$(if $(MERGE_ONTO), --merge-onto $(MERGE_ONTO))$(if $(DTYPE), --dtype $(DTYPE))$(if $(EMA), --ema)$(if $(DIT_ONLY), --dit-only)

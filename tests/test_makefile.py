@@ -19,10 +19,13 @@ def make(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_convert_shows_the_command_with_every_option():
-    done = make("-n", "convert", "CKPT=outputs/run1", "OUT=run1.pth", "MERGE_ONTO=sft.pth", "DTYPE=bf16")
+    done = make(
+        "-n", "convert", "CKPT=outputs/run1", "OUT=run1.pth", "MERGE_ONTO=sft.pth", "DTYPE=bf16", "EMA=1", "DIT_ONLY=1"
+    )
     assert done.returncode == 0, done.stderr
     expected = (
         ".venv/bin/python -m deepgen_trainer.convert outputs/run1 --output run1.pth --merge-onto sft.pth --dtype bf16"
+        " --ema --dit-only"
     )
     assert expected in done.stdout.splitlines()
 

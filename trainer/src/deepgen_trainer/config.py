@@ -95,7 +95,12 @@ class TrainConfig:
     sd3_5_model_name_or_path: str | None = field(default=None, metadata=_help("SD3.5 DiT + VAE folder (HF format)"))
     qwen2_5_vl_model_name_or_path: str | None = field(default=None, metadata=_help("Qwen2.5-VL folder (HF format)"))
     clip_model_name_or_path: str | None = field(default=None, metadata=_help("CLIP folder of the clip_sim reward"))
-    checkpoint: str | None = field(default=None, metadata=_help("SFT .pth state dict or DeepSpeed dir to start from"))
+    checkpoint: str | None = field(
+        default=None, metadata=_help("SFT checkpoint to start from: .pth/.safetensors, DeepSpeed or mmengine folder")
+    )
+    allow_partial_checkpoint: bool = field(
+        default=False, metadata=_help("train even if the checkpoint leaves DeepGen-only weights or the LoRA at init")
+    )
     output_dir: str = field(default="outputs", metadata=_help("run folder: checkpoints, resolved config, logs"))
     ocr_url: str | None = field(
         default=None,
@@ -154,6 +159,8 @@ class TrainConfig:
     # Run.
     seed: int = 42
     save_steps: int = 50
+    ema_decay: float = field(default=0.0, metadata=_help("EMA of the DiT with this decay, in [0, 1) (0: off)"))
+    eval_with_ema: bool = field(default=False, metadata=_help("evaluate the DiT's EMA (needs --ema_decay)"))
     save_total_limit: int | None = field(default=None, metadata=_help("checkpoints kept (default: all)"))
     eval_freq: int = field(default=10, metadata=_help("evaluate every N steps (0: never)"))
     eval_before_train: bool = False
@@ -288,6 +295,14 @@ def _validate(cfg: TrainConfig) -> None:
     for flag in ("clip_range", "adv_eps", "adv_clip", "num_train_epochs"):
         value = getattr(cfg, flag)
         _require(math.isfinite(value) and value > 0, f"--{flag} must be a finite number > 0, got {value}")
+    _require(
+        math.isfinite(cfg.ema_decay) and 0 <= cfg.ema_decay < 1,
+        f"--ema_decay must be in [0, 1) (0 turns the EMA off, 0.999 averages ~1000 steps), got {cfg.ema_decay}",
+    )
+    _require(
+        not cfg.eval_with_ema or cfg.ema_decay > 0,
+        "--eval_with_ema evaluates the DiT's EMA, which needs --ema_decay > 0 (e.g. --ema_decay 0.999)",
+    )
     _require(0 <= cfg.sftaux_coef <= 1, f"--sftaux_coef must be in [0, 1] (0: no SFT loss), got {cfg.sftaux_coef}")
     for flag in ("warmup_steps", "eval_freq", "seed"):
         value = getattr(cfg, flag)

@@ -11,12 +11,15 @@ One step, on every rank, in the order of `train()`:
 5. SFT auxiliary loss on one image-caption batch (`--sftaux_dataset_config`);
 6. one optimizer step for the whole rollout batch (`--step_per_backward` emulates the reference's
    step after every backward instead);
-7. evaluate every `--eval_freq`, log, checkpoint every `--save_steps`.
-A run resumes from the newest complete checkpoint in `--output_dir`.
+7. evaluate every `--eval_freq` (the DiT's EMA with `--eval_with_ema`), log, checkpoint every
+   `--save_steps`.
+With `--ema_decay` the EMA of the DiT moves after every optimizer step. A run resumes from the newest
+complete checkpoint in `--output_dir` (see `run.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -33,6 +36,7 @@ from deepgen_trainer.checkpoint import prune_checkpoints, save_checkpoint
 from deepgen_trainer.config import ConfigError, TrainConfig, parse_args
 from deepgen_trainer.data import DataConfigError
 from deepgen_trainer.distributed import World, close_world, init_world
+from deepgen_trainer.ema import ema_dit
 from deepgen_trainer.evaluation import evaluate
 from deepgen_trainer.model import Conditioning, DeepGen, to_uint8
 from deepgen_trainer.optim import Updater
@@ -133,7 +137,7 @@ def train(cfg: TrainConfig, world: World | None = None) -> DeepGen:
                         stats.add("policy/kl", kl.mean())
                     updater.backward(loss.mean() * grpo_scale)
                     if cfg.step_per_backward:
-                        grad_norm = updater.step()
+                        grad_norm = optimizer_step(run)
                     stats.add("policy/loss", loss.mean())
                     stats.add("policy/clipfrac", clipped.float().mean())
                     stats.add("policy/ratio_mean", ratio.mean())
@@ -144,12 +148,12 @@ def train(cfg: TrainConfig, world: World | None = None) -> DeepGen:
                 sft_loss = sft_auxiliary_loss(model, run.sftaux, micro, g)
                 updater.backward(sft_loss * cfg.sftaux_coef)
                 if cfg.step_per_backward:
-                    grad_norm = updater.step()
+                    grad_norm = optimizer_step(run)
                 stats.add("sft/loss", sft_loss)
 
             # 6. one optimizer step per rollout batch
             if not cfg.step_per_backward:
-                grad_norm = updater.step()
+                grad_norm = optimizer_step(run)
             t_update = time.perf_counter() - t0
 
             # 7. evaluate, log, checkpoint
@@ -243,6 +247,14 @@ def sft_auxiliary_loss(
     return flow_matching_loss(v, latents, noise).mean()
 
 
+def optimizer_step(run: Run) -> float:
+    """One optimizer step, then one EMA step (with `--ema_decay`); returns the gradient norm."""
+    grad_norm = run.updater.step()
+    if run.ema is not None:
+        run.ema.update(run.updater.trainable_state(is_main=True))
+    return grad_norm
+
+
 def checkpoint(run: Run, step: int) -> None:
     cfg, world = run.cfg, run.world
     sampler_state = {"prompts": run.sampler.state_dict()}
@@ -252,6 +264,8 @@ def checkpoint(run: Run, step: int) -> None:
         cfg.output_dir,
         step,
         trainable=run.updater.trainable_state(world.is_main),
+        deepgen_only=run.model.deepgen_only_state() if world.is_main else None,
+        ema=run.ema.state_dict() if run.ema is not None and world.is_main else None,
         sampler_state=sampler_state,
         config=cfg.to_dict(),
         rank=world.rank,
@@ -272,15 +286,16 @@ def run_eval(run: Run, step: int) -> dict[str, float]:
     cfg = run.cfg
     run.model.eval()
     metrics = {}
-    for name, cfg_scale, num_inference_steps in run.eval_plans:
-        result = evaluate(
-            run.model, run.eval_client, run.world, step,
-            height=cfg.image_height, width=cfg.image_width, num_inference_steps=num_inference_steps,
-            cfg_scale=cfg_scale, batch_size=cfg.rollout_micro_batch_size,
-        )  # fmt: skip
-        if len(run.eval_plans) > 1:
-            result = {k.replace("eval/", f"eval/{name}/", 1): v for k, v in result.items()}
-        metrics |= result
+    with ema_dit(run.model, run.ema) if cfg.eval_with_ema and run.ema is not None else contextlib.nullcontext():
+        for name, cfg_scale, num_inference_steps in run.eval_plans:
+            result = evaluate(
+                run.model, run.eval_client, run.world, step,
+                height=cfg.image_height, width=cfg.image_width, num_inference_steps=num_inference_steps,
+                cfg_scale=cfg_scale, batch_size=cfg.rollout_micro_batch_size,
+            )  # fmt: skip
+            if len(run.eval_plans) > 1:
+                result = {k.replace("eval/", f"eval/{name}/", 1): v for k, v in result.items()}
+            metrics |= result
     return metrics
 
 

@@ -149,6 +149,17 @@ def write_summary_json(path: Path | str, summary: RunSummary) -> None:
     _atomic_write(Path(path), lambda file: file.write(text))
 
 
+def read_summary_json(path: Path | str) -> RunSummary:
+    """A summary written by `write_summary_json` (without its per-image verdicts); null accuracies are NaN."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    for key in ("overall_accuracy", "primary_mean_accuracy"):
+        if data[key] is None:
+            data[key] = math.nan
+    for key in ("sub_dimensions", "primary_dimensions"):
+        data[key] = [DimensionScore(**d) for d in data[key]]
+    return RunSummary(**data)
+
+
 def _dimension_scores(counts: dict[str, list[int]]) -> list[DimensionScore]:
     return [DimensionScore(name, c, t, c / t) for name, (c, t) in sorted(counts.items())]
 

@@ -1,0 +1,80 @@
+"""The offline evaluation's pieces that need no judge: the trainer's eval metrics (the leaderboard's
+Overall), the comparison table, the resume files and the pinned settings. The end-to-end run against
+a real vLLM judge is tests/judges/test_evaluate_checkpoint.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from deepgen_common.eval_results import summarize_results
+from deepgen_common.types import ImageResult
+from deepgen_trainer.config import ConfigError, TrainConfig
+from deepgen_trainer.evaluate_checkpoint import Source, format_table, pin_settings, read_verdicts
+from deepgen_trainer.evaluation import eval_items, summary_metrics
+
+COLOR, QUANTITY, STYLE = "Attribute - Color", "Attribute - Quantity", "Style"
+# Attribute pools 4 testpoints (3 correct), Style 2 (0 correct): pooled 3/6 = 0.5, but the
+# leaderboard's Overall is the mean of the primary dimensions, (0.75 + 0.0) / 2 = 0.375.
+RESULTS = [
+    ImageResult("0", 0, "p0", [COLOR, QUANTITY, STYLE], [1, 1, 0], None, "ok"),
+    ImageResult("1", 0, "p1", [COLOR, COLOR, STYLE], [1, 0, 0], None, "ok"),
+    ImageResult("2", 0, "p2", [STYLE], None, None, "parse_failure", "malformed"),
+]
+
+
+def test_logged_overall_is_the_mean_of_the_primary_dimensions():
+    summary = summarize_results("r", 10, RESULTS, answer_rules="official", benchmark="en")
+    metrics = summary_metrics(summary, "en")
+    assert metrics["eval/en/overall"] == pytest.approx(0.375)
+    mean = sum(d.accuracy for d in summary.primary_dimensions) / len(summary.primary_dimensions)
+    assert metrics["eval/en/overall"] == pytest.approx(mean)
+    assert metrics["eval/en/pooled"] == pytest.approx(0.5)
+    assert metrics["eval/en/primary/Attribute"] == pytest.approx(0.75)
+    assert (metrics["eval/en/images_judged"], metrics["eval/en/parse_failures"]) == (2.0, 1.0)
+    nothing = summarize_results("r", 10, RESULTS[2:], answer_rules="official")
+    assert "eval/zh/overall" not in summary_metrics(nothing, "zh")  # NaN: nothing judged, not 0
+
+
+def test_eval_items_seeds_match_the_training_evaluation():
+    items = eval_items([("7", "a"), ("9", "b")], 2)
+    assert [(i.index, i.prompt_id, i.duplicate, i.seed) for i in items] == [
+        (0, "7", 0, 42), (0, "7", 1, 43), (1, "9", 0, 1042), (1, "9", 1, 1043)
+    ]  # fmt: skip
+
+
+def test_table_puts_the_baseline_beside_each_primary_dimension():
+    summary = summarize_results("r", 10, RESULTS, answer_rules="official", benchmark="en")
+    baseline = summarize_results("b", 0, [dataclasses.replace(RESULTS[0], scores=[1, 1, 1])], answer_rules="official")
+    table = format_table("en", summary, baseline).splitlines()
+    assert table[0] == "UniGenBench en: 2 images judged, 1 parse failures, 0 errors (official answer rules)"
+    assert table[1].split() == ["dimension", "checkpoint", "baseline", "delta"]
+    assert table[2].split() == ["Attribute", "75.00", "100.00", "-25.00"]
+    assert table[3].split() == ["Style", "0.00", "100.00", "-100.00"]
+    assert table[4].split()[-3:] == ["37.50", "100.00", "-62.50"]  # Overall (mean of primary)
+    assert table[5].split()[-3:] == ["50.00", "100.00", "-50.00"]  # Pooled
+    alone = format_table("en", summary, None).splitlines()
+    assert alone[1].split() == ["dimension", "checkpoint"]
+
+
+def test_verdicts_file_skips_a_torn_last_line(tmp_path: Path):
+    path = tmp_path / "verdicts.jsonl"
+    lines = [json.dumps({"answer_rules": "official", **dataclasses.asdict(r)}) for r in RESULTS[:2]]
+    path.write_text("\n".join(lines) + '\n{"answer_rules": "offi', encoding="utf-8")
+    verdicts = read_verdicts(path)
+    assert verdicts == {("0", 0): (RESULTS[0], "official"), ("1", 0): (RESULTS[1], "official")}
+    assert read_verdicts(tmp_path / "absent.jsonl") == {}
+
+
+def test_a_resume_with_other_generation_settings_is_refused(tmp_path: Path):
+    source = Source("pth", tmp_path / "model.pth", 0, TrainConfig(model="tiny", image_height=64, image_width=64))
+    pin_settings(tmp_path / "eval", source)
+    pin_settings(tmp_path / "eval", source)  # the same settings: resume
+    other = dataclasses.replace(source, config=dataclasses.replace(source.config, num_inference_steps=8))
+    with pytest.raises(ConfigError, match="other settings \\(num_inference_steps"):
+        pin_settings(tmp_path / "eval", other)
+    assert not math.isnan(json.loads((tmp_path / "eval" / "eval_config.json").read_text())["eval_cfg_scale"])

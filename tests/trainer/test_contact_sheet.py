@@ -54,7 +54,7 @@ def test_sheet_png_shows_images_and_verdicts(tmp_path: Path):
     many = [f"Attribute - T{k}" for k in range(12)]  # more testpoints than lines: "+k more"
     entries = [
         SheetEntry("0", "a blue square", _png("blue"), _verdict("0", ["Style", "Attribute - Color"], [1, 0])),
-        SheetEntry("1", "一只红色的猫", _png("red", (32, 48)), _verdict("1", ["属性-颜色"], [1])),
+        SheetEntry("1", "一只红色的猫" * 30, _png("red", (32, 48)), _verdict("1", ["属性-颜色"], [1])),
         SheetEntry("2", "a long prompt " * 20, _png("white"), _verdict("2", many, [1] * 12)),
         SheetEntry("3", "unparseable", _png("black"), _verdict("3", ["Style"], None, "parse_failure")),
         SheetEntry("4", "never judged", None, None),
@@ -70,3 +70,8 @@ def test_sheet_png_shows_images_and_verdicts(tmp_path: Path):
         assert rgb.getpixel((PADDING + 3, first_mark_y)) == GREEN  # "Style": satisfied
         assert rgb.getpixel((PADDING + 3, first_mark_y + LINE_HEIGHT)) == RED  # "Attribute - Color": not
         assert rgb.getpixel((3 * CELL_SIDE + PADDING + 3, first_mark_y)) not in (GREEN, RED)  # parse failure: no mark
+        # Text is wrapped in pixels: the long CJK prompt of cell 1 does not run into cell 2's margin.
+        prompt_rows = range(CELL_SIDE + PADDING, CELL_SIDE + PADDING + PROMPT_LINES * LINE_HEIGHT)
+        assert {rgb.getpixel((2 * CELL_SIDE + dx, y)) for dx in range(PADDING) for y in prompt_rows} == {
+            (255, 255, 255)
+        }

@@ -6,15 +6,15 @@ satisfied testpoint, a red one for a failed one, then its name. An image without
 failure, error, never judged) says so in grey. The subset is the same at every step and for every
 checkpoint, so sheets compare side by side.
 
-Text uses Pillow's built-in font, which has no CJK glyphs: Chinese prompts and testpoint names show as
-boxes there, the coloured squares still carry the verdicts. `font_path` takes a TrueType font that has
-them (e.g. Noto Sans CJK).
+Text is wrapped and cut to the cell's width in pixels. The font is the first of `CJK_FONTS` that is
+installed (Debian packages fonts-noto-cjk, fonts-wqy-microhei, fonts-droid-fallback), else Pillow's
+built-in font, which has no CJK glyphs: Chinese prompts and testpoint names then show as boxes, the
+coloured squares still carry the verdicts. `font_path` picks a font explicitly.
 """
 
 from __future__ import annotations
 
 import io
-import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,11 @@ TESTPOINT_LINES = 8
 LINE_HEIGHT = 14
 FONT_SIZE = 11
 PADDING = 4
-_WRAP_CHARS = 44
+CJK_FONTS = (
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+)
 _OK, _WRONG, _NONE = (46, 160, 67), (207, 34, 46), (140, 140, 140)
 
 
@@ -76,6 +80,7 @@ def render_contact_sheet(
     """The RGB sheet of `entries`, row by row, of size `sheet_size(len(entries), columns, cell_side)`."""
     sheet = Image.new("RGB", sheet_size(len(entries), columns, cell_side), "white")
     draw = ImageDraw.Draw(sheet)
+    font_path = font_path or next((p for p in CJK_FONTS if Path(p).is_file()), None)
     font = ImageFont.truetype(str(font_path), FONT_SIZE) if font_path else ImageFont.load_default(FONT_SIZE)
     width, height = cell_size(cell_side)
     used = min(columns, len(entries))
@@ -109,9 +114,13 @@ def _draw_cell(
         with Image.open(io.BytesIO(entry.image)) as image:
             sheet.paste(image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC), (x, y))
     line_y = y + side + PADDING
-    prompt_lines = textwrap.wrap(f"{entry.prompt_id}: {entry.prompt}", _WRAP_CHARS) or [""]
+    text_width = side - 2 * PADDING
+    prompt_lines = _wrap(f"{entry.prompt_id}: {entry.prompt}", font, text_width)
     if len(prompt_lines) > PROMPT_LINES:
-        prompt_lines = [*prompt_lines[: PROMPT_LINES - 1], prompt_lines[PROMPT_LINES - 1][: _WRAP_CHARS - 3] + "..."]
+        prompt_lines = [
+            *prompt_lines[: PROMPT_LINES - 1],
+            _cut(prompt_lines[PROMPT_LINES - 1] + "...", font, text_width),
+        ]
     for line in prompt_lines:
         draw.text((x + PADDING, line_y), line, fill="black", font=font)
         line_y += LINE_HEIGHT
@@ -119,16 +128,44 @@ def _draw_cell(
     verdict = entry.verdict
     if verdict is None or verdict.status != "ok" or verdict.scores is None:
         status = "not judged" if verdict is None else f"{verdict.status.replace('_', ' ')}: {verdict.detail}"
-        draw.text((x + PADDING, line_y), status[:_WRAP_CHARS], fill=_NONE, font=font)
+        draw.text((x + PADDING, line_y), _cut(status, font, text_width), fill=_NONE, font=font)
         return
     pairs = list(zip(verdict.testpoints, verdict.scores, strict=True))
     shown = pairs if len(pairs) <= TESTPOINT_LINES else pairs[: TESTPOINT_LINES - 1]
     for name, score in shown:
         mark = LINE_HEIGHT - 5
         draw.rectangle([x + PADDING, line_y + 2, x + PADDING + mark, line_y + 2 + mark], fill=_OK if score else _WRONG)
-        draw.text((x + PADDING + mark + 4, line_y), name[: _WRAP_CHARS - 3], fill="black", font=font)
+        draw.text((x + PADDING + mark + 4, line_y), _cut(name, font, text_width - mark - 4), fill="black", font=font)
         line_y += LINE_HEIGHT
     if len(shown) < len(pairs):
         rest = pairs[len(shown) :]
         more = f"+{len(rest)} more: {sum(s for _, s in rest)}/{len(rest)} satisfied"
         draw.text((x + PADDING, line_y), more, fill=_NONE, font=font)
+
+
+def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """Greedy lines of at most `width` pixels, broken at the last space when the line has one (Latin),
+    else between characters (CJK has no spaces)."""
+    lines: list[str] = []
+    line = ""
+    for char in text:
+        if font.getlength(line + char) <= width:
+            line += char
+            continue
+        cut = line.rfind(" ")
+        if cut > 0 and char != " ":
+            lines.append(line[:cut])
+            line = line[cut + 1 :] + char
+        else:
+            lines.append(line)
+            line = "" if char == " " else char
+    return [*lines, line] if line or not lines else lines
+
+
+def _cut(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> str:
+    """`text`, shortened with "..." to fit `width` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."

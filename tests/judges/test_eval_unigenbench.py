@@ -294,7 +294,7 @@ def test_one_service_serves_several_sets_and_reads_answers_under_the_configured_
     proxy = ForcingProxy(vllm_server.base_url.removesuffix("/v1"), force).start()
     service = start_eval(
         proxy.base_url, tmp_path, benchmark="test_prompts_en,test_prompts_zh", prompt_limit=2, parse_retries=1,
-        answer_rules=rules,
+        unigenbench_answer_rules=rules,
     )  # fmt: skip
     try:
         with EvalClient(service.grpc_url) as client:

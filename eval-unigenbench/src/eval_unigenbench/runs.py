@@ -213,7 +213,7 @@ class UniGenBenchEval:
         order = {item.prompt_id: i for i, item in enumerate(self.benchmarks[run.benchmark].items)}
         results.sort(key=lambda r: (order[r.prompt_id], r.duplicate))
         summary = summarize_results(
-            run.run_id, run.step, results, answer_rules=self.settings.answer_rules, benchmark=run.benchmark
+            run.run_id, run.step, results, answer_rules=self.settings.unigenbench_answer_rules, benchmark=run.benchmark
         )
         expected = len(order) * self.settings.duplicates
         if len(results) < expected:
@@ -268,7 +268,7 @@ class UniGenBenchEval:
             except (JudgeUnavailable, JudgeRejected) as exc:
                 self.judge_calls.labels(result="failed").inc()
                 return row("error", scores=None, analysis=None, detail=f"judge call failed: {exc}")
-            parsed = parse_answer(answer, len(item.testpoints), self.settings.answer_rules)
+            parsed = parse_answer(answer, len(item.testpoints), self.settings.unigenbench_answer_rules)
             if isinstance(parsed, JudgeAnswer):
                 self.judge_calls.labels(result="ok").inc()
                 return row("ok", scores=parsed.scores, analysis=parsed.analysis)

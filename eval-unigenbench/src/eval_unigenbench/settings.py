@@ -31,9 +31,8 @@ class EvalSettings(JudgeSettings):
     )
     prompt_limit: int = Field(0, ge=0, description="Serve only the first N prompts (0: all); for quick evals.")
     duplicates: int = Field(1, ge=1, le=64, description="Images the trainer generates per prompt.")
-    answer_rules: AnswerRules = Field(
+    unigenbench_answer_rules: AnswerRules = Field(
         "official",
-        validation_alias=AliasChoices("UNIGENBENCH_ANSWER_RULES", "ANSWER_RULES"),
         description="How the judge's answer is read: official (the UniGenBench evaluation code's rules, as the "
         "leaderboard) or tolerant (also accepts full-width lists, quoted scores, a missing analysis).",
     )

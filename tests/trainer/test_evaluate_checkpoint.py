@@ -10,12 +10,25 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from deepgen_common.eval_results import summarize_results
 from deepgen_common.types import ImageResult
+from deepgen_trainer.checkpoint import save_checkpoint
 from deepgen_trainer.config import ConfigError, TrainConfig
-from deepgen_trainer.evaluate_checkpoint import Source, format_table, pin_settings, read_verdicts
+from deepgen_trainer.convert import to_sft_keys
+from deepgen_trainer.evaluate_checkpoint import (
+    Source,
+    _append_lines,
+    default_output_dir,
+    find_source,
+    format_table,
+    load_model,
+    pin_settings,
+    read_verdicts,
+)
 from deepgen_trainer.evaluation import eval_items, summary_metrics
+from deepgen_trainer.tiny import build_tiny
 
 COLOR, QUANTITY, STYLE = "Attribute - Color", "Attribute - Quantity", "Style"
 # Attribute pools 4 testpoints (3 correct), Style 2 (0 correct): pooled 3/6 = 0.5, but the
@@ -68,6 +81,9 @@ def test_verdicts_file_skips_a_torn_last_line(tmp_path: Path):
     verdicts = read_verdicts(path)
     assert verdicts == {("0", 0): (RESULTS[0], "official"), ("1", 0): (RESULTS[1], "official")}
     assert read_verdicts(tmp_path / "absent.jsonl") == {}
+    # The next run appends after the torn line, not onto it.
+    _append_lines(path, [json.dumps({"answer_rules": "official", **dataclasses.asdict(RESULTS[2])})])
+    assert read_verdicts(path)[("2", 0)] == (RESULTS[2], "official")
 
 
 def test_a_resume_with_other_generation_settings_is_refused(tmp_path: Path):
@@ -78,3 +94,26 @@ def test_a_resume_with_other_generation_settings_is_refused(tmp_path: Path):
     with pytest.raises(ConfigError, match="other settings \\(num_inference_steps"):
         pin_settings(tmp_path / "eval", other)
     assert not math.isnan(json.loads((tmp_path / "eval" / "eval_config.json").read_text())["eval_cfg_scale"])
+
+
+def _trained_dit(seed: int) -> dict[str, torch.Tensor]:
+    dit = build_tiny(seed=seed).transformer.state_dict()
+    return {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in dit.items()}
+
+
+def test_a_checkpoint_and_its_converted_pth_load_the_same_trained_dit(tmp_path: Path):
+    trained = _trained_dit(seed=3)
+    cfg = TrainConfig(model="tiny", seed=3, image_height=64, image_width=64, num_inference_steps=3)
+    save_checkpoint(tmp_path / "run", 5, trainable=trained, config=cfg.to_dict())
+    rl = find_source(str(tmp_path / "run"), {"eval_cfg_scale": 2.0})
+    assert (rl.kind, rl.step, rl.config.image_height, rl.config.eval_cfg_scale) == ("rl", 5, 64, 2.0)
+    assert default_output_dir(rl) == tmp_path / "run" / "eval" / "checkpoint-5"
+    torch.save(to_sft_keys(trained), tmp_path / "run5.pth")
+    pth = find_source(str(tmp_path / "run5.pth"), {"model": "tiny", "seed": 3})
+    assert (pth.kind, pth.step, pth.config.image_height) == ("pth", 0, 512)  # the trainer's defaults
+    assert default_output_dir(pth) == tmp_path / "run5-eval"
+    for source in (rl, pth):
+        loaded = load_model(source).transformer.state_dict()
+        torch.testing.assert_close(loaded, trained)
+    with pytest.raises(ConfigError, match="holds no complete checkpoint"):
+        find_source(str(tmp_path), {})

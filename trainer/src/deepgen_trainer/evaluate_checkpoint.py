@@ -133,35 +133,8 @@ def evaluate_set(
     """Generate what is missing, judge what is not judged, then summarise and write the set's files."""
     listed = client.prompts(set_name)
     items = eval_items(listed.prompts, listed.duplicates)
-    images = folder / "images"
-    missing = [i for i in items if not _image_path(images, i).exists()]
-    if missing:
-        images.mkdir(parents=True, exist_ok=True)
-        cfg = source.config
-        with tqdm(total=len(items), initial=len(items) - len(missing), desc=f"generate {set_name}") as bar:
-            for batch in generate_pngs(
-                model.get(), missing, height=cfg.image_height, width=cfg.image_width,
-                num_inference_steps=cfg.num_inference_steps, cfg_scale=cfg.eval_cfg_scale,
-                batch_size=options.batch_size,
-            ):  # fmt: skip
-                for item, data in batch:
-                    _write_atomic(_image_path(images, item), data)
-                bar.update(len(batch))
-    verdicts = read_verdicts(folder / VERDICTS_FILE)
-    todo = [i for i in items if (v := verdicts.get((i.prompt_id, i.duplicate))) is None or v[0].status == "error"]
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"judge {set_name}") as bar:
-        for start in range(0, len(todo), options.judge_batch):
-            chunk = todo[start : start + options.judge_batch]
-            run_id = client.start_run(source.step, set_name)
-            client.submit(
-                run_id, [EvalImage(i.prompt_id, i.duplicate, _image_path(images, i).read_bytes()) for i in chunk]
-            )
-            summary = client.finish(run_id)
-            with (folder / VERDICTS_FILE).open("a", encoding="utf-8") as file:
-                for verdict in summary.images:
-                    file.write(json.dumps({"answer_rules": summary.answer_rules, **dataclasses.asdict(verdict)}) + "\n")
-                    verdicts[(verdict.prompt_id, verdict.duplicate)] = (verdict, summary.answer_rules)
-            bar.update(len(chunk))
+    generate_missing(source, model, items, folder / "images", options.batch_size, set_name)
+    verdicts = judge_missing(source, client, items, folder, options.judge_batch, set_name)
     rules = sorted({rules for _, rules in verdicts.values()})
     if len(rules) > 1:
         raise ConfigError(
@@ -173,10 +146,54 @@ def evaluate_set(
         f"offline-{set_name}", source.step, results, answer_rules=rules[0] if rules else "", benchmark=set_name
     )
     first = [
-        (pid, prompt, _read_or_none(_image_path(images, EvalItem(0, pid, prompt, 0)))) for pid, prompt in listed.prompts
+        (i.prompt_id, i.prompt, _read_or_none(_image_path(folder / "images", i))) for i in items if i.duplicate == 0
     ]
     write_evaluation(folder, summary, first)
     return summary
+
+
+def generate_missing(
+    source: Source, model: _LazyModel, items: Sequence[EvalItem], images: Path, batch_size: int, set_name: str
+) -> None:
+    """Generate the images of `items` that are not in `images` yet (each written atomically)."""
+    missing = [i for i in items if not _image_path(images, i).exists()]
+    if not missing:
+        return
+    images.mkdir(parents=True, exist_ok=True)
+    cfg = source.config
+    with tqdm(total=len(items), initial=len(items) - len(missing), desc=f"generate {set_name}") as bar:
+        for batch in generate_pngs(
+            model.get(), missing, height=cfg.image_height, width=cfg.image_width,
+            num_inference_steps=cfg.num_inference_steps, cfg_scale=cfg.eval_cfg_scale, batch_size=batch_size,
+        ):  # fmt: skip
+            for item, data in batch:
+                _write_atomic(_image_path(images, item), data)
+            bar.update(len(batch))
+
+
+def judge_missing(
+    source: Source, client: EvalClient, items: Sequence[EvalItem], folder: Path, judge_batch: int, set_name: str
+) -> dict[tuple[str, int], tuple[ImageResult, str]]:
+    """Send the images without a verdict (or whose judging failed with an error) in runs of `judge_batch`,
+    appending each run's verdicts to `verdicts.jsonl`; returns every verdict with its answer rules."""
+    path = folder / VERDICTS_FILE
+    verdicts = read_verdicts(path)
+    todo = [i for i in items if (v := verdicts.get((i.prompt_id, i.duplicate))) is None or v[0].status == "error"]
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"judge {set_name}") as bar:
+        for start in range(0, len(todo), judge_batch):
+            chunk = todo[start : start + judge_batch]
+            run_id = client.start_run(source.step, set_name)
+            images = [
+                EvalImage(i.prompt_id, i.duplicate, _image_path(folder / "images", i).read_bytes()) for i in chunk
+            ]
+            client.submit(run_id, images)
+            summary = client.finish(run_id)
+            rows = [{"answer_rules": summary.answer_rules, **dataclasses.asdict(v)} for v in summary.images]
+            _append_lines(path, [json.dumps(row, ensure_ascii=False) for row in rows])
+            for verdict in summary.images:
+                verdicts[(verdict.prompt_id, verdict.duplicate)] = (verdict, summary.answer_rules)
+            bar.update(len(chunk))
+    return verdicts
 
 
 def read_verdicts(path: Path) -> dict[tuple[str, int], tuple[ImageResult, str]]:
@@ -273,6 +290,18 @@ def _image_path(folder: Path, item: EvalItem) -> Path:
     return folder / f"{item.prompt_id}_{item.duplicate}.png"
 
 
+def _append_lines(path: Path, lines: Sequence[str]) -> None:
+    """Append `lines` to `path`, first ending a line torn by a crash so the new ones stay whole."""
+    with path.open("a+b") as file:
+        if file.tell() > 0:
+            file.seek(-1, os.SEEK_END)
+            if file.read(1) != b"\n":
+                file.write(b"\n")
+        file.write("".join(line + "\n" for line in lines).encode("utf-8"))
+        file.flush()
+        os.fsync(file.fileno())
+
+
 def _read_or_none(path: Path) -> bytes | None:
     return path.read_bytes() if path.exists() else None
 
@@ -325,8 +354,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k in (*GENERATION_FIELDS, "sd3_5_model_name_or_path", "qwen2_5_vl_model_name_or_path")
         if (v := getattr(args, k, None)) is not None
     }
-    if "eval_cfg_scale" in overrides:
-        overrides["eval_cfg_scale"] = float(overrides["eval_cfg_scale"])
     sets = tuple(s.strip() for s in args.sets.split(",") if s.strip())
     try:
         if not args.unigenbench_api_url:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from deepgen_common.eval_results import summarize_results
 from deepgen_common.types import ImageResult
@@ -26,6 +27,7 @@ from deepgen_trainer.evaluate_checkpoint import (
     load_model,
     pin_settings,
     read_verdicts,
+    report,
 )
 from deepgen_trainer.evaluation import eval_items, summary_metrics
 from deepgen_trainer.tiny import build_tiny
@@ -117,3 +119,20 @@ def test_a_checkpoint_and_its_converted_pth_load_the_same_trained_dit(tmp_path: 
         torch.testing.assert_close(loaded, trained)
     with pytest.raises(ConfigError, match="holds no complete checkpoint"):
         find_source(str(tmp_path), {})
+
+
+def test_report_logs_metrics_and_contact_sheets_to_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    pytest.importorskip("wandb")
+    for var in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "en").mkdir()
+    Image.new("RGB", (30, 20), "green").save(tmp_path / "en" / "contact_sheet.png")
+    source = Source("pth", tmp_path / "model.pth", 0, TrainConfig(model="tiny"))
+    summary = summarize_results("r", 0, RESULTS, answer_rules="official", benchmark="en")
+    report("none", tmp_path, source, {"en": summary})
+    assert not (tmp_path / "wandb").exists()
+    report("wandb", tmp_path, source, {"en": summary})
+    [run_dir] = (tmp_path / "wandb").glob("offline-run-*")
+    [sheet] = run_dir.rglob("media/images/eval/en/contact_sheet_*.png")
+    assert Image.open(sheet).size == (30, 20)

@@ -18,6 +18,8 @@ resume with other settings is refused.
 The table per set lists each primary dimension, the Overall score (the mean of the primary dimensions,
 as the UniGenBench leaderboard reports it) and the pooled accuracy, beside `--baseline`: a folder
 written by an earlier `make eval`, or another checkpoint (evaluated first with the same settings).
+`--report_to wandb,swanlab` also logs the `eval/<set>/...` metrics and the contact sheets at the
+checkpoint's step (offline runs under `OUTPUT_DIR`).
 """
 
 from __future__ import annotations
@@ -42,10 +44,18 @@ from deepgen_common.eval_results import read_summary_json, summarize_results
 from deepgen_common.types import ImageResult, RunSummary
 from deepgen_trainer.checkpoint import CONFIG_FILE, CheckpointError, load_trainable, resolve_checkpoint
 from deepgen_trainer.config import MODEL_KINDS, ConfigError, TrainConfig, deployment_env
-from deepgen_trainer.evaluation import EvalItem, eval_items, generate_pngs, write_evaluation
+from deepgen_trainer.evaluation import (
+    CONTACT_SHEET_FILE,
+    EvalItem,
+    eval_items,
+    generate_pngs,
+    summary_metrics,
+    write_evaluation,
+)
 from deepgen_trainer.loading import LoadReport, apply_checkpoint, read_state_dict
 from deepgen_trainer.model import DeepGen
 from deepgen_trainer.run import build_model
+from deepgen_trainer.tracking import Tracker
 
 log = logging.getLogger("deepgen_trainer")
 
@@ -328,6 +338,9 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     parser.add_argument(
         "--unigenbench_api_url", default=env.get("unigenbench_api_url"), help="[env UNIGENBENCH_API_URL]"
     )
+    parser.add_argument(
+        "--report_to", default="none", help="trackers for the metrics and contact sheets: wandb,swanlab"
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="images per generation pass")
     parser.add_argument(
         "--judge_batch", type=int, default=64, help="images per judging run (what an interruption can lose)"
@@ -381,8 +394,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = format_table(set_name, summary, baselines.get(set_name))
         (output_dir / set_name / TABLE_FILE).write_text(table, encoding="utf-8")
         sys.stdout.write(table + "\n")
+    report(args.report_to, output_dir, source, summaries)
     log.info("evaluation written to %s", output_dir)
     return 0
+
+
+def report(report_to: str, output_dir: Path, source: Source, summaries: dict[str, RunSummary]) -> None:
+    """Log the `eval/<set>/...` metrics and the contact sheets at the checkpoint's step to the trackers
+    (`--report_to wandb,swanlab`; offline runs under `output_dir`, named after the checkpoint)."""
+    backends = [b.strip() for b in report_to.split(",") if b.strip() and b.strip() != "none"]
+    if not backends:
+        return
+    name = f"eval-{source.path.parent.name}-{source.path.name}" if source.kind == "rl" else f"eval-{source.path.stem}"
+    with Tracker(backends, output_dir=output_dir, run_name=name, config={"checkpoint": str(source.path)}) as tracker:
+        metrics = {k: v for set_name, s in summaries.items() for k, v in summary_metrics(s, set_name).items()}
+        tracker.log(metrics, step=source.step)
+        sheets = {f"eval/{s}/contact_sheet": output_dir / s / CONTACT_SHEET_FILE for s in summaries}
+        tracker.log_images(sheets, step=source.step)
 
 
 if __name__ == "__main__":

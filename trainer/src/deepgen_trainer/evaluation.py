@@ -123,13 +123,12 @@ def evaluate(
         batch_size=batch_size,
     ):  # fmt: skip
         sheet_images |= {i.prompt_id: data for i, data in batch if i.prompt_id in on_sheet and i.duplicate == 0}
-        if failed:
-            continue  # keep generating: the contact sheet's images still come from every rank
         try:
             client.submit(run_id, [EvalImage(i.prompt_id, i.duplicate, data) for i, data in batch])
         except (TransientError, RewardServiceError) as exc:
             log.warning("evaluation images not accepted: %s", exc)
             failed = True
+            break
     gathered = world.gather_objects(sheet_images)
     if not world.is_main:
         return None

@@ -11,7 +11,7 @@ ARGS ?=
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
 
 .PHONY: help setup setup-judges fetch-judge-data test lint format proto bench-ocr bench-sde bench-judges bench-train bench-flops demo \
-	train train-local convert
+	train train-local convert eval
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -75,3 +75,8 @@ train-local:  ## GRPO training from .venv on this machine: torchrun over NGPUS (
 convert:  ## RL checkpoint -> SFT-format .pth: CKPT=run or checkpoint dir [OUT=] [MERGE_ONTO=sft] [DTYPE=] [EMA=1] [DIT_ONLY=1]
 	@test -n "$(CKPT)" || { echo "make convert: set CKPT to a run folder (its latest checkpoint) or a checkpoint-<step> folder, e.g. make convert CKPT=outputs/run1 [OUT=run1.pth] [MERGE_ONTO=sft.pth] [DTYPE=bf16] [EMA=1] [DIT_ONLY=1]" >&2; exit 2; }
 	$(BIN)/python -m deepgen_trainer.convert $(CKPT)$(if $(OUT), --output $(OUT))$(if $(MERGE_ONTO), --merge-onto $(MERGE_ONTO))$(if $(DTYPE), --dtype $(DTYPE))$(if $(EMA), --ema)$(if $(DIT_ONLY), --dit-only)
+
+# `make eval CKPT=outputs/run1 [SETS=en,zh,en_long,zh_long] [BASELINE=outputs/sft-eval] [OUT=dir] [ARGS="--model tiny"]`
+eval:  ## UniGenBench evaluation of a checkpoint or .pth: CKPT= [SETS=en,zh] [BASELINE=eval dir or checkpoint] [OUT=]
+	@test -n "$(CKPT)" || { echo "make eval: set CKPT to a run folder, a checkpoint-<step> folder or a converted .pth, e.g. make eval CKPT=outputs/run1 [SETS=en,zh,en_long,zh_long] [BASELINE=outputs/sft-eval] [OUT=dir]; the eval service is UNIGENBENCH_API_URL" >&2; exit 2; }
+	$(BIN)/python -m deepgen_trainer.evaluate_checkpoint $(CKPT)$(if $(SETS), --sets $(SETS))$(if $(BASELINE), --baseline $(BASELINE))$(if $(OUT), --output_dir $(OUT)) $(ARGS)

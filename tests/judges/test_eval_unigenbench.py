@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from deepgen_common.client import EvalClient, EvalImage, RewardServiceError, Tra
 from deepgen_common.types import RunSummary
 from eval_unigenbench.benchmark import BenchmarkItem
 from tests.judges.forcing_proxy import ForcingProxy
-from tests.judges.unigenbench_forcing import EN, ZH, expected_accuracies, forcer, start_eval
+from tests.judges.unigenbench_forcing import EN, ZH, expected_accuracies, forced_scores, forcer, start_eval
 from tests.judges.vllm_server import VllmServer
 
 pytestmark = pytest.mark.integration
@@ -274,3 +275,49 @@ def test_grpc_stream_messages_are_parsed_one_by_one(proxy: ForcingProxy, tmp_pat
     finally:
         service.stop()
     assert summary.images_judged == 1
+
+
+@pytest.mark.parametrize(("rules", "judged", "failures"), [("official", 0, 2), ("tolerant", 2, 0)])
+def test_one_service_serves_several_sets_and_reads_answers_under_the_configured_rules(
+    vllm_server: VllmServer, tmp_path: Path, rules: str, judged: int, failures: int
+):
+    """The zh answers lack <analysis>: the official rules reject them (retried, then parse failures),
+    the tolerant ones accept them. The summary says which rules were used and which set was run."""
+    english = forcer(EN)
+
+    def force(text: str) -> str:
+        item = next((i for i in ZH if i.prompt in text), None)
+        if item is None:
+            return english(text)
+        return re.escape(f"<score>[{', '.join(map(str, forced_scores(item)))}]</score>")
+
+    proxy = ForcingProxy(vllm_server.base_url.removesuffix("/v1"), force).start()
+    service = start_eval(
+        proxy.base_url, tmp_path, benchmark="test_prompts_en,test_prompts_zh", prompt_limit=2, parse_retries=1,
+        unigenbench_answer_rules=rules,
+    )  # fmt: skip
+    try:
+        with EvalClient(service.grpc_url) as client:
+            assert [p for p, _ in client.prompts().prompts] == [i.prompt_id for i in EN[:2]]  # the first set
+            listed = client.prompts("zh")
+            assert [p for p, _ in listed.prompts] == [i.prompt_id for i in ZH[:2]]
+            run_id = client.start_run(step=4, benchmark="zh")
+            client.submit(run_id, [EvalImage(pid, 0, png(n)) for n, (pid, _) in enumerate(listed.prompts)])
+            summary = client.finish(run_id)
+            with pytest.raises(RewardServiceError, match="benchmark 'fr' is not served; valid: en, zh"):
+                client.start_run(step=4, benchmark="fr")
+    finally:
+        service.stop()
+        proxy.stop()
+    assert (summary.benchmark, summary.answer_rules) == ("zh", rules)
+    assert (summary.images_judged, summary.parse_failures) == (judged, failures)
+    assert [(v.prompt_id, v.status) for v in summary.images] == [
+        (i.prompt_id, "ok" if judged else "parse_failure") for i in ZH[:2]
+    ]
+    if judged:
+        assert [v.scores for v in summary.images] == [forced_scores(i) for i in ZH[:2]]
+    else:
+        assert all("missing_tag" in v.detail for v in summary.images)
+    assert len(proxy.chat_texts) == 2 * (1 if judged else 2)  # official: 1 + PARSE_RETRIES asks each
+    written = json.loads((tmp_path / f"step-0000004-{run_id}" / "summary.json").read_text())
+    assert (written["answer_rules"], written["benchmark"]) == (rules, "zh")

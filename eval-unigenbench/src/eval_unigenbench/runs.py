@@ -1,6 +1,8 @@
 """Evaluation runs: the benchmark's prompts out, generated images in, judged as they arrive.
 
-A run (one per evaluated training step) collects images over any number of submissions; each image is
+The service serves one or more benchmark sets (`BENCHMARK=test_prompts_en,test_prompts_zh`, named
+"en", "zh": the file stem without "test_prompts_"); requests name the set, the first is the default.
+A run (one per evaluated training step and set) collects images over any number of submissions; each image is
 judged by the UniGenBench judge as soon as it is accepted (bounded by `UNIGENBENCH_WORKERS` calls in
 flight over all runs), and `finish` waits for the last judgement, summarises, and writes the run's
 CSV and JSON. Plain Python: the transports live in `api.py`.
@@ -18,16 +20,16 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Gauge
 
 from deepgen_common.errors import ImageError, InvalidInput, NotFound, NotReady, Overloaded
+from deepgen_common.eval_results import summarize_results, write_results_csv, write_summary_json
 from deepgen_common.judge import HealthWatch, JudgeClient, JudgeImage, JudgeRejected, JudgeUnavailable
 from deepgen_common.metrics import ServiceMetrics
 from deepgen_common.service import check_batch_size
-from deepgen_common.types import ImageFormat, Limits, ServiceInfo
+from deepgen_common.types import ImageFormat, ImageResult, Limits, RunSummary, ServiceInfo
 from eval_unigenbench import __version__
 from eval_unigenbench.answers import JudgeAnswer, parse_answer
 from eval_unigenbench.benchmark import Benchmark, BenchmarkItem, load_benchmark
 from eval_unigenbench.judge_prompt import Templates, build_judge_prompt, definition_gaps
 from eval_unigenbench.settings import EvalSettings
-from eval_unigenbench.summary import ImageResult, RunSummary, summarize_results, write_results_csv, write_summary_json
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class Submission:
 class _Run:
     run_id: str
     step: int
+    benchmark: str
     last_activity: float = field(default_factory=time.monotonic)
     judging: dict[tuple[str, int], asyncio.Task[ImageResult]] = field(default_factory=dict)
     finishing: bool = False
@@ -66,8 +69,8 @@ class UniGenBenchEval:
         self.judge = settings.judge_client(on_latency=lambda seconds: metrics.observe_stage("judge", seconds))
         self.health = HealthWatch(self.judge, settings.judge_health_poll_s)
         self.peer = JudgeClient(settings.peer_judge_url, settings.peer_judge_model) if settings.peer_judge_url else None
-        self.benchmark: Benchmark | None = None
-        self._judge_prompts: dict[str, str] = {}
+        self.benchmarks: dict[str, Benchmark] = {}
+        self._judge_prompts: dict[str, dict[str, str]] = {}  # set -> prompt id -> judge prompt
         self._runs: dict[str, _Run] = {}
         # Images accepted and not judged yet, over all runs: bounded, submissions wait for room.
         self._room = asyncio.Semaphore(settings.max_queued_samples)
@@ -91,33 +94,33 @@ class UniGenBenchEval:
 
     async def load(self) -> None:
         settings = self.settings
-        benchmark = await asyncio.to_thread(load_benchmark, settings.benchmark_path)
-        if settings.prompt_limit:
-            benchmark = Benchmark(benchmark.name, benchmark.language, benchmark.items[: settings.prompt_limit])
-        templates = await asyncio.to_thread(Templates.load, settings.templates_dir, benchmark.language)
-        gaps = definition_gaps(benchmark.items, templates)
-        if any(gaps.values()):
-            log.warning(
-                "testpoints without their own definition", extra={"fields": {k: dict(v) for k, v in gaps.items()}}
+        benchmarks: dict[str, Benchmark] = {}
+        for set_name, path in settings.benchmark_paths.items():
+            benchmark = await asyncio.to_thread(load_benchmark, path)
+            if settings.prompt_limit:
+                benchmark = Benchmark(benchmark.name, benchmark.language, benchmark.items[: settings.prompt_limit])
+            templates = await asyncio.to_thread(Templates.load, settings.templates_dir, benchmark.language)
+            gaps = definition_gaps(benchmark.items, templates)
+            if any(gaps.values()):
+                log.warning(
+                    "testpoints without their own definition",
+                    extra={"fields": {"benchmark": set_name, **{k: dict(v) for k, v in gaps.items()}}},
+                )
+            self._judge_prompts[set_name] = {
+                item.prompt_id: build_judge_prompt(item, templates) for item in benchmark.items
+            }
+            benchmarks[set_name] = benchmark
+            log.info(
+                "benchmark loaded",
+                extra={"fields": {"benchmark": set_name, "prompts": len(benchmark.items), "file": str(path)}},
             )
-        self._judge_prompts = {item.prompt_id: build_judge_prompt(item, templates) for item in benchmark.items}
-        self.benchmark = benchmark
+        self.benchmarks = benchmarks
         await self.health.start()
         if settings.sleep_between_runs and self.health.healthy:
             await self._switch(self.judge, awake=False)
-        log.info(
-            "benchmark loaded",
-            extra={
-                "fields": {
-                    "benchmark": benchmark.name,
-                    "prompts": len(benchmark.items),
-                    "file": str(settings.benchmark_path),
-                }
-            },
-        )
 
     def ready(self) -> bool:
-        return self.benchmark is not None and self.health.healthy
+        return bool(self.benchmarks) and self.health.healthy
 
     async def close(self) -> None:
         for run in list(self._runs.values()):
@@ -145,12 +148,13 @@ class UniGenBenchEval:
 
     # the API
 
-    def prompts(self) -> Benchmark:
-        """The benchmark whose prompts the trainer generates `settings.duplicates` images each for."""
-        return self._loaded()
+    def prompts(self, benchmark: str = "") -> Benchmark:
+        """The benchmark set (`""`: the first) whose prompts the trainer generates `settings.duplicates`
+        images each for."""
+        return self._loaded(benchmark)[1]
 
-    async def start_run(self, step: int) -> str:
-        self._loaded()
+    async def start_run(self, step: int, benchmark: str = "") -> str:
+        set_name, _ = self._loaded(benchmark)
         self._check_judge()
         if step < 0:
             raise InvalidInput(f"step must be >= 0, got {step}")
@@ -162,17 +166,17 @@ class UniGenBenchEval:
             )
         if not self._runs:
             await self._wake_for_runs()
-        run = _Run(run_id=secrets.token_hex(8), step=step)
+        run = _Run(run_id=secrets.token_hex(8), step=step, benchmark=set_name)
         self._runs[run.run_id] = run
         self.open_runs.set(len(self._runs))
-        log.info("run started", extra={"fields": {"run_id": run.run_id, "step": step}})
+        log.info("run started", extra={"fields": {"run_id": run.run_id, "step": step, "benchmark": set_name}})
         return run.run_id
 
     async def submit(self, run_id: str, images: Sequence[Submission]) -> int:
         """Validate a batch as a whole (nothing is accepted from a bad batch), then start judging its
         images. Waits while MAX_QUEUED_SAMPLES images are waiting for the judge (back-pressure)."""
         run = self._run(run_id)
-        benchmark = self._loaded()
+        benchmark = self.benchmarks[run.benchmark]
         self._check_judge()
         check_batch_size("images", len(images), self.settings.max_batch_size)
         keys: set[tuple[str, int]] = set()
@@ -193,7 +197,8 @@ class UniGenBenchEval:
                 self._release()
                 raise InvalidInput(f"run {run_id} was finished while images were being submitted")
             item = benchmark.by_id[s.prompt_id]
-            run.judging[(s.prompt_id, s.duplicate)] = asyncio.create_task(self._judge_image(item, s))
+            prompt = self._judge_prompts[run.benchmark][s.prompt_id]
+            run.judging[(s.prompt_id, s.duplicate)] = asyncio.create_task(self._judge_image(item, prompt, s))
         run.last_activity = time.monotonic()
         return len(images)
 
@@ -205,9 +210,11 @@ class UniGenBenchEval:
         del self._runs[run_id]
         self.open_runs.set(len(self._runs))
         self.runs_total.labels(status="finished").inc()
-        order = {item.prompt_id: i for i, item in enumerate(self._loaded().items)}
+        order = {item.prompt_id: i for i, item in enumerate(self.benchmarks[run.benchmark].items)}
         results.sort(key=lambda r: (order[r.prompt_id], r.duplicate))
-        summary = summarize_results(run.run_id, run.step, results)
+        summary = summarize_results(
+            run.run_id, run.step, results, answer_rules=self.settings.unigenbench_answer_rules, benchmark=run.benchmark
+        )
         expected = len(order) * self.settings.duplicates
         if len(results) < expected:
             log.warning(
@@ -224,7 +231,9 @@ class UniGenBenchEval:
                     "judged": summary.images_judged,
                     "parse_failures": summary.parse_failures,
                     "errors": summary.errors,
-                    "overall_accuracy": summary.overall_accuracy,
+                    "benchmark": run.benchmark,
+                    "overall": summary.primary_mean_accuracy,
+                    "pooled": summary.overall_accuracy,
                 }
             },
         )
@@ -234,13 +243,13 @@ class UniGenBenchEval:
 
     # judging
 
-    async def _judge_image(self, item: BenchmarkItem, s: Submission) -> ImageResult:
+    async def _judge_image(self, item: BenchmarkItem, prompt: str, s: Submission) -> ImageResult:
         try:
-            return await self._judge(item, s)
+            return await self._judge(item, prompt, s)
         finally:
             self._release()
 
-    async def _judge(self, item: BenchmarkItem, s: Submission) -> ImageResult:
+    async def _judge(self, item: BenchmarkItem, prompt: str, s: Submission) -> ImageResult:
         def row(status: str, **values: object) -> ImageResult:
             self.metrics.items.labels(outcome="OK" if status == "ok" else "ERROR").inc()
             return ImageResult(s.prompt_id, s.duplicate, item.prompt, item.testpoints, status=status, **values)  # type: ignore[arg-type]
@@ -255,11 +264,11 @@ class UniGenBenchEval:
             # At temperature 0 a retry would repeat the same answer; retries sample instead.
             temperature = 0.0 if attempt == 0 else self.settings.retry_temperature
             try:
-                answer = await self.judge.chat([image], self._judge_prompts[item.prompt_id], temperature)
+                answer = await self.judge.chat([image], prompt, temperature)
             except (JudgeUnavailable, JudgeRejected) as exc:
                 self.judge_calls.labels(result="failed").inc()
                 return row("error", scores=None, analysis=None, detail=f"judge call failed: {exc}")
-            parsed = parse_answer(answer, len(item.testpoints))
+            parsed = parse_answer(answer, len(item.testpoints), self.settings.unigenbench_answer_rules)
             if isinstance(parsed, JudgeAnswer):
                 self.judge_calls.labels(result="ok").inc()
                 return row("ok", scores=parsed.scores, analysis=parsed.analysis)
@@ -283,10 +292,16 @@ class UniGenBenchEval:
         self._queued -= 1
         self.metrics.queue_depth.set(self._queued)
 
-    def _loaded(self) -> Benchmark:
-        if self.benchmark is None:
+    def _loaded(self, benchmark: str) -> tuple[str, Benchmark]:
+        """(set name, benchmark) of the set `benchmark` names (`""`: the first)."""
+        if not self.benchmarks:
             raise NotReady("the benchmark is still loading; retry later")
-        return self.benchmark
+        set_name = benchmark or next(iter(self.benchmarks))
+        if set_name not in self.benchmarks:
+            raise InvalidInput(
+                f"benchmark {benchmark!r} is not served; valid: {', '.join(self.benchmarks)} (BENCHMARK lists them)"
+            )
+        return set_name, self.benchmarks[set_name]
 
     def _check_judge(self) -> None:
         if not self.health.healthy:

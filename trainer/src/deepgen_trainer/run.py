@@ -55,7 +55,7 @@ class Run:
     updater: Updater
     tracker: Tracker
     eval_client: EvalClient | None
-    eval_plans: list[tuple[str, float, int]]  # (name, cfg_scale, num_inference_steps) per evaluation
+    eval_plans: list[tuple[str, float, int]]  # (name or "", cfg_scale, num_inference_steps) per evaluation
     start_step: int
     total_steps: int
     uncond: Conditioning | None
@@ -129,7 +129,7 @@ def setup(cfg: TrainConfig, world: World) -> Run:
     if cfg.unigenbench_api_url and (cfg.eval_freq or cfg.eval_before_train):
         eval_client = EvalClient(cfg.unigenbench_api_url)
     # The eval service owns the prompts and duplicates; the eval YAML sets how each evaluation samples.
-    eval_plans = [("unigenbench", cfg.eval_cfg_scale, cfg.num_inference_steps)]
+    eval_plans = [("", cfg.eval_cfg_scale, cfg.num_inference_steps)]  # "": named after the service's set
     if cfg.eval_dataset_config:
         datasets = load_eval_data(cfg.eval_dataset_config).datasets
         eval_plans = [(d.name, d.cfg_scale, d.num_inference_steps) for d in datasets]

@@ -281,21 +281,23 @@ def checkpoint(run: Run, step: int) -> None:
 
 
 def run_eval(run: Run, step: int) -> dict[str, float]:
-    """Every evaluation of the eval YAML (one by default); metrics under eval/ (eval/<name>/ for several)."""
+    """Every evaluation of the eval YAML (one by default, named after the service's set); metrics under
+    eval/<name>/, contact sheets to the trackers (rank 0)."""
     assert run.eval_client is not None
     cfg = run.cfg
     run.model.eval()
     metrics = {}
     with ema_dit(run.model, run.ema) if cfg.eval_with_ema and run.ema is not None else contextlib.nullcontext():
         for name, cfg_scale, num_inference_steps in run.eval_plans:
-            result = evaluate(
-                run.model, run.eval_client, run.world, step,
+            outcome = evaluate(
+                run.model, run.eval_client, run.world, step, output_dir=Path(cfg.output_dir), label=name,
                 height=cfg.image_height, width=cfg.image_width, num_inference_steps=num_inference_steps,
                 cfg_scale=cfg_scale, batch_size=cfg.rollout_micro_batch_size,
             )  # fmt: skip
-            if len(run.eval_plans) > 1:
-                result = {k.replace("eval/", f"eval/{name}/", 1): v for k, v in result.items()}
-            metrics |= result
+            if outcome is not None:
+                metrics |= outcome.metrics
+                label = name or outcome.summary.benchmark
+                run.tracker.log_images({f"eval/{label}/contact_sheet": outcome.contact_sheet}, step=step)
     return metrics
 
 
@@ -321,8 +323,10 @@ def log_step(run: Run, step: int, metrics: dict[str, float]) -> None:
     run.tracker.log(metrics, step=step)
     with (Path(run.cfg.output_dir) / "metrics.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps({"step": step, **{k: _json_float(v) for k, v in metrics.items()}}) + "\n")
-    if "eval/overall_accuracy" in metrics:
-        log.info("step %d eval: overall accuracy %.4f", step, metrics["eval/overall_accuracy"])
+    for name, value in metrics.items():
+        if name.startswith("eval/") and name.endswith("/overall"):
+            pooled = metrics.get(name.removesuffix("overall") + "pooled", math.nan)
+            log.info("step %d %s: %.4f (mean of primary dimensions; pooled %.4f)", step, name, value, pooled)
     if "reward/total" in metrics:
         log.info(
             "step %d/%d: reward %.4f, loss %.3e, clipfrac %.3f, %.1f s (rollout %.1f, reward wait %.1f, update %.1f)",

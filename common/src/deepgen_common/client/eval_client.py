@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
+from urllib.parse import quote
 
 import grpc
 
@@ -25,7 +26,7 @@ from deepgen_common.client.reward_client import RetryPolicy
 from deepgen_common.client.transports import HttpTransport, TransientError, grpc_channel, rpc_error
 from deepgen_common.client.urls import ServiceURL, parse_service_url
 from deepgen_common.convert import image_format_to_pb, info_from_pb
-from deepgen_common.types import DimensionScore, ImageFormat, RunSummary, ServiceInfo
+from deepgen_common.types import DimensionScore, ImageFormat, ImageResult, RunSummary, ServiceInfo
 
 T = TypeVar("T")
 _SERVICE = eval_pb2.DESCRIPTOR.services_by_name["EvalService"].full_name
@@ -127,23 +128,31 @@ class EvalClient:
 
         return self._retrying(call)
 
-    def prompts(self) -> EvalPrompts:
+    def prompts(self, benchmark: str = "") -> EvalPrompts:
+        """The prompts of benchmark set `benchmark` (e.g. "zh"; empty: the service's first set)."""
+
         def call(e: _Endpoint) -> EvalPrompts:
             if e.http is not None:
-                out = e.http.request("GET", "/v1/prompts", 60.0)
+                path = f"/v1/prompts?benchmark={quote(benchmark)}" if benchmark else "/v1/prompts"
+                out = e.http.request("GET", path, 60.0)
                 return EvalPrompts(
                     out["benchmark"], out["duplicates"], [(p["prompt_id"], p["prompt"]) for p in out["prompts"]]
                 )
-            reply = e.unary("ListPrompts", eval_pb2.ListPromptsRequest(), eval_pb2.ListPromptsResponse, 60.0)
+            request = eval_pb2.ListPromptsRequest(benchmark=benchmark)
+            reply = e.unary("ListPrompts", request, eval_pb2.ListPromptsResponse, 60.0)
             return EvalPrompts(reply.benchmark, reply.duplicates, [(p.prompt_id, p.prompt) for p in reply.prompts])
 
         return self._retrying(call)
 
-    def start_run(self, step: int) -> str:
+    def start_run(self, step: int, benchmark: str = "") -> str:
+        """Open a run for `step` on benchmark set `benchmark` (empty: the service's first set)."""
+
         def call(e: _Endpoint) -> tuple[str, _Endpoint]:
             if e.http is not None:
-                return e.http.request("POST", "/v1/runs", 120.0, {"step": step})["run_id"], e
-            return e.unary("StartRun", eval_pb2.StartRunRequest(step=step), eval_pb2.StartRunResponse, 120.0).run_id, e
+                body = {"step": step, "benchmark": benchmark}
+                return e.http.request("POST", "/v1/runs", 120.0, body)["run_id"], e
+            request = eval_pb2.StartRunRequest(step=step, benchmark=benchmark)
+            return e.unary("StartRun", request, eval_pb2.StartRunResponse, 120.0).run_id, e
 
         run_id, endpoint = self._retrying(call)
         self._run_endpoints[run_id] = endpoint
@@ -245,6 +254,21 @@ def _summary_from_pb(s: eval_pb2.RunSummary) -> RunSummary:
         primary_dimensions=dims(s.primary_dimensions),
         overall_accuracy=s.overall_accuracy,
         primary_mean_accuracy=s.primary_mean_accuracy,
+        answer_rules=s.answer_rules,
+        benchmark=s.benchmark,
+        images=[
+            ImageResult(
+                i.prompt_id,
+                i.duplicate,
+                i.prompt,
+                list(i.testpoints),
+                list(i.scores) if i.status == "ok" else None,
+                i.analysis or None,
+                i.status,  # type: ignore[arg-type]
+                i.detail,
+            )
+            for i in s.images
+        ],
     )
 
 
@@ -265,4 +289,19 @@ def _summary_from_json(out: dict) -> RunSummary:
         primary_dimensions=dims(out["primary_dimensions"]),
         overall_accuracy=accuracy(out["overall_accuracy"]),
         primary_mean_accuracy=accuracy(out["primary_mean_accuracy"]),
+        answer_rules=out["answer_rules"],
+        benchmark=out["benchmark"],
+        images=[
+            ImageResult(
+                i["prompt_id"],
+                i["duplicate"],
+                i["prompt"],
+                i["testpoints"],
+                i["scores"],
+                i["analysis"],
+                i["status"],
+                i["detail"],
+            )
+            for i in out["images"]
+        ],
     )

@@ -208,3 +208,35 @@ def test_connections_sending_headers_slowly_are_closed(service):
         t.join(60)
     assert len(closed) == 20
     assert httpx.get(f"{service.http_url}/healthz").status_code == 200
+
+
+class FailingOcrBackend(OcrBackend):
+    """reward-ocr with a bug on one prompt: the only way to reach a 500 with a real backend. A stand-in
+    for a backend defect, which the real one does not have on purpose."""
+
+    async def score(self, samples, mode):
+        if any(s.prompt == '"BUG"' for s in samples):
+            raise RuntimeError("backend bug")
+        return await super().score(samples, mode)
+
+
+def test_internal_errors_are_counted_once_with_their_code():
+    running = ServiceThread(ocr_settings(ocr_executor="thread", ocr_workers=1), reward_component(FailingOcrBackend))
+    running.start()
+    try:
+        body = json_body(1)
+        body["samples"][0]["prompt"] = '"BUG"'
+        response = httpx.post(f"{running.http_url}/v1/score", json=body, timeout=60)
+        assert response.status_code == 500
+        assert response.json()["error"]["code"] == "INTERNAL"
+        assert "Traceback" not in response.text
+        with grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}") as channel:
+            bug = reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(image={"data": IMAGE}, prompt='"BUG"')])
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary(SCORE)(bug.SerializeToString(), timeout=60)
+        assert info.value.code() is grpc.StatusCode.INTERNAL
+        assert metric(running, "deepgen_requests_total", transport="http", method="/v1/score", code="500") == 1
+        assert metric(running, "deepgen_requests_total", transport="grpc", method="Score", code="INTERNAL") == 1
+        assert metric(running, "deepgen_requests_total", method="/v1/score") == 1  # once, not twice
+    finally:
+        running.stop()

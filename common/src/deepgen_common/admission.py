@@ -92,6 +92,20 @@ def _seconds(s: float) -> int:
     return max(1, math.ceil(s))
 
 
+class Held:
+    """Bytes one request holds in a `ByteBudget`; `shrink` gives back what it turned out not to need."""
+
+    def __init__(self, budget: ByteBudget, n: int) -> None:
+        self._budget = budget
+        self.n = n
+
+    def shrink(self, n: int) -> None:
+        """Keep only n bytes (e.g. the real size once a message of unknown size has been read)."""
+        if n < self.n:
+            self._budget._release(self.n - n)
+            self.n = n
+
+
 class ByteBudget:
     """A first-come first-served budget of bytes that requests hold while they are in flight."""
 
@@ -101,7 +115,7 @@ class ByteBudget:
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     @contextlib.asynccontextmanager
-    async def hold(self, n: int, timeout_s: float) -> AsyncIterator[None]:
+    async def hold(self, n: int, timeout_s: float) -> AsyncIterator[Held]:
         """Hold n bytes (at most the capacity) for the block; wait up to `timeout_s` for room, then
         raise Overloaded."""
         n = min(n, self.capacity)
@@ -125,10 +139,11 @@ class ByteBudget:
                 raise
         else:
             self.used += n
+        held = Held(self, n)
         try:
-            yield
+            yield held
         finally:
-            self._release(n)
+            self._release(held.n)
 
     def _release(self, n: int) -> None:
         self.used -= n

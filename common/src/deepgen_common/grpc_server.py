@@ -46,8 +46,8 @@ class _Call:
         self.guards = guards
         self.method = method
 
-    async def run(self, context: grpc.aio.ServicerContext, size: int, work: Callable[[], Awaitable[bytes]]) -> bytes:
-        """Run `work` for a request of `size` bytes (0 for a stream) and return its response bytes."""
+    async def run(self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[bytes]]) -> bytes:
+        """Run `work` (which reads the request) and return its response bytes."""
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         rid = new_request_id(metadata.get("x-request-id"))
         start = time.perf_counter()
@@ -62,9 +62,8 @@ class _Call:
             timeout = context.time_remaining()
             set_deadline(settings.default_deadline_s if timeout is None else timeout)
             await context.send_initial_metadata((("x-request-id", rid),))
-            async with self.guards.budget.hold(size, min(settings.max_queue_wait_s, remaining_s())):
-                with self.guards.drain.track(task):  # type: ignore[arg-type]
-                    return await work()
+            with self.guards.drain.track(task):  # type: ignore[arg-type]
+                return await work()
         except ServiceError as exc:
             code = exc.grpc_code
             log.info("request rejected", extra={"fields": {"method": self.method, "code": code, "reason": str(exc)}})
@@ -92,13 +91,35 @@ class _Call:
 
 
 def _unary(metrics: ServiceMetrics, guards: Guards, method: str, handler: RawUnary) -> grpc.RpcMethodHandler:
+    """A unary method served as client-streaming (the same on the wire), so the request message is read
+    only when `_read_one` asks for it: one at a time, after the guards, and held in the byte budget."""
     observed = _Call(metrics, guards, method)
+    settings = guards.settings
 
-    async def call(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return await observed.run(context, len(raw), lambda: handler(raw))
+    async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        async def work() -> bytes:
+            raw = await _read_one(requests, guards)
+            async with guards.budget.hold(len(raw), min(settings.max_queue_wait_s, remaining_s())):
+                return await handler(raw)
+
+        return await observed.run(context, work)
 
     # No request deserializer: `handler` parses the raw bytes itself.
-    return grpc.unary_unary_rpc_method_handler(call)
+    return grpc.stream_unary_rpc_method_handler(call)
+
+
+async def _read_one(requests: AsyncIterator[bytes], guards: Guards) -> bytes:
+    """The request message of a unary call. Messages are read one at a time (so at most one
+    MAX_REQUEST_BYTES message is in memory before the budget has counted it), within
+    BODY_READ_TIMEOUT_S."""
+    timeout_s = min(guards.settings.body_read_timeout_s, max(remaining_s(), 0.0))
+    try:
+        async with guards.reading, asyncio.timeout(timeout_s):
+            async for raw in requests:
+                return raw
+    except TimeoutError:
+        raise InvalidInput(f"request message not received within {timeout_s:g} s (BODY_READ_TIMEOUT_S)") from None
+    raise InvalidInput("the call carried no request message")
 
 
 def _client_stream(
@@ -107,7 +128,7 @@ def _client_stream(
     observed = _Call(metrics, guards, method)
 
     async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
-        return await observed.run(context, 0, lambda: handler(requests))
+        return await observed.run(context, lambda: handler(requests))
 
     return grpc.stream_unary_rpc_method_handler(call)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from deepgen_common.admission import ByteBudget
 from deepgen_common.auth import TokenCheck
@@ -12,14 +13,17 @@ from deepgen_common.settings import ServiceSettings
 
 @dataclass(frozen=True)
 class Guards:
-    """The drain (503 once SIGTERM came), the bearer-token check, the in-flight byte budget and the
-    settings with the deadline default and read timeouts; one instance per service, shared by both
-    transports."""
+    """The drain (503 once SIGTERM came), the bearer-token check, the in-flight byte budget, the lock
+    for reading bodies of unknown size and the settings with the deadline default and read timeouts;
+    one instance per service, shared by both transports."""
 
     settings: ServiceSettings
     drain: Drain
     token: TokenCheck
     budget: ByteBudget
+    # Bodies of unknown size (gRPC messages, chunked HTTP) are read one at a time: at most one
+    # MAX_REQUEST_BYTES body is in memory beyond what the budget counts.
+    reading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> Guards:

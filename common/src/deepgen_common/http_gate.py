@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import time
@@ -113,23 +114,17 @@ class HttpGate:
             declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > settings.max_request_bytes:
                 return await _too_large(response, settings.max_request_bytes)
-            size = int(declared) if declared is not None and declared.isdigit() else settings.max_request_bytes
-            async with self.guards.budget.hold(size, min(settings.max_queue_wait_s, remaining_s())):
-                try:
-                    body = await self._read_body(receive)
-                except _Closed:
-                    return CLIENT_CLOSED
-                except TimeoutError:
-                    return await _reply(
-                        response,
-                        408,
-                        "DEADLINE_EXCEEDED",
-                        f"request body not received within {settings.body_read_timeout_s:g} s (BODY_READ_TIMEOUT_S)",
-                        [(b"connection", b"close")],
-                    )
-                if body is None:
-                    return await _too_large(response, settings.max_request_bytes)
-                return await self._run(scope, body, receive, response)
+            wait_s = min(settings.max_queue_wait_s, remaining_s())
+            if declared is not None and declared.isdigit():  # room first, then read
+                async with self.guards.budget.hold(int(declared), wait_s):
+                    box = await self._read(receive, response)
+                    return box if isinstance(box, int) else await self._run(scope, box, receive, response)
+            async with self.guards.reading:  # unknown size (chunked): one such body read at a time
+                box = await self._read(receive, response)
+            if isinstance(box, int):
+                return box
+            async with self.guards.budget.hold(len(box[0]), wait_s):
+                return await self._run(scope, box, receive, response)
         except ServiceError as exc:
             extra = [(b"retry-after", str(exc.retry_after_s).encode())] if isinstance(exc, Overloaded) else []
             if isinstance(exc, ShuttingDown):
@@ -139,35 +134,45 @@ class HttpGate:
             log.info("request rejected", extra={"fields": {"code": exc.grpc_code, "reason": str(exc)}})
             return await _reply(response, exc.http_status, exc.grpc_code, str(exc), extra)
 
+    async def _read(self, receive: Receive, response: _Response) -> list[bytes] | int:
+        """The body in a one-item list (so only the app keeps it alive once it takes it), or the status
+        already answered: 413 over MAX_REQUEST_BYTES, 408 past BODY_READ_TIMEOUT_S, 499 on disconnect."""
+        settings = self.guards.settings
+        try:
+            body = await self._read_body(receive)
+        except _Closed:
+            return CLIENT_CLOSED
+        except TimeoutError:
+            text = f"request body not received within {settings.body_read_timeout_s:g} s (BODY_READ_TIMEOUT_S)"
+            return await _reply(response, 408, "DEADLINE_EXCEEDED", text, [(b"connection", b"close")])
+        if body is None:
+            return await _too_large(response, settings.max_request_bytes)
+        return [body]
+
     async def _read_body(self, receive: Receive) -> bytes | None:
         """The whole body, or None when it is over MAX_REQUEST_BYTES. Raises TimeoutError past
         BODY_READ_TIMEOUT_S (or the deadline) and _Closed when the client disconnects."""
         limit = self.guards.settings.max_request_bytes
-        chunks: list[bytes] = []
-        received = 0
+        # BytesIO.getvalue hands over its buffer without a copy: a body is held once, not twice.
+        buffer = io.BytesIO()
         async with asyncio.timeout(min(self.guards.settings.body_read_timeout_s, max(remaining_s(), 0.0))):
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     raise _Closed
-                chunk = message.get("body", b"")
-                received += len(chunk)
-                if received > limit:
+                buffer.write(message.get("body", b""))
+                if buffer.tell() > limit:
                     return None
-                chunks.append(chunk)
                 if not message.get("more_body", False):
-                    return b"".join(chunks)
+                    return buffer.getvalue()
 
-    async def _run(self, scope: Scope, body: bytes, receive: Receive, response: _Response) -> int:
+    async def _run(self, scope: Scope, pending: list[bytes], receive: Receive, response: _Response) -> int:
         """Run the app on the read body; cancel it when the client leaves, the deadline passes or the
         drain gives up."""
-        replayed = False
 
         async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
+            if pending:
+                return {"type": "http.request", "body": pending.pop(), "more_body": False}
             return await receive()
 
         work = asyncio.ensure_future(self.app(scope, replay, response))

@@ -18,8 +18,9 @@ class ServiceSettings(BaseSettings):
     knobs and to set its default ports; every field is read from the upper-case environment variable
     of the same name (`HTTP_PORT`, `MAX_BATCH_SIZE`, ...)."""
 
-    # The process environment holds unrelated variables too, so unknown names are ignored.
-    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+    # The process environment holds unrelated variables too, so unknown names are ignored; an empty
+    # variable (compose passes `API_TOKEN: ${API_TOKEN:-}`) counts as unset.
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, env_ignore_empty=True)
 
     host: str = Field(
         "127.0.0.1",

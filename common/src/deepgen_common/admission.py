@@ -4,11 +4,14 @@ The service knows how many samples are admitted and not answered (`pending`), ho
 works on at once (`workers`) and the recent per-sample service time (`ServiceMetrics.sample_seconds`,
 which the backend reports). A new request of n samples would start after about
 `(pending - workers + 1) * t / workers` seconds and finish after `ceil((pending + n) / workers) * t`.
-It is refused (RESOURCE_EXHAUSTED / 429 with a retry-after) when it would finish after its deadline,
-start later than MAX_QUEUE_WAIT_S, or push `pending` over MAX_QUEUED_SAMPLES.
+It is refused (RESOURCE_EXHAUSTED / 429 with a retry-after) when it would finish after its deadline
+(keeping `HEADROOM`), start later than MAX_QUEUE_WAIT_S, or push `pending` over MAX_QUEUED_SAMPLES.
+The transports run the same check for one sample before they read a body, so refusals under
+overload cost no parsing.
 
 `ByteBudget` bounds the memory of requests in flight: a request takes its body size from the budget
-before its body is read (HTTP) or parsed (gRPC) and gives it back when answered.
+before its body is read (HTTP) or right after its message is read (gRPC) and gives it back when
+answered.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from collections.abc import AsyncIterator, Iterator
 
 from deepgen_common.errors import Overloaded
 from deepgen_common.metrics import ServiceMetrics
+
+# Admit only what the prediction finishes within this share of the time left: the service time is a
+# recent average, and CPU contention or a slow sample would otherwise push admitted requests past
+# their deadline.
+HEADROOM = 0.8
 
 
 class Admission:
@@ -67,11 +75,11 @@ class Admission:
                 f"MAX_QUEUE_WAIT_S={self.max_queue_wait_s:g}; retry later",
                 retry_after_s=_seconds(start - self.max_queue_wait_s),
             )
-        if done > remaining_s:
+        if done > HEADROOM * remaining_s:
             raise Overloaded(
                 f"{self.pending} samples pending: this request would be answered in about {done:.1f} s, after its "
                 f"deadline ({max(remaining_s, 0):.1f} s left); retry later or with a longer deadline",
-                retry_after_s=_seconds(done - remaining_s),
+                retry_after_s=_seconds(done - HEADROOM * remaining_s),
             )
 
     @contextlib.contextmanager

@@ -24,6 +24,10 @@ from deepgen_common.settings import ServiceSettings
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
+# The client's deadline timer fires first (the server's starts when the headers arrive) and cancels the
+# call just before the server's own deadline: a cancellation this close to the deadline is counted as
+# DEADLINE_EXCEEDED.
+DEADLINE_SLACK_S = 0.5
 
 
 def parse(message_type: type[M], raw: bytes) -> M:
@@ -61,6 +65,7 @@ class _Call:
             self.guards.token.check(metadata.get("authorization"))
             timeout = context.time_remaining()
             set_deadline(settings.default_deadline_s if timeout is None else timeout)
+            self.guards.admit_early(remaining_s())
             await context.send_initial_metadata((("x-request-id", rid),))
             with self.guards.drain.track(task):  # type: ignore[arg-type]
                 return await work()
@@ -75,7 +80,7 @@ class _Call:
                 task.uncancel()
                 code = "UNAVAILABLE"
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "service is shutting down; retry on another replica")
-            code = "DEADLINE_EXCEEDED" if remaining_s() <= 0 else "CANCELLED"
+            code = "DEADLINE_EXCEEDED" if remaining_s() <= DEADLINE_SLACK_S else "CANCELLED"
             raise
         except Exception:
             code = "INTERNAL"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from deepgen_common.admission import ByteBudget
@@ -24,8 +25,14 @@ class Guards:
     # Bodies of unknown size (gRPC messages, chunked HTTP) are read one at a time: at most one
     # MAX_REQUEST_BYTES body is in memory beyond what the budget counts.
     reading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    precheck: Callable[[float], None] | None = None  # Component.precheck
 
     @classmethod
-    def from_settings(cls, settings: ServiceSettings) -> Guards:
+    def from_settings(cls, settings: ServiceSettings, precheck: Callable[[float], None] | None = None) -> Guards:
         token = settings.api_token.get_secret_value() if settings.api_token is not None else None
-        return cls(settings, Drain(), TokenCheck(token), ByteBudget(settings.inflight_bytes))
+        return cls(settings, Drain(), TokenCheck(token), ByteBudget(settings.inflight_bytes), precheck=precheck)
+
+    def admit_early(self, remaining_s: float) -> None:
+        """Before a body is read: raise Overloaded when the service could not start the request in time."""
+        if self.precheck is not None:
+            self.precheck(remaining_s)

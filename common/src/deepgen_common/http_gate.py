@@ -111,6 +111,7 @@ class HttpGate:
                 set_deadline(parse_timeout_header(headers.get(DEADLINE_HEADER), settings.default_deadline_s))
             except ValueError as exc:
                 return await _reply(response, 400, "INVALID_ARGUMENT", str(exc))
+            self.guards.admit_early(remaining_s())
             declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > settings.max_request_bytes:
                 return await _too_large(response, settings.max_request_bytes)

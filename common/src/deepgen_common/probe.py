@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class ProbeSettings(BaseSettings):
     """The service's own port and TLS files, from the same environment variables it reads."""
 
-    model_config = SettingsConfigDict(extra="ignore")
+    model_config = SettingsConfigDict(extra="ignore", env_ignore_empty=True)
 
     http_port: int
     tls_cert_file: Path | None = None

@@ -139,6 +139,6 @@ def reward_component(make_backend: Callable[[S, ServiceMetrics], Backend]) -> Ca
 
     def make(settings: S, metrics: ServiceMetrics) -> Component:
         service = RewardService(make_backend(settings, metrics), settings, metrics)
-        return Component(service, reward_api(service))
+        return Component(service, reward_api(service), precheck=lambda remaining: service.admission.check(1, remaining))
 
     return make

@@ -64,8 +64,8 @@ class RunningService:
     def __init__(self, settings: S, make_component: ComponentFactory[S]) -> None:
         self.settings = settings
         self.metrics = ServiceMetrics()
-        self.guards = Guards.from_settings(settings)
         component = make_component(settings, self.metrics)
+        self.guards = Guards.from_settings(settings, component.precheck)
         self.service = component.service
         self._grpc_service = component.api.grpc_service
         self.grpc_server, self.grpc_port, self._health = create_grpc_server(component.api, self.metrics, self.guards)

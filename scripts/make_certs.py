@@ -8,7 +8,8 @@ writes into DEST:
 - `server.pem` + `server.key` (TLS_CERT_FILE / TLS_KEY_FILE of every service; valid for every name and
   IP in --hosts, plus localhost and 127.0.0.1),
 - `client.pem` + `client.key` (a client certificate for mutual TLS).
-Keys are written with mode 0600. Existing files are replaced only with --force.
+Keys are written with mode 0600: for the compose stack, give server.key to the services' user
+(`sudo chown 10001 certs/server.key`). Existing files are replaced only with --force.
 """
 
 from __future__ import annotations

@@ -96,8 +96,10 @@ class _Call:
 
 
 def _unary(metrics: ServiceMetrics, guards: Guards, method: str, handler: RawUnary) -> grpc.RpcMethodHandler:
-    """A unary method served as client-streaming (the same on the wire), so the request message is read
-    only when `_read_one` asks for it: one at a time, after the guards, and held in the byte budget."""
+    """A unary method served as client-streaming (the same on the wire), so the request message is taken
+    only when `_read_one` asks for it: after the guards (drain, token, early admission), one at a time,
+    and then held in the byte budget while it is parsed and scored. gRPC's core still receives message
+    bytes into its own buffers before that; MAX_REQUEST_BYTES bounds each of them."""
     observed = _Call(metrics, guards, method)
     settings = guards.settings
 
@@ -114,9 +116,7 @@ def _unary(metrics: ServiceMetrics, guards: Guards, method: str, handler: RawUna
 
 
 async def _read_one(requests: AsyncIterator[bytes], guards: Guards) -> bytes:
-    """The request message of a unary call. Messages are read one at a time (so at most one
-    MAX_REQUEST_BYTES message is in memory before the budget has counted it), within
-    BODY_READ_TIMEOUT_S."""
+    """The request message of a unary call, taken one call at a time, within BODY_READ_TIMEOUT_S."""
     timeout_s = min(guards.settings.body_read_timeout_s, max(remaining_s(), 0.0))
     try:
         async with guards.reading, asyncio.timeout(timeout_s):

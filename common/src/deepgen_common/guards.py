@@ -22,8 +22,8 @@ class Guards:
     drain: Drain
     token: TokenCheck
     budget: ByteBudget
-    # Bodies of unknown size (gRPC messages, chunked HTTP) are read one at a time: at most one
-    # MAX_REQUEST_BYTES body is in memory beyond what the budget counts.
+    # Bodies of unknown size (chunked HTTP, gRPC messages) are taken one at a time: over HTTP at most
+    # one MAX_REQUEST_BYTES body is in memory beyond what the budget counts.
     reading: asyncio.Lock = field(default_factory=asyncio.Lock)
     precheck: Callable[[float], None] | None = None  # Component.precheck
 

@@ -94,6 +94,7 @@ class HttpGate:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
         response = _Response(send, new_request_id(headers.get("x-request-id")))
         start = time.perf_counter()
+        status = 503  # kept only if the server itself cancels this request (uvicorn stopping)
         self.metrics.in_flight.inc()
         try:
             status = await self._serve(scope, receive, response, headers)

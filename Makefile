@@ -10,7 +10,7 @@ ARGS ?=
 # docker compose v2 when installed, else docker-compose 1.29.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
 
-.PHONY: help setup setup-judges fetch-judge-data test lint format proto bench-ocr bench-sde bench-judges bench-train bench-flops demo \
+.PHONY: help setup setup-judges fetch-judge-data test lint format proto certs bench-ocr bench-load bench-sde bench-judges bench-train bench-flops demo \
 	train train-local convert eval
 
 help:  ## List the targets
@@ -46,6 +46,15 @@ proto:  ## Regenerate the Python stubs from proto/
 	rm -rf proto/python/deepgen
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto/python --pyi_out=proto/python \
 		--grpc_python_out=proto/python $(addprefix proto/,$(PROTOS))
+
+# `make certs CERT_HOSTS=reward-host.example,10.0.0.5 [CERTS_DIR=certs] [FORCE=1]`
+CERTS_DIR ?= certs
+CERT_HOSTS ?=
+certs:  ## CA + server/client TLS certificates into CERTS_DIR for CERT_HOSTS (names/IPs, comma-separated)
+	$(BIN)/python scripts/make_certs.py --dest $(CERTS_DIR) --hosts "$(CERT_HOSTS)"$(if $(FORCE), --force)
+
+bench-load:  ## Overload: 300 concurrent clients x 2 samples against reward-ocr, 15 s deadline
+	$(BIN)/python benchmarks/bench_load.py
 
 bench-ocr:  ## OCR throughput: bare engine vs. the service over gRPC and HTTP
 	$(BIN)/python benchmarks/bench_ocr.py

@@ -128,6 +128,7 @@ class OcrBackend:
             f"{settings.ocr_backend} ({settings.ocr_workers} {settings.ocr_executor} workers "
             f"x {settings.ocr_threads} threads)"
         )
+        self.workers = settings.ocr_workers
         self._config = WorkerConfig.from_settings(settings)
         self._pool: Executor | None = None
         self._task = _score_in_process if settings.ocr_executor == "process" else _score_in_thread
@@ -173,6 +174,7 @@ class OcrBackend:
             return [Result.failed("OCR worker process crashed while scoring this batch; retry")] * len(samples)
         if self.metrics is not None:
             for s in scored:
+                self.metrics.observe_sample_seconds(sum(s.stages.values()))
                 self.metrics.observe_stage("queue", max(0.0, s.started_at - submitted))
                 for stage, seconds in s.stages.items():
                     self.metrics.observe_stage(stage, seconds)

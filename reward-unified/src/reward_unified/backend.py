@@ -33,7 +33,9 @@ class UnifiedBackend:
         self.settings = settings
         self.metrics = metrics
         self.description = f"vllm:{settings.judge_model}"
-        self.judge = settings.judge_client(on_latency=lambda seconds: metrics.observe_stage("judge", seconds))
+        self.workers = settings.workers  # judge calls in flight at once
+        self.judge = settings.judge_client(on_latency=self._observe_call)
+        self._call_seconds: float | None = None  # recent seconds of one judge call
         self.health = HealthWatch(self.judge, settings.judge_health_poll_s)
         self.judge_calls = Counter(
             "deepgen_judge_calls",
@@ -42,6 +44,17 @@ class UnifiedBackend:
             registry=metrics.registry,
         )
         self.templates: Templates | None = None
+
+    def _observe_call(self, seconds: float) -> None:
+        self.metrics.observe_stage("judge", seconds)
+        previous = self._call_seconds
+        self._call_seconds = seconds if previous is None else previous + 0.1 * (seconds - previous)
+
+    def _observe_samples(self, n: int, calls: int) -> None:
+        """Report each sample's share of the request's judge calls to admission."""
+        if self._call_seconds is not None:
+            for _ in range(n):
+                self.metrics.observe_sample_seconds(calls * self._call_seconds / n)
 
     async def load(self) -> None:
         self.templates = Templates.load(self.settings.templates_dir)
@@ -54,7 +67,9 @@ class UnifiedBackend:
         images = await asyncio.gather(*(asyncio.to_thread(self._validate, s) for s in samples))
         if mode is Mode.GROUP:
             return await self._score_groups(samples, images)
-        return await asyncio.gather(*(self._score_one(s, im) for s, im in zip(samples, images, strict=True)))
+        results = await asyncio.gather(*(self._score_one(s, im) for s, im in zip(samples, images, strict=True)))
+        self._observe_samples(len(samples), len(samples))
+        return results
 
     def _validate(self, sample: Sample) -> JudgeImage | str:
         """The image to send, or the reason it cannot be used. The judge decodes it, so only the
@@ -89,6 +104,7 @@ class UnifiedBackend:
 
         pairs = comparisons(list(groups.values()), self.settings.both_orders)
         judged = await asyncio.gather(*(judge(c) for c in pairs))
+        self._observe_samples(len(samples), len(pairs))
         tallies = tally(
             len(samples), [(c, w) for c, w in judged if c.first not in failures and c.second not in failures]
         )

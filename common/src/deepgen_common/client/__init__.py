@@ -5,7 +5,7 @@ from deepgen_common.client.credentials import ClientCredentials
 from deepgen_common.client.eval_client import EvalClient, EvalImage, EvalPrompts
 from deepgen_common.client.readiness import is_ready, wait_ready
 from deepgen_common.client.reward_client import RetryPolicy, RewardClient, make_transport
-from deepgen_common.client.transports import RewardServiceError, TransientError
+from deepgen_common.client.transports import OverloadedError, RewardServiceError, TransientError
 from deepgen_common.client.urls import ServiceURL, parse_service_url
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "EvalClient",
     "EvalImage",
     "EvalPrompts",
+    "OverloadedError",
     "RetryPolicy",
     "RewardClient",
     "RewardServiceError",

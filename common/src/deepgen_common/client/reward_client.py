@@ -15,7 +15,13 @@ from typing import TypeVar
 from deepgen_common.client.breaker import CircuitBreaker
 from deepgen_common.client.credentials import ClientCredentials
 from deepgen_common.client.failover import FailoverTransport
-from deepgen_common.client.transports import GrpcTransport, HttpTransport, TransientError, Transport
+from deepgen_common.client.transports import (
+    GrpcTransport,
+    HttpTransport,
+    OverloadedError,
+    TransientError,
+    Transport,
+)
 from deepgen_common.client.urls import ServiceURL, parse_service_url
 from deepgen_common.types import Mode, Result, Sample, ServiceInfo
 
@@ -91,24 +97,41 @@ class RewardClient:
         self._info: ServiceInfo | None = None
 
     def _with_retries(self, what: str, call: Callable[[], T]) -> T:
-        for attempt in range(self.retry.max_attempts):
+        """`call`, retried: an unreachable service up to `retry.max_attempts` times with backoff (each
+        failure counts towards the breaker); an overloaded one (429 / RESOURCE_EXHAUSTED: it answered,
+        so the breaker counts a success) for as long as `timeout_s` allows, waiting at least the
+        service's Retry-After."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
             self.breaker.before_call()
             try:
                 result = call()
+            except OverloadedError as exc:
+                error: Exception = exc
+                self.breaker.record_success()
+                delay = max(exc.retry_after_s or 0.0, self.retry.delay(attempt))
+                if time.monotonic() - started + delay > self.timeout_s:
+                    raise OverloadedError(
+                        f"{what} on {self.url} still refused after {time.monotonic() - started:.0f}s "
+                        f"(timeout_s={self.timeout_s:g}): {exc}",
+                        exc.retry_after_s,
+                    ) from None
             except TransientError as exc:
+                error = exc
                 self.breaker.record_failure()
-                if attempt + 1 == self.retry.max_attempts:
+                if attempt + 1 >= self.retry.max_attempts:
                     raise TransientError(f"{what} on {self.url} failed after {attempt + 1} attempts: {exc}") from None
                 delay = self.retry.delay(attempt)
-                log.warning("retrying %s on %s in %.2fs: %s", what, self.url, delay, exc)
-                time.sleep(delay)
             except BaseException:
                 self.breaker.record_success()  # the service answered; bad input is not an outage
                 raise
             else:
                 self.breaker.record_success()
                 return result
-        raise AssertionError("unreachable")
+            log.warning("retrying %s on %s in %.2fs: %s", what, self.url, delay, error)
+            time.sleep(delay)
+            attempt += 1
 
     def info(self, refresh: bool = False) -> ServiceInfo:
         """The service's name, limits and capabilities (cached after the first call)."""

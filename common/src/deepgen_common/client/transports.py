@@ -22,11 +22,28 @@ from deepgen.reward.v1 import reward_pb2
 from deepgen_common.client.credentials import ClientCredentials
 from deepgen_common.client.urls import ServiceURL
 from deepgen_common.convert import info_from_pb, request_to_pb, results_from_pb
+from deepgen_common.deadline import DEADLINE_HEADER
 from deepgen_common.types import Limits, Mode, Outcome, Result, Sample, ServiceInfo
 
 
 class TransientError(ConnectionError):
     """A failure worth retrying: unreachable, overloaded or restarting service."""
+
+
+class OverloadedError(TransientError):
+    """The service is up but refused the request for now (RESOURCE_EXHAUSTED / 429); it suggests
+    retrying after `retry_after_s` seconds when it says so."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:  # an HTTP date or garbage: fall back to the client's own backoff
+        return None
 
 
 class RewardServiceError(RuntimeError):
@@ -44,7 +61,7 @@ class Transport(Protocol):
 
 
 _RETRYABLE_GRPC = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
-_RETRYABLE_HTTP = {429, 502, 503, 504}
+_RETRYABLE_HTTP = {408, 429, 502, 503, 504}  # 408: the service gave up reading a slow body
 _SCORE = f"/{reward_pb2.DESCRIPTOR.services_by_name['RewardService'].full_name}/Score"
 _INFO = f"/{reward_pb2.DESCRIPTOR.services_by_name['RewardService'].full_name}/GetInfo"
 
@@ -69,6 +86,9 @@ def grpc_channel(url: ServiceURL, credentials: ClientCredentials, max_message_by
 def rpc_error(exc: grpc.RpcError) -> TransientError | RewardServiceError:
     """The client error for a failed call: TransientError (worth retrying) or RewardServiceError."""
     code, details = exc.code(), exc.details() or ""
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        trailers = dict(exc.trailing_metadata() or ()) if isinstance(exc, grpc.Call) else {}
+        return OverloadedError(f"{code.name}: {details}", _retry_after(trailers.get("retry-after")))
     if code in _RETRYABLE_GRPC:
         return TransientError(f"{code.name}: {details}")
     return RewardServiceError(code.name, details)
@@ -145,11 +165,15 @@ class HttpTransport:
 
     def request(self, method: str, path: str, timeout_s: float, body: dict | None = None) -> dict:
         try:
-            response = self._http.request(method, self._url(path), json=body, timeout=timeout_s)
+            # The service admits a request only if it can answer within this deadline (else 429 at once).
+            deadline = {DEADLINE_HEADER: str(max(1, int(timeout_s * 1000)))}
+            response = self._http.request(method, self._url(path), json=body, timeout=timeout_s, headers=deadline)
         except httpx.TimeoutException as exc:
             raise RewardServiceError("DEADLINE_EXCEEDED", f"no answer within {timeout_s}s: {exc}") from None
         except httpx.TransportError as exc:
             raise TransientError(f"{type(exc).__name__}: {exc}") from None
+        if response.status_code == 429:
+            raise OverloadedError(f"HTTP 429: {response.text[:500]}", _retry_after(response.headers.get("retry-after")))
         if response.status_code in _RETRYABLE_HTTP:
             raise TransientError(f"HTTP {response.status_code}: {response.text[:500]}")
         if response.status_code != 200:

@@ -15,7 +15,7 @@ import math
 import torch
 from PIL import Image
 
-from deepgen_common.client import EvalClient, EvalImage, RewardServiceError, TransientError
+from deepgen_common.client import EvalClient, EvalImage, EvalRun, RewardServiceError, TransientError
 from deepgen_common.types import RunSummary
 from deepgen_trainer.distributed import World
 from deepgen_trainer.model import NEGATIVE_PROMPT, DeepGen, to_uint8
@@ -45,7 +45,7 @@ def evaluate(
         plan = world.broadcast(None)
     if plan is None:
         return {}
-    run_id, prompts, duplicates = plan
+    run, prompts, duplicates = plan
     items = [(k, pid, prompt, dup) for k, (pid, prompt) in enumerate(prompts) for dup in range(duplicates)]
     mine = items[world.rank :: world.world_size]
     sigmas = model.sigmas(num_inference_steps)
@@ -61,7 +61,7 @@ def evaluate(
         images = to_uint8(model.decode(ode_sample(model, noise, cond, sigmas, cfg_scale, uncond)))
         try:
             client.submit(
-                run_id, [EvalImage(pid, dup, _png(img)) for (_, pid, _, dup), img in zip(batch, images, strict=True)]
+                run, [EvalImage(pid, dup, _png(img)) for (_, pid, _, dup), img in zip(batch, images, strict=True)]
             )
         except (TransientError, RewardServiceError) as exc:
             log.warning("evaluation images not accepted: %s", exc)
@@ -71,16 +71,16 @@ def evaluate(
     if not world.is_main:
         return {}
     try:
-        summary = client.finish(run_id)
+        summary = client.finish(run)
     except (TransientError, RewardServiceError) as exc:
-        log.warning("evaluation run %s could not be finished: %s", run_id, exc)
+        log.warning("evaluation run %s could not be finished: %s", run, exc)
         return {}
     if failed:
-        log.warning("evaluation run %s is incomplete: some images were not accepted", run_id)
+        log.warning("evaluation run %s is incomplete: some images were not accepted", run)
     return summary_metrics(summary)
 
 
-def _open_run(client: EvalClient, step: int) -> tuple[str, list[tuple[str, str]], int]:
+def _open_run(client: EvalClient, step: int) -> tuple[EvalRun, list[tuple[str, str]], int]:
     listed = client.prompts()
     return client.start_run(step), listed.prompts, listed.duplicates
 

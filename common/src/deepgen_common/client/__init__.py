@@ -1,7 +1,7 @@
 """Clients of the contracts `deepgen.reward.v1` (rewards) and `deepgen.eval.v1` (evaluation), over gRPC or HTTP/JSON."""
 
 from deepgen_common.client.breaker import BreakerState, CircuitBreaker, CircuitOpenError
-from deepgen_common.client.eval_client import EvalClient, EvalImage, EvalPrompts
+from deepgen_common.client.eval_client import EvalClient, EvalImage, EvalPrompts, EvalRun
 from deepgen_common.client.readiness import is_ready, wait_ready
 from deepgen_common.client.reward_client import RetryPolicy, RewardClient, make_transport
 from deepgen_common.client.transports import RewardServiceError, TransientError
@@ -13,6 +13,7 @@ __all__ = [
     "EvalClient",
     "EvalImage",
     "EvalPrompts",
+    "EvalRun",
     "RetryPolicy",
     "RewardClient",
     "RewardServiceError",

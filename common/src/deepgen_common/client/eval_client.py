@@ -1,10 +1,12 @@
 """Client of the evaluation contract (`deepgen.eval.v1`) over gRPC or HTTP/JSON.
 
-One evaluation: `prompts()` → generate `duplicates` images per prompt → `start_run(step)` →
-`submit(run_id, images)` (any number of times; over gRPC one client stream per call) →
-`finish(run_id)` → `RunSummary`. Calls that change nothing (prompts, info) and StartRun are retried
-on UNAVAILABLE / RESOURCE_EXHAUSTED / transport errors; submissions and FinishRun are not (a repeated
-submission would be rejected as a duplicate), so the caller decides what a failed evaluation means.
+One evaluation: `prompts()` → generate `duplicates` images per prompt → `run = start_run(step)` →
+`submit(run, images)` (any number of times; over gRPC one client stream per call) →
+`finish(run)` → `RunSummary`. The `EvalRun` handle carries the run's secret, which the service wants
+with every submission and FinishRun; it pickles, so one rank can open a run and broadcast it. Calls
+that change nothing (prompts, info) and StartRun are retried on UNAVAILABLE / RESOURCE_EXHAUSTED /
+transport errors; submissions and FinishRun are not (a repeated submission would be rejected as a
+duplicate), so the caller decides what a failed evaluation means.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
@@ -35,6 +37,17 @@ class EvalPrompts:
     benchmark: str
     duplicates: int
     prompts: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """An open run: its id (what `str()` and logs show) and the secret StartRun returned with it."""
+
+    run_id: str
+    secret: str = field(repr=False)
+
+    def __str__(self) -> str:
+        return self.run_id
 
 
 @dataclass(frozen=True)
@@ -114,23 +127,25 @@ class EvalClient:
         )
         return EvalPrompts(reply.benchmark, reply.duplicates, [(p.prompt_id, p.prompt) for p in reply.prompts])
 
-    def start_run(self, step: int) -> str:
+    def start_run(self, step: int) -> EvalRun:
         if self._http is not None:
             out = self._retrying(lambda: self._http.request("POST", "/v1/runs", 120.0, {"step": step}))  # type: ignore[union-attr]
-            return out["run_id"]
+            return EvalRun(out["run_id"], out["run_secret"])
         reply = self._retrying(
             lambda: self._unary("StartRun", eval_pb2.StartRunRequest(step=step), eval_pb2.StartRunResponse, 120.0)
         )
-        return reply.run_id
+        return EvalRun(reply.run_id, reply.run_secret)
 
-    def submit(self, run_id: str, images: Iterable[EvalImage]) -> int:
+    def submit(self, run: EvalRun, images: Iterable[EvalImage]) -> int:
         """Send images in batches of `batch_size` (over gRPC: one stream); returns how many were accepted.
         The service judges them as they arrive and holds the stream back while its queue is full."""
         if self._http is not None:
             accepted = 0
             for batch in _batches(images, self.batch_size):
-                body = {"images": [_image_json(i) for i in batch]}
-                accepted += self._http.request("POST", f"/v1/runs/{run_id}/images", self.timeout_s, body)["accepted"]
+                body = {"run_secret": run.secret, "images": [_image_json(i) for i in batch]}
+                accepted += self._http.request("POST", f"/v1/runs/{run.run_id}/images", self.timeout_s, body)[
+                    "accepted"
+                ]
             return accepted
         assert self._channel is not None
         stub = self._channel.stream_unary(
@@ -139,7 +154,7 @@ class EvalClient:
             response_deserializer=eval_pb2.SubmitImagesResponse.FromString,
         )
         requests = (
-            eval_pb2.SubmitImagesRequest(run_id=run_id, images=[_image_pb(i) for i in batch])
+            eval_pb2.SubmitImagesRequest(run_id=run.run_id, run_secret=run.secret, images=[_image_pb(i) for i in batch])
             for batch in _batches(images, self.batch_size)
         )
         try:
@@ -147,12 +162,13 @@ class EvalClient:
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
 
-    def finish(self, run_id: str) -> RunSummary:
+    def finish(self, run: EvalRun) -> RunSummary:
         """Wait for the last judgement; returns the summary (accuracies NaN when nothing was judged)."""
         if self._http is not None:
-            return _summary_from_json(self._http.request("POST", f"/v1/runs/{run_id}/finish", self.timeout_s))
-        reply = self._unary("FinishRun", eval_pb2.FinishRunRequest(run_id=run_id), eval_pb2.RunSummary, self.timeout_s)
-        return _summary_from_pb(reply)
+            body = {"run_secret": run.secret}
+            return _summary_from_json(self._http.request("POST", f"/v1/runs/{run.run_id}/finish", self.timeout_s, body))
+        request = eval_pb2.FinishRunRequest(run_id=run.run_id, run_secret=run.secret)
+        return _summary_from_pb(self._unary("FinishRun", request, eval_pb2.RunSummary, self.timeout_s))
 
     def close(self) -> None:
         if self._http is not None:

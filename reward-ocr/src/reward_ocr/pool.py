@@ -190,14 +190,17 @@ class WorkerPool:
             self.started += 1
             try:
                 scored = await worker.run(item.task, self.sample_timeout_s)
-            except (TimeoutError, WorkerDied) as exc:
+            except Exception as exc:  # this loop must outlive any failure, or the worker would be lost
                 if isinstance(exc, TimeoutError):
                     reason = (
                         f"OCR took over {self.sample_timeout_s:g} s (OCR_SAMPLE_TIMEOUT_S) on this sample; "
                         "its worker was replaced"
                     )
-                else:
+                elif isinstance(exc, WorkerDied):
                     reason = f"OCR worker crashed while scoring this sample ({exc}); retry"
+                else:
+                    log.exception("OCR worker failed", extra={"fields": {"worker": index}})
+                    reason = f"OCR worker failed while scoring this sample ({type(exc).__name__}); retry"
                 log.error("replacing OCR worker", extra={"fields": {"worker": index, "reason": reason}})
                 if not item.future.done():
                     item.future.set_result(PoolResult(Scored(Result.failed(reason), {}), started - item.queued_at))

@@ -3,10 +3,11 @@
 gRPC: ListPrompts, StartRun, SubmitImages (a client stream of batches), FinishRun, GetInfo.
 HTTP/JSON mirror (base64 images):
 - `GET /v1/prompts[?benchmark=zh]` -> `{"benchmark", "duplicates", "prompts": [{"prompt_id", "prompt"}]}`
-- `POST /v1/runs` `{"step": 10[, "benchmark": "zh"]}` -> `{"run_id"}`
-- `POST /v1/runs/{run_id}/images` `{"images": [{"prompt_id", "duplicate", "image": {"data", "format"}}]}`
-  -> `{"accepted"}`
-- `POST /v1/runs/{run_id}/finish` -> the run summary, with every image's verdicts
+- `POST /v1/runs` `{"step": 10[, "benchmark": "zh"]}` -> `{"run_id", "run_secret"}`
+- `POST /v1/runs/{run_id}/images`
+  `{"run_secret", "images": [{"prompt_id", "duplicate", "image": {"data", "format"}}]}` -> `{"accepted"}`
+- `POST /v1/runs/{run_id}/finish` `{"run_secret"}` -> the run summary, with every image's verdicts
+A missing or wrong run secret is answered like an unknown run: NOT_FOUND / 404.
 - `GET /v1/info`
 """
 
@@ -26,7 +27,7 @@ from deepgen_common.grpc_server import parse, parse_stream
 from deepgen_common.http_server import ImageIn, InfoOut, decode_base64
 from deepgen_common.metrics import ServiceMetrics
 from deepgen_common.types import DimensionScore, ImageResult, RunSummary
-from eval_unigenbench.runs import Submission, UniGenBenchEval
+from eval_unigenbench.runs import MAX_STEP, Submission, UniGenBenchEval
 from eval_unigenbench.settings import EvalSettings
 
 EVAL_SERVICE = eval_pb2.DESCRIPTOR.services_by_name["EvalService"].full_name
@@ -45,24 +46,31 @@ class PromptsOut(BaseModel):
 
 class StartRunIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    step: int = Field(ge=0, description="Training step the images come from.")
+    step: int = Field(ge=0, le=MAX_STEP, description="Training step the images come from.")
     benchmark: str = Field("", description='Benchmark set, e.g. "en" or "zh_long"; empty: the first one served.')
 
 
 class StartRunOut(BaseModel):
     run_id: str
+    run_secret: str = Field(description="Present it to submit images to and finish the run.")
 
 
 class GeneratedImageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt_id: str
-    duplicate: int = Field(0, ge=0)
+    duplicate: int = Field(0, ge=0, lt=2**32, description="0..duplicates-1.")
     image: ImageIn
 
 
 class SubmitImagesIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    run_secret: str = Field("", max_length=256, description="The run_secret StartRun returned.")
     images: list[GeneratedImageIn]
+
+
+class FinishRunIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    run_secret: str = Field("", max_length=256, description="The run_secret StartRun returned.")
 
 
 class SubmitImagesOut(BaseModel):
@@ -163,18 +171,18 @@ def eval_api(service: UniGenBenchEval) -> ServiceApi:
 
     async def start_run_pb(raw: bytes) -> bytes:
         request = parse(eval_pb2.StartRunRequest, raw)
-        run_id = await service.start_run(request.step, request.benchmark)
-        return eval_pb2.StartRunResponse(run_id=run_id).SerializeToString()
+        opened = await service.start_run(request.step, request.benchmark)
+        return eval_pb2.StartRunResponse(run_id=opened.run_id, run_secret=opened.secret).SerializeToString()
 
     async def submit_images_pb(requests: AsyncIterator[bytes]) -> bytes:
         accepted = 0
         async for request in parse_stream(eval_pb2.SubmitImagesRequest, requests):
-            accepted += await service.submit(request.run_id, _submissions_from_pb(request))
+            accepted += await service.submit(request.run_id, request.run_secret, _submissions_from_pb(request))
         return eval_pb2.SubmitImagesResponse(accepted=accepted).SerializeToString()
 
     async def finish_run_pb(raw: bytes) -> bytes:
         request = parse(eval_pb2.FinishRunRequest, raw)
-        return _summary_to_pb(await service.finish(request.run_id)).SerializeToString()
+        return _summary_to_pb(await service.finish(request.run_id, request.run_secret)).SerializeToString()
 
     async def info_pb(raw: bytes) -> bytes:
         parse(types_pb2.GetInfoRequest, raw)
@@ -193,7 +201,8 @@ def eval_api(service: UniGenBenchEval) -> ServiceApi:
 
     @router.post("/v1/runs", response_model=StartRunOut)
     async def start_run(body: StartRunIn) -> StartRunOut:
-        return StartRunOut(run_id=await service.start_run(body.step, body.benchmark))
+        opened = await service.start_run(body.step, body.benchmark)
+        return StartRunOut(run_id=opened.run_id, run_secret=opened.secret)
 
     @router.post("/v1/runs/{run_id}/images", response_model=SubmitImagesOut)
     async def submit_images(run_id: str, body: SubmitImagesIn) -> SubmitImagesOut:
@@ -201,11 +210,12 @@ def eval_api(service: UniGenBenchEval) -> ServiceApi:
             Submission(g.prompt_id, g.duplicate, decode_base64(g.image.data, f"images[{i}].image.data"), g.image.format)
             for i, g in enumerate(body.images)
         ]
-        return SubmitImagesOut(accepted=await service.submit(run_id, submissions))
+        return SubmitImagesOut(accepted=await service.submit(run_id, body.run_secret, submissions))
 
     @router.post("/v1/runs/{run_id}/finish", response_model=RunSummaryOut)
-    async def finish_run(run_id: str) -> RunSummaryOut:
-        return RunSummaryOut(**(await service.finish(run_id)).to_dict())
+    async def finish_run(run_id: str, body: FinishRunIn | None = None) -> RunSummaryOut:
+        secret = body.run_secret if body is not None else ""
+        return RunSummaryOut(**(await service.finish(run_id, secret)).to_dict())
 
     @router.get("/v1/info", response_model=InfoOut)
     async def info() -> InfoOut:

@@ -51,7 +51,10 @@ class EvalSettings(JudgeSettings):
     results_dir: Path = Field(Path("/data/results"), description="Where each run's CSV and JSON are written.")
     max_open_runs: int = Field(4, ge=1, description="Runs open at once; StartRun beyond it is RESOURCE_EXHAUSTED.")
     run_idle_timeout_s: float = Field(
-        3600.0, gt=0, description="An open run without submissions for this long is abandoned when room is needed."
+        600.0,
+        gt=0,
+        description="An open run with no client call and no judgement in flight for this long expires: what it "
+        "judged is written (to a folder ending in -expired), then it is forgotten.",
     )
     sleep_between_runs: bool = Field(
         False,

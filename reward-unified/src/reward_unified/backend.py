@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Sequence
 
-from prometheus_client import Counter
+import prometheus_client
 
-from deepgen_common.errors import ImageError
+from deepgen_common.errors import ImageError, InvalidInput
 from deepgen_common.judge import HealthWatch, JudgeImage, JudgeRejected, JudgeUnavailable
 from deepgen_common.metrics import ServiceMetrics
 from deepgen_common.types import Mode, Result, Sample
@@ -37,7 +38,7 @@ class UnifiedBackend:
         self.judge = settings.judge_client(on_latency=self._observe_call)
         self._call_seconds: float | None = None  # recent seconds of one judge call
         self.health = HealthWatch(self.judge, settings.judge_health_poll_s)
-        self.judge_calls = Counter(
+        self.judge_calls = prometheus_client.Counter(
             "deepgen_judge_calls",
             "Judge calls by result (ok, tie, unparseable, failed).",
             ["result"],
@@ -64,12 +65,26 @@ class UnifiedBackend:
         return self.templates is not None and self.health.healthy
 
     async def score(self, samples: Sequence[Sample], mode: Mode) -> list[Result]:
+        if mode is Mode.GROUP:
+            self._check_group_sizes(samples)
         images = await asyncio.gather(*(asyncio.to_thread(self._validate, s) for s in samples))
         if mode is Mode.GROUP:
             return await self._score_groups(samples, images)
         results = await asyncio.gather(*(self._score_one(s, im) for s, im in zip(samples, images, strict=True)))
         self._observe_samples(len(samples), len(samples))
         return results
+
+    def _check_group_sizes(self, samples: Sequence[Sample]) -> None:
+        """Refuse the whole request before any judge call when a group is over MAX_GROUP_SIZE: a group
+        of n costs n(n-1)/2 calls (64 images: 2,016), so one request could hold the judge for hours."""
+        sizes = Counter(s.group_id for s in samples)
+        group_id, size = sizes.most_common(1)[0]
+        limit = self.settings.max_group_size
+        if size > limit:
+            raise InvalidInput(
+                f"group {group_id!r} has {size} samples, over the limit of {limit} (MAX_GROUP_SIZE); "
+                f"send groups of at most {limit} images"
+            )
 
     def _validate(self, sample: Sample) -> JudgeImage | str:
         """The image to send, or the reason it cannot be used. The judge decodes it, so only the

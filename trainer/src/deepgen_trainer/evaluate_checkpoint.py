@@ -192,12 +192,12 @@ def judge_missing(
     with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"judge {set_name}") as bar:
         for start in range(0, len(todo), judge_batch):
             chunk = todo[start : start + judge_batch]
-            run_id = client.start_run(source.step, set_name)
+            run = client.start_run(source.step, set_name)
             images = [
                 EvalImage(i.prompt_id, i.duplicate, _image_path(folder / "images", i).read_bytes()) for i in chunk
             ]
-            client.submit(run_id, images)
-            summary = client.finish(run_id)
+            client.submit(run, images)
+            summary = client.finish(run)
             rows = [{"answer_rules": summary.answer_rules, **dataclasses.asdict(v)} for v in summary.images]
             _append_lines(path, [json.dumps(row, ensure_ascii=False) for row in rows])
             for verdict in summary.images:

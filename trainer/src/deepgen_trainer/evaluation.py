@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from deepgen_common.client import EvalClient, EvalImage, RewardServiceError, TransientError
+from deepgen_common.client import EvalClient, EvalImage, EvalRun, RewardServiceError, TransientError
 from deepgen_common.eval_results import write_results_csv, write_summary_json
 from deepgen_common.types import RunSummary
 from deepgen_trainer.contact_sheet import SheetEntry, save_contact_sheet, sheet_prompt_ids
@@ -113,7 +113,7 @@ def evaluate(
         plan = world.broadcast(None)
     if plan is None:
         return None
-    run_id, prompts, duplicates = plan
+    run, prompts, duplicates = plan
     mine = eval_items(prompts, duplicates)[world.rank :: world.world_size]
     on_sheet = set(sheet_prompt_ids([pid for pid, _ in prompts]))
     sheet_images: dict[str, bytes] = {}
@@ -124,7 +124,7 @@ def evaluate(
     ):  # fmt: skip
         sheet_images |= {i.prompt_id: data for i, data in batch if i.prompt_id in on_sheet and i.duplicate == 0}
         try:
-            client.submit(run_id, [EvalImage(i.prompt_id, i.duplicate, data) for i, data in batch])
+            client.submit(run, [EvalImage(i.prompt_id, i.duplicate, data) for i, data in batch])
         except (TransientError, RewardServiceError) as exc:
             log.warning("evaluation images not accepted: %s", exc)
             failed = True
@@ -133,12 +133,12 @@ def evaluate(
     if not world.is_main:
         return None
     try:
-        summary = client.finish(run_id)
+        summary = client.finish(run)
     except (TransientError, RewardServiceError) as exc:
-        log.warning("evaluation run %s could not be finished: %s", run_id, exc)
+        log.warning("evaluation run %s could not be finished: %s", run, exc)
         return None
     if failed:
-        log.warning("evaluation run %s is incomplete: some images were not accepted", run_id)
+        log.warning("evaluation run %s is incomplete: some images were not accepted", run)
     label = label or summary.benchmark or "unigenbench"
     folder = output_dir / "eval" / label / f"step-{step:07d}"
     images = {pid: data for part in gathered for pid, data in part.items()}
@@ -157,7 +157,7 @@ def write_evaluation(folder: Path, summary: RunSummary, prompts: Sequence[tuple[
     return save_contact_sheet(folder / CONTACT_SHEET_FILE, entries)
 
 
-def _open_run(client: EvalClient, step: int) -> tuple[str, list[tuple[str, str]], int]:
+def _open_run(client: EvalClient, step: int) -> tuple[EvalRun, list[tuple[str, str]], int]:
     listed = client.prompts()
     return client.start_run(step), listed.prompts, listed.duplicates
 

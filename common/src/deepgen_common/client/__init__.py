@@ -2,7 +2,7 @@
 
 from deepgen_common.client.breaker import BreakerState, CircuitBreaker, CircuitOpenError
 from deepgen_common.client.credentials import ClientCredentials
-from deepgen_common.client.eval_client import EvalClient, EvalImage, EvalPrompts
+from deepgen_common.client.eval_client import EvalClient, EvalImage, EvalPrompts, EvalRun
 from deepgen_common.client.readiness import is_ready, wait_ready
 from deepgen_common.client.reward_client import RetryPolicy, RewardClient, make_transport
 from deepgen_common.client.transports import OverloadedError, RewardServiceError, TransientError
@@ -16,6 +16,7 @@ __all__ = [
     "EvalClient",
     "EvalImage",
     "EvalPrompts",
+    "EvalRun",
     "OverloadedError",
     "RetryPolicy",
     "RewardClient",

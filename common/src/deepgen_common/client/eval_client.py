@@ -1,10 +1,12 @@
 """Client of the evaluation contract (`deepgen.eval.v1`) over gRPC or HTTP/JSON.
 
-One evaluation: `prompts()` → generate `duplicates` images per prompt → `start_run(step)` →
-`submit(run_id, images)` (any number of times; over gRPC one client stream per call) →
-`finish(run_id)` → `RunSummary`. Calls that change nothing (prompts, info) and StartRun are retried
-on UNAVAILABLE / RESOURCE_EXHAUSTED / transport errors; submissions and FinishRun are not (a repeated
-submission would be rejected as a duplicate), so the caller decides what a failed evaluation means.
+One evaluation: `prompts()` → generate `duplicates` images per prompt → `run = start_run(step)` →
+`submit(run, images)` (any number of times; over gRPC one client stream per call) →
+`finish(run)` → `RunSummary`. The `EvalRun` handle carries the run's secret, which the service wants
+with every submission and FinishRun; it pickles, so one rank can open a run and broadcast it. Calls
+that change nothing (prompts, info) and StartRun are retried on UNAVAILABLE / RESOURCE_EXHAUSTED /
+transport errors; submissions and FinishRun are not (a repeated submission would be rejected as a
+duplicate), so the caller decides what a failed evaluation means.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import quote
 
@@ -39,6 +41,19 @@ class EvalPrompts:
     benchmark: str
     duplicates: int
     prompts: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """An open run: its id (what `str()` and logs show), the secret StartRun returned with it, and the
+    address of the service process that holds it (a run lives in one process)."""
+
+    run_id: str
+    secret: str = field(repr=False)
+    address: str = ""
+
+    def __str__(self) -> str:
+        return self.run_id
 
 
 @dataclass(frozen=True)
@@ -84,8 +99,9 @@ class EvalClient:
 
     `url` takes any form of `deepgen_common.client.urls`. With several addresses, calls that change
     nothing and StartRun go round-robin with failover; a run's submissions and FinishRun go to the
-    address that started it (a run lives in one service process). The token and TLS roots come from
-    `credentials`, by default from the environment (`ClientCredentials.from_env`).
+    address that started it (a run lives in one service process; `EvalRun.address` names it). The
+    token and TLS roots come from `credentials`, by default from the environment
+    (`ClientCredentials.from_env`).
     """
 
     def __init__(
@@ -108,7 +124,6 @@ class EvalClient:
         parts = parse_service_url(url).split()
         endpoints = [_Endpoint(part, credentials, max_message_bytes) for part in parts]
         self._robin = RoundRobin(endpoints, [e.name for e in endpoints])
-        self._run_endpoints: dict[str, _Endpoint] = {}
 
     def _retrying(self, call: Callable[[_Endpoint], T]) -> T:
         for attempt in range(self.retry.max_attempts):
@@ -144,37 +159,40 @@ class EvalClient:
 
         return self._retrying(call)
 
-    def start_run(self, step: int, benchmark: str = "") -> str:
-        """Open a run for `step` on benchmark set `benchmark` (empty: the service's first set)."""
+    def start_run(self, step: int, benchmark: str = "") -> EvalRun:
+        """Open a run for `step` on benchmark set `benchmark` (empty: the service's first set). The
+        returned handle pickles, so one rank can open a run and share it with the others."""
 
-        def call(e: _Endpoint) -> tuple[str, _Endpoint]:
+        def call(e: _Endpoint) -> EvalRun:
             if e.http is not None:
                 body = {"step": step, "benchmark": benchmark}
-                return e.http.request("POST", "/v1/runs", 120.0, body)["run_id"], e
+                out = e.http.request("POST", "/v1/runs", 120.0, body)
+                return EvalRun(out["run_id"], out["run_secret"], e.name)
             request = eval_pb2.StartRunRequest(step=step, benchmark=benchmark)
-            return e.unary("StartRun", request, eval_pb2.StartRunResponse, 120.0).run_id, e
+            reply = e.unary("StartRun", request, eval_pb2.StartRunResponse, 120.0)
+            return EvalRun(reply.run_id, reply.run_secret, e.name)
 
-        run_id, endpoint = self._retrying(call)
-        self._run_endpoints[run_id] = endpoint
-        return run_id
+        return self._retrying(call)
 
-    def _endpoint_of(self, run_id: str) -> _Endpoint:
-        # A run started elsewhere (another client process) can only be addressed on a one-address URL.
-        if run_id in self._run_endpoints:
-            return self._run_endpoints[run_id]
-        if len(self._robin.members) == 1:
-            return self._robin.members[0]
-        raise ValueError(f"run {run_id!r} was not started by this client; with several addresses it cannot be found")
+    def _endpoint_of(self, run: EvalRun) -> _Endpoint:
+        """The address that holds `run` (the only one, for a one-address URL)."""
+        members = self._robin.members
+        if len(members) == 1:
+            return members[0]
+        for endpoint in members:
+            if endpoint.name == run.address:
+                return endpoint
+        raise ValueError(f"run {run} was started at {run.address or 'an unknown address'}, not one of {self.url}")
 
-    def submit(self, run_id: str, images: Iterable[EvalImage]) -> int:
+    def submit(self, run: EvalRun, images: Iterable[EvalImage]) -> int:
         """Send images in batches of `batch_size` (over gRPC: one stream); returns how many were accepted.
         The service judges them as they arrive and holds the stream back while its queue is full."""
-        e = self._endpoint_of(run_id)
+        e = self._endpoint_of(run)
         if e.http is not None:
             accepted = 0
             for batch in _batches(images, self.batch_size):
-                body = {"images": [_image_json(i) for i in batch]}
-                accepted += e.http.request("POST", f"/v1/runs/{run_id}/images", self.timeout_s, body)["accepted"]
+                body = {"run_secret": run.secret, "images": [_image_json(i) for i in batch]}
+                accepted += e.http.request("POST", f"/v1/runs/{run.run_id}/images", self.timeout_s, body)["accepted"]
             return accepted
         assert e.channel is not None
         stub = e.channel.stream_unary(
@@ -183,7 +201,7 @@ class EvalClient:
             response_deserializer=eval_pb2.SubmitImagesResponse.FromString,
         )
         requests = (
-            eval_pb2.SubmitImagesRequest(run_id=run_id, images=[_image_pb(i) for i in batch])
+            eval_pb2.SubmitImagesRequest(run_id=run.run_id, run_secret=run.secret, images=[_image_pb(i) for i in batch])
             for batch in _batches(images, self.batch_size)
         )
         try:
@@ -191,16 +209,14 @@ class EvalClient:
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
 
-    def finish(self, run_id: str) -> RunSummary:
+    def finish(self, run: EvalRun) -> RunSummary:
         """Wait for the last judgement; returns the summary (accuracies NaN when nothing was judged)."""
-        e = self._endpoint_of(run_id)
+        e = self._endpoint_of(run)
         if e.http is not None:
-            summary = _summary_from_json(e.http.request("POST", f"/v1/runs/{run_id}/finish", self.timeout_s))
-        else:
-            reply = e.unary("FinishRun", eval_pb2.FinishRunRequest(run_id=run_id), eval_pb2.RunSummary, self.timeout_s)
-            summary = _summary_from_pb(reply)
-        self._run_endpoints.pop(run_id, None)
-        return summary
+            body = {"run_secret": run.secret}
+            return _summary_from_json(e.http.request("POST", f"/v1/runs/{run.run_id}/finish", self.timeout_s, body))
+        request = eval_pb2.FinishRunRequest(run_id=run.run_id, run_secret=run.secret)
+        return _summary_from_pb(e.unary("FinishRun", request, eval_pb2.RunSummary, self.timeout_s))
 
     def close(self) -> None:
         for endpoint in self._robin.members:

@@ -40,10 +40,12 @@ class StartRunRequest(_message.Message):
     def __init__(self, step: _Optional[int] = ..., benchmark: _Optional[str] = ...) -> None: ...
 
 class StartRunResponse(_message.Message):
-    __slots__ = ("run_id",)
+    __slots__ = ("run_id", "run_secret")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_SECRET_FIELD_NUMBER: _ClassVar[int]
     run_id: str
-    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+    run_secret: str
+    def __init__(self, run_id: _Optional[str] = ..., run_secret: _Optional[str] = ...) -> None: ...
 
 class GeneratedImage(_message.Message):
     __slots__ = ("prompt_id", "duplicate", "image")
@@ -56,12 +58,14 @@ class GeneratedImage(_message.Message):
     def __init__(self, prompt_id: _Optional[str] = ..., duplicate: _Optional[int] = ..., image: _Optional[_Union[_types_pb2.Image, _Mapping]] = ...) -> None: ...
 
 class SubmitImagesRequest(_message.Message):
-    __slots__ = ("run_id", "images")
+    __slots__ = ("run_id", "images", "run_secret")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    RUN_SECRET_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     images: _containers.RepeatedCompositeFieldContainer[GeneratedImage]
-    def __init__(self, run_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ...) -> None: ...
+    run_secret: str
+    def __init__(self, run_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., run_secret: _Optional[str] = ...) -> None: ...
 
 class SubmitImagesResponse(_message.Message):
     __slots__ = ("accepted",)
@@ -70,10 +74,12 @@ class SubmitImagesResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ...) -> None: ...
 
 class FinishRunRequest(_message.Message):
-    __slots__ = ("run_id",)
+    __slots__ = ("run_id", "run_secret")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_SECRET_FIELD_NUMBER: _ClassVar[int]
     run_id: str
-    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+    run_secret: str
+    def __init__(self, run_id: _Optional[str] = ..., run_secret: _Optional[str] = ...) -> None: ...
 
 class DimensionScore(_message.Message):
     __slots__ = ("name", "correct", "total", "accuracy")

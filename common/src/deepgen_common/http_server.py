@@ -178,7 +178,8 @@ def create_http_app(api: ServiceApi, service: Lifecycle, metrics: ServiceMetrics
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         ready = service.ready()
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+        body = {"ready": ready, "waiting_for": {} if ready else service.waiting_for()}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -119,6 +119,11 @@ class UniGenBenchEval:
     def ready(self) -> bool:
         return self.benchmark is not None and self.health.healthy
 
+    def waiting_for(self) -> dict[str, str]:
+        if self.benchmark is None:
+            return {"benchmark": f"loading {self.settings.benchmark_path} and the templates"}
+        return self.health.waiting_for()
+
     async def close(self) -> None:
         for run in list(self._runs.values()):
             self._abandon(run, "service stopping")

@@ -158,6 +158,11 @@ class OcrBackend:
     def ready(self) -> bool:
         return self._ready
 
+    def waiting_for(self) -> dict[str, str]:
+        if self._ready:
+            return {}
+        return {"ocr_workers": f"starting {self.settings.ocr_workers} {self.settings.ocr_backend} workers"}
+
     async def score(self, samples: Sequence[Sample], mode: Mode) -> list[Result]:
         assert self._pool is not None, "score() before load()"
         loop = asyncio.get_running_loop()

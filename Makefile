@@ -42,7 +42,14 @@ format:  ## Apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-proto:  ## Regenerate the Python stubs from proto/
+# The stubs' generator is pinned in requirements-dev.txt: its gencode version is the oldest protobuf runtime
+# the stubs accept (1.76.0 -> 6.31.1, what swanlab needs), so another version would change the contract.
+GRPC_TOOLS_VERSION := $(shell sed -n 's/^grpcio-tools==\([0-9.]*\).*/\1/p' requirements-dev.txt)
+
+proto:  ## Regenerate the Python stubs from proto/ (with the pinned grpcio-tools)
+	@v=$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('grpcio-tools'))"); \
+	test "$$v" = "$(GRPC_TOOLS_VERSION)" || { echo "make proto: grpcio-tools $$v is installed, the stubs are" \
+		"generated with $(GRPC_TOOLS_VERSION): run make setup" >&2; exit 2; }
 	rm -rf proto/python/deepgen
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto/python --pyi_out=proto/python \
 		--grpc_python_out=proto/python $(addprefix proto/,$(PROTOS))

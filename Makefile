@@ -11,7 +11,7 @@ ARGS ?=
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
 
 .PHONY: help setup setup-judges fetch-judge-data test lint format proto bench-ocr bench-sde bench-judges bench-train bench-flops demo \
-	train train-local convert
+	train train-local convert scale-ocr
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -71,6 +71,11 @@ bench-flops:  ## FLOPs of one default training step per GPU (analytic, checked w
 
 demo:  ## Main job on the embedded default: tiny DeepGen MR-GRPO on CPU against a real reward-ocr service
 	$(BIN)/python scripts/demo.py
+
+# `make scale-ocr REPLICAS=3`: 1 + 3 OCR instances; prints OCR_URL=grpc://127.0.0.1:50051,127.0.0.1:50061,...
+REPLICAS ?= 2
+scale-ocr:  ## Start reward-ocr + REPLICAS replicas published on 127.0.0.1, print the OCR_URL listing them all
+	COMPOSE="$(COMPOSE)" bash scripts/scale_ocr.sh $(REPLICAS)
 
 train:  ## GRPO training in the trainer container (compose profile `train`, GPUs TRAINER_GPUS); ARGS="flags"
 	$(COMPOSE) --profile train run --rm --use-aliases trainer $(ARGS)

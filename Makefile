@@ -10,7 +10,7 @@ ARGS ?=
 # docker compose v2 when installed, else docker-compose 1.29.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
 
-.PHONY: help setup setup-judges fetch-judge-data test lint format proto bench-ocr bench-sde bench-judges bench-train bench-flops demo \
+.PHONY: help setup setup-judges fetch-judge-data test lint format proto bench-ocr bench-sde bench-judges bench-train bench-flops bench-gpu demo \
 	train train-local convert scale-ocr
 
 help:  ## List the targets
@@ -68,6 +68,9 @@ bench-train:  ## Training step on CPU (tiny model): time per phase, reward wait,
 
 bench-flops:  ## FLOPs of one default training step per GPU (analytic, checked with FlopCounterMode) and MFU
 	$(BIN)/python benchmarks/flops.py
+
+bench-gpu:  ## Default training step, DeepGen at real size (random weights) on 1 GPU and on all: img/s/GPU, MFU
+	$(BIN)/python benchmarks/bench_gpu.py
 
 demo:  ## Main job on the embedded default: tiny DeepGen MR-GRPO on CPU against a real reward-ocr service
 	$(BIN)/python scripts/demo.py

@@ -55,3 +55,15 @@ def test_help_lists_the_training_targets():
     listing = make("help").stdout
     for target in ("train ", "train-local", "convert"):
         assert f"  {target}" in listing, target
+
+
+def test_scale_ocr_runs_the_script_with_the_replica_count_and_compose_command():
+    done = make("-n", "scale-ocr", "REPLICAS=3", "COMPOSE=docker-compose")
+    assert 'COMPOSE="docker-compose" bash scripts/scale_ocr.sh 3' in done.stdout.splitlines()
+
+
+def test_proto_refuses_another_grpc_tools_version():
+    done = make("proto", "GRPC_TOOLS_VERSION=0.0.0")
+    assert done.returncode != 0
+    assert "the stubs are generated with 0.0.0: run make setup" in done.stderr
+    assert "grpc_tools.protoc" not in done.stdout  # nothing regenerated

@@ -158,6 +158,7 @@ def build_deepgen(shape: DeepGenShape, depth: int | None, device: torch.device, 
     )
     lmm_config._attn_implementation = "sdpa"
     vae = shape.vae
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # float32 grid, CPU
     with building_on(device, dtype):
         lmm = Qwen2_5_VLForConditionalGeneration(lmm_config).eval()
         transformer = SD3Transformer2DModel(**shape.dit.kwargs())
@@ -178,7 +179,7 @@ def build_deepgen(shape: DeepGenShape, depth: int | None, device: torch.device, 
             lmm,
             transformer,
             autoencoder,
-            FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+            scheduler,
             tokenizer,
             shape.deepgen,
         )

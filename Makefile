@@ -10,8 +10,8 @@ ARGS ?=
 # docker compose v2 when installed, else docker-compose 1.29.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
 
-.PHONY: help setup setup-judges fetch-judge-data test lint format proto certs bench-ocr bench-load bench-sde bench-judges bench-train bench-flops demo \
-	train train-local convert eval
+.PHONY: help setup setup-judges fetch-judge-data test lint format proto certs bench-ocr bench-load bench-sde bench-judges bench-train bench-flops bench-gpu demo \
+	train train-local convert eval scale-ocr
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -42,7 +42,14 @@ format:  ## Apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-proto:  ## Regenerate the Python stubs from proto/
+# The stubs' generator is pinned in requirements-dev.txt: its gencode version is the oldest protobuf runtime
+# the stubs accept (1.76.0 -> 6.31.1, what swanlab needs), so another version would change the contract.
+GRPC_TOOLS_VERSION := $(shell sed -n 's/^grpcio-tools==\([0-9.]*\).*/\1/p' requirements-dev.txt)
+
+proto:  ## Regenerate the Python stubs from proto/ (with the pinned grpcio-tools)
+	@v=$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('grpcio-tools'))"); \
+	test "$$v" = "$(GRPC_TOOLS_VERSION)" || { echo "make proto: grpcio-tools $$v is installed, the stubs are" \
+		"generated with $(GRPC_TOOLS_VERSION): run make setup" >&2; exit 2; }
 	rm -rf proto/python/deepgen
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto/python --pyi_out=proto/python \
 		--grpc_python_out=proto/python $(addprefix proto/,$(PROTOS))
@@ -71,8 +78,16 @@ bench-train:  ## Training step on CPU (tiny model): time per phase, reward wait,
 bench-flops:  ## FLOPs of one default training step per GPU (analytic, checked with FlopCounterMode) and MFU
 	$(BIN)/python benchmarks/flops.py
 
+bench-gpu:  ## Default training step, DeepGen at real size (random weights) on 1 GPU and on all: img/s/GPU, MFU
+	$(BIN)/python benchmarks/bench_gpu.py
+
 demo:  ## Main job on the embedded default: tiny DeepGen MR-GRPO on CPU against a real reward-ocr service
 	$(BIN)/python scripts/demo.py
+
+# `make scale-ocr REPLICAS=3`: 1 + 3 OCR instances; prints OCR_URL=grpc://127.0.0.1:50051,127.0.0.1:50061,...
+REPLICAS ?= 2
+scale-ocr:  ## Start reward-ocr + REPLICAS replicas published on 127.0.0.1, print the OCR_URL listing them all
+	COMPOSE="$(COMPOSE)" bash scripts/scale_ocr.sh $(REPLICAS)
 
 train:  ## GRPO training in the trainer container (compose profile `train`, GPUs TRAINER_GPUS); ARGS="flags"
 	$(COMPOSE) --profile train run --rm --use-aliases trainer $(ARGS)

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tests.judges.vllm_server import VllmServer, free_port  # noqa: E402 - the test harness starts vLLM
 
-TEMPLATES = REPO.parent / "shared" / "data" / "templates"
+TEMPLATES = REPO / "tests" / "fixtures" / "judge_data" / "templates"  # the project's templates, upstream format
 FORCED = {"structured_outputs": {"regex": re.escape("<answer>Image 1 is better</answer>")}}
 PROMPT = "a lighthouse on a cliff at dawn"
 

@@ -55,7 +55,7 @@ from deepgen_trainer.tiny import TINY_IMAGE_SIZE, build_tiny
 from deepgen_trainer.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS = REPO.parent / "shared" / "data" / "prompts"
+PROMPTS = REPO / "tests" / "fixtures" / "prompts"  # the test suite's prompt lists: no data outside the repository
 PHASES = ("rollout", "reward", "update", "step")
 BASELINE = "euler ode_sample (baseline)"
 
@@ -89,12 +89,12 @@ def write_inputs(root: Path, with_ocr: bool) -> tuple[Path, Path]:
     """A train YAML (UniGenBench general prompts with clip_sim; with OCR, the OCR prompts with clip_sim +
     ocr as a second dataset) and an SFT-aux YAML over a few generated images."""
     datasets = (
-        f"  - name: general\n    path: {PROMPTS / 'unigenbench_train_data_general.txt'}\n"
+        f"  - name: general\n    path: {PROMPTS / 'general.txt'}\n"
         "    sample_weight: 1.0\n    rewards: {clip_sim: 1.0}\n"
     )
     if with_ocr:
         datasets += (
-            f"  - name: ocr\n    path: {PROMPTS / 'unigenbench_train_data_ocr.txt'}\n"
+            f"  - name: ocr\n    path: {PROMPTS / 'ocr.txt'}\n"
             "    sample_weight: 1.0\n    rewards: {clip_sim: 1.0, ocr: 1.0}\n"
         )
     train_yaml = root / ("train_ocr.yaml" if with_ocr else "train.yaml")
@@ -206,7 +206,7 @@ def interleaved(variants: dict[str, Callable[[], object]], rounds: int, calls: i
 
 def sampler_overhead(model: DeepGen, rounds: int, steps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """(seconds per 32-image rollout of `steps` steps, seconds per sampler step alone), per variant."""
-    prompts = [line for line in (PROMPTS / "unigenbench_train_data_general.txt").read_text().splitlines() if line][:4]
+    prompts = [line for line in (PROMPTS / "general.txt").read_text().splitlines() if line][:4]
     with torch.no_grad():
         cond = model.encode_prompts(prompts).repeat_interleave(8)
     noise = torch.randn((4, *model.latent_shape(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)), generator=torch.Generator())

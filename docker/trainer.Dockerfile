@@ -20,9 +20,9 @@
 #                   from PyPI on x86_64 Linux; a CPU-only image gets its CPU wheel from WHEELS_DIR).
 #   WHEELS_DIR      optional: folder inside the build context with extra wheels pip may use (pip
 #                   --find-links), e.g. build/wheels holding a CPU torch wheel. Empty (default): none.
-#   TRAINER_EXTRAS  extras of the trainer package (default [parquet,tracking]: parquet prompt files, wandb).
-#   EXTRA_PACKAGES  more pip requirements (default none). Not swanlab: its releases need protobuf < 7,
-#                   which would break the gRPC stubs the trainer talks to the reward services with.
+#   TRAINER_EXTRAS  extras of the trainer package (default [parquet,tracking]: parquet prompt files, wandb
+#                   and swanlab).
+#   EXTRA_PACKAGES  more pip requirements (default none).
 #   PIP_CA_BUNDLE   optional: path, inside the build context, of a PEM bundle pip must trust (a
 #                   TLS-intercepting proxy); used while installing only, it does not reach the final image.
 #

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from deepgen_common.reward_api import reward_component
 from reward_ocr.backend import OcrBackend
 from reward_ocr.settings import OcrSettings
-from tests.helpers import ServiceThread
+from tests.helpers import ServiceThread, upstream_judge_data
 
 
 def ocr_settings(**overrides: object) -> OcrSettings:
@@ -20,3 +22,10 @@ def ocr_service():
     service = ServiceThread(ocr_settings(), reward_component(OcrBackend)).start()
     yield service
     service.stop()
+
+
+@pytest.fixture(scope="session")
+def upstream_data() -> Path:
+    """The upstream judge files (templates/, unigenbench/) for parity tests; skips without them (see
+    tests.helpers.upstream_judge_data)."""
+    return upstream_judge_data()

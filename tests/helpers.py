@@ -4,19 +4,44 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import threading
 import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from deepgen_common.server import RunningService
 from deepgen_common.settings import ServiceSettings
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+FIXTURES = REPO / "tests" / "fixtures"
+# The project's own judge templates and UniGenBench CSVs, written in the upstream formats (templates/,
+# unigenbench/ as `make fetch-judge-data` lays them out), and prompt lists for the trainer's data.
+JUDGE_FIXTURES = FIXTURES / "judge_data"
+PROMPT_FIXTURES = FIXTURES / "prompts"
+
+
+def upstream_judge_data() -> Path:
+    """The upstream judge files, for parity tests only: `JUDGE_DATA_DIR` (relative to the repository, as in
+    the Makefile), else `data/judges/`, else `../shared/data` beside the clone. Where none holds
+    templates/ and unigenbench/ the test skips naming `make fetch-judge-data`; under CI=true it fails."""
+    candidates = [REPO / "data" / "judges", REPO.parent / "shared" / "data"]
+    if os.environ.get("JUDGE_DATA_DIR"):
+        candidates.insert(0, REPO / os.environ["JUDGE_DATA_DIR"])
+    for directory in candidates:
+        if (directory / "templates").is_dir() and (directory / "unigenbench").is_dir():
+            return directory
+    message = (
+        "parity test needs the upstream judge files: run `make fetch-judge-data` (or set JUDGE_DATA_DIR); "
+        f"looked in {', '.join(str(c) for c in candidates)}"
+    )
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def render_text(lines: list[str], size: tuple[int, int] = (512, 512), font_size: int = 44, fmt: str = "PNG") -> bytes:

@@ -1,10 +1,11 @@
 """scripts/fetch_judge_data.py against a local stand-in for raw.githubusercontent.com.
 
 GitHub cannot be reached here, so a real HTTP server on 127.0.0.1 serves a fake upstream tree laid out as
-<repo>/<commit>/<path>, built from ../shared/data: the benchmark CSVs as they are, and Python scripts that
-embed the templates the way the upstream scripts do (an f-string inside a function, a dict literal,
-header strings, CSV column subscripts). The script must extract them without running them and check them
-against its pinned digests.
+<repo>/<commit>/<path>, built from the upstream judge files (JUDGE_DATA_DIR or ../shared/data; these are
+parity tests, skipped without them): the benchmark CSVs as they are, and Python scripts that embed the
+templates the way the upstream scripts do (an f-string inside a function, a dict literal, header strings,
+CSV column subscripts). The script must extract them without running them and check them against its
+pinned digests.
 """
 
 from __future__ import annotations
@@ -24,10 +25,7 @@ import pytest
 
 from eval_unigenbench.benchmark import load_benchmark
 from eval_unigenbench.judge_prompt import Templates
-from tests.helpers import REPO, SHARED_DATA
-
-TEMPLATES = SHARED_DATA / "templates"
-BENCHMARK = SHARED_DATA / "unigenbench"
+from tests.helpers import REPO
 
 
 def _load_script() -> ModuleType:
@@ -43,10 +41,10 @@ def _load_script() -> ModuleType:
 fetch_judge_data = _load_script()
 
 
-def upstream_explanations(language: str) -> dict[str, str]:
+def upstream_explanations(templates: Path, language: str) -> dict[str, str]:
     """The testpoint definitions as the pinned upstream scripts write them (see OUTPUTS in the script):
     the shared copy with a typographic apostrophe (en), or without the colour and shape entries (zh)."""
-    explanations = json.loads((TEMPLATES / f"unigenbench_explanations_{language}.json").read_text(encoding="utf-8"))
+    explanations = json.loads((templates / f"unigenbench_explanations_{language}.json").read_text(encoding="utf-8"))
     if language == "en":
         negation = "Grammar - Negation"
         explanations[negation] = explanations[negation].replace("model's", "model\u2019s")
@@ -55,16 +53,17 @@ def upstream_explanations(language: str) -> dict[str, str]:
     return explanations
 
 
-def eval_script(language: str, template: str) -> str:
+def eval_script(templates: Path, language: str) -> str:
     """A stand-in for eval/qwenvl_72b_{language}_eval.py with the same assignments."""
-    keys = json.loads((TEMPLATES / "unigenbench_lang_keys.json").read_text(encoding="utf-8"))[language]
+    template = (templates / f"unigenbench_{language}.txt").read_text(encoding="utf-8")
+    keys = json.loads((templates / "unigenbench_lang_keys.json").read_text(encoding="utf-8"))[language]
     colon = ":" if language == "en" else "："
     return f"""
 import json
 
 def call_evaluation(args):
     index, prompt, testpoint, test_desc, img_path = args
-    explanation_dict = {upstream_explanations(language)!r}
+    explanation_dict = {upstream_explanations(templates, language)!r}
     explanation = {keys["checkpoint_header"] + colon + "「"!r}
     test_explanation = {keys["checkpoint_desc_header"] + colon + "「"!r}
     while True:
@@ -85,8 +84,9 @@ def inference_script(template: str) -> str:
     return f"prompt = ''\nproblem = f{template!r}\nprint(problem)\n"
 
 
-def build_upstream(root: Path) -> None:
-    """Lay out every Source of the script under root/<repo>/<commit>/<path>."""
+def build_upstream(root: Path, data: Path) -> None:
+    """Lay out every Source of the script under root/<repo>/<commit>/<path>, from the upstream files in data."""
+    templates = data / "templates"
 
     def put(source: object, text: str | bytes) -> None:
         path = root / source.repo / source.commit / source.path
@@ -94,17 +94,17 @@ def build_upstream(root: Path) -> None:
         path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
 
     for language, source in fetch_judge_data.UNIGENBENCH_EVAL.items():
-        put(source, eval_script(language, (TEMPLATES / f"unigenbench_{language}.txt").read_text(encoding="utf-8")))
+        put(source, eval_script(templates, language))
     put(
         fetch_judge_data.THINK_PAIRWISE,
-        inference_script((TEMPLATES / "unifiedreward_think_image_pairwise.txt").read_text(encoding="utf-8")),
+        inference_script((templates / "unifiedreward_think_image_pairwise.txt").read_text(encoding="utf-8")),
     )
     put(
         fetch_judge_data.POINTWISE,
-        inference_script((TEMPLATES / "unifiedreward_image_pointwise.txt").read_text(encoding="utf-8")),
+        inference_script((templates / "unifiedreward_image_pointwise.txt").read_text(encoding="utf-8")),
     )
     for stem, source in fetch_judge_data.BENCHMARK_CSVS.items():
-        put(source, (BENCHMARK / f"{stem}.csv").read_bytes())
+        put(source, (data / "unigenbench" / f"{stem}.csv").read_bytes())
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -113,10 +113,10 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture
-def upstream(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+def upstream(tmp_path: Path, upstream_data: Path) -> Iterator[tuple[Path, str]]:
     """(tree root, base URL) of a real HTTP server on a free port serving the fake upstream tree."""
     root = tmp_path / "upstream"
-    build_upstream(root)
+    build_upstream(root, upstream_data)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -131,22 +131,23 @@ def files_under(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_writes_the_expected_files(upstream: tuple[Path, str], tmp_path: Path) -> None:
+def test_writes_the_expected_files(upstream: tuple[Path, str], upstream_data: Path, tmp_path: Path) -> None:
     _, base_url = upstream
+    templates, benchmark = upstream_data / "templates", upstream_data / "unigenbench"
     dest = tmp_path / "judges"
     assert fetch_judge_data.main(["--dest", str(dest), "--base-url", base_url]) == 0
 
     written = files_under(dest)
-    expected_templates = {p.name for p in TEMPLATES.iterdir()}
+    expected_templates = {p.name for p in templates.iterdir()}
     assert set(written) == {f"templates/{n}" for n in expected_templates} | {
-        f"unigenbench/{p.name}" for p in BENCHMARK.iterdir()
+        f"unigenbench/{p.name}" for p in benchmark.iterdir()
     }
     for name in expected_templates - {"unigenbench_explanations_en.json", "unigenbench_explanations_zh.json"}:
-        assert written[f"templates/{name}"] == (TEMPLATES / name).read_bytes(), name
+        assert written[f"templates/{name}"] == (templates / name).read_bytes(), name
     for language in ("en", "zh"):
         produced = json.loads(written[f"templates/unigenbench_explanations_{language}.json"])
-        assert produced == upstream_explanations(language)
-    for csv in BENCHMARK.iterdir():
+        assert produced == upstream_explanations(templates, language)
+    for csv in benchmark.iterdir():
         assert written[f"unigenbench/{csv.name}"] == csv.read_bytes()
     assert all((dest / name).stat().st_mode & 0o444 == 0o444 for name in written)  # readable by the services
 

@@ -77,3 +77,15 @@ def test_eval_without_checkpoint_fails_with_the_fix():
     assert done.returncode != 0
     assert "make eval: set CKPT" in done.stderr
     assert "evaluate_checkpoint" not in done.stdout
+
+
+def test_scale_ocr_runs_the_script_with_the_replica_count_and_compose_command():
+    done = make("-n", "scale-ocr", "REPLICAS=3", "COMPOSE=docker-compose")
+    assert 'COMPOSE="docker-compose" bash scripts/scale_ocr.sh 3' in done.stdout.splitlines()
+
+
+def test_proto_refuses_another_grpc_tools_version():
+    done = make("proto", "GRPC_TOOLS_VERSION=0.0.0")
+    assert done.returncode != 0
+    assert "the stubs are generated with 0.0.0: run make setup" in done.stderr
+    assert "grpc_tools.protoc" not in done.stdout  # nothing regenerated

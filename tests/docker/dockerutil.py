@@ -8,6 +8,7 @@ CI, where they fail: CI must not go green by skipping them.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -61,6 +62,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_port_range(n: int) -> str:
+    """`first-last`: n consecutive ports free on 127.0.0.1 now (a compose publish range)."""
+    for _ in range(200):
+        first = random.randrange(20000, 30000 - n)
+        try:
+            for port in range(first, first + n):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return f"{first}-{first + n - 1}"
+    raise RuntimeError(f"no {n} consecutive free ports in 20000-30000")
 
 
 def pip_ca_bundle() -> str:

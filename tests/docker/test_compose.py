@@ -30,7 +30,9 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.docker.dockerutil import (
     BASE_IMAGE,
@@ -38,6 +40,7 @@ from tests.docker.dockerutil import (
     PASSED_ENV,
     check,
     free_port,
+    free_port_range,
     pip_ca_bundle,
     require_docker_engine,
     run,
@@ -93,6 +96,8 @@ def started_stack(**settings: str) -> Iterator[Stack]:
         OCR_HTTP_PUBLISH_PORT=str(http_port),
         OCR_GRPC_PUBLISH_PORT=str(grpc_port),
         **settings,
+        OCR_REPLICA_HTTP_PUBLISH_PORTS=free_port_range(4),
+        OCR_REPLICA_GRPC_PUBLISH_PORTS=free_port_range(4),
     )
     with tempfile.NamedTemporaryFile("w", suffix=".env") as empty_env_file:
         s = Stack(f"deepgen-test-{uuid.uuid4().hex[:8]}", env, empty_env_file.name, http_port)
@@ -264,3 +269,33 @@ def test_token_and_mutual_tls_between_containers(docker_engine: None, tmp_path) 
             urllib.request.urlopen(request, context=anonymous, timeout=30)
         with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
             urllib.request.urlopen(f"http://127.0.0.1:{secure.http_port}/healthz", timeout=30)
+
+
+def test_scale_ocr_publishes_every_replica_and_prints_the_url(stack: Stack) -> None:
+    """`make scale-ocr` (scripts/scale_ocr.sh): every replica on its own 127.0.0.1 port from the range, and
+    one OCR_URL (address-list form) naming the main instance and each replica; every address answers."""
+    compose = f"docker-compose --env-file {stack.env_file} -f {COMPOSE_FILE} -p {stack.project}"
+    done = run(["bash", str(REPO / "scripts" / "scale_ocr.sh"), "2"], 600, {**stack.env, "COMPOSE": compose})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    grpc_line, http_line = done.stdout.splitlines()[-2:]
+    grpc_addresses = grpc_line.removeprefix("OCR_URL=grpc://").split(",")
+    http_addresses = http_line.removeprefix("# or over HTTP/JSON: OCR_URL=http://").split(",")
+    assert grpc_addresses[0] == f"127.0.0.1:{stack.env['OCR_GRPC_PUBLISH_PORT']}"
+    assert http_addresses[0] == f"127.0.0.1:{stack.http_port}"
+    for addresses, port_range in (
+        (grpc_addresses, stack.env["OCR_REPLICA_GRPC_PUBLISH_PORTS"]),
+        (http_addresses, stack.env["OCR_REPLICA_HTTP_PUBLISH_PORTS"]),
+    ):
+        assert len(set(addresses)) == 3, addresses
+        first, last = map(int, port_range.split("-"))
+        for address in addresses[1:]:
+            host, port = address.split(":")
+            assert host == "127.0.0.1"
+            assert first <= int(port) <= last
+    for address in http_addresses:
+        with urllib.request.urlopen(f"http://{address}/readyz", timeout=10) as response:
+            assert response.status == 200, address
+    for address in grpc_addresses:
+        with grpc.insecure_channel(address) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING, address

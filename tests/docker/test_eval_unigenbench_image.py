@@ -1,11 +1,11 @@
 """The eval-unigenbench image on a real Docker engine, and the compose file's `eval` profile.
 
 The image is built from docker/service.Dockerfile with the build args docker-compose.yml gives the service,
-on the local base (with the optional pip CA bundle, like test_compose.py), and run with ../shared/data
-mounted read-only as compose mounts the fetched judge data. No judge runs here (the 32B UniGenBench
-model needs GPUs; the judge path is covered by tests/eval_unigenbench against a stand-in): the checks are
-what holds without one. The `eval` profile and the sleep-mode override are checked with
-`docker-compose config` / `ps`: the vLLM image is not pulled.
+on the local base (with the optional pip CA bundle, like test_compose.py), and run with the project's judge
+fixtures (tests/fixtures/judge_data, upstream formats) mounted read-only as compose mounts the fetched judge
+data. No judge runs here (the 32B UniGenBench model needs GPUs; the judge path is covered by
+tests/eval_unigenbench against a stand-in): the checks are what holds without one. The `eval` profile
+and the sleep-mode override are checked with `docker-compose config` / `ps`: the vLLM image is not pulled.
 
 Needs what test_compose.py needs; skips without it, fails under CI=true.
 """
@@ -39,7 +39,7 @@ from tests.docker.dockerutil import (
     service_build_args,
     wait_health,
 )
-from tests.helpers import REPO, SHARED_DATA
+from tests.helpers import JUDGE_FIXTURES, REPO
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,9 @@ def service(image: str) -> Iterator[Service]:
                 "--publish",
                 f"127.0.0.1:{http_port}:8000",
                 "--volume",
-                f"{SHARED_DATA / 'templates'}:/data/templates:ro",
+                f"{JUDGE_FIXTURES / 'templates'}:/data/templates:ro",
                 "--volume",
-                f"{SHARED_DATA / 'unigenbench'}:/data/unigenbench:ro",
+                f"{JUDGE_FIXTURES / 'unigenbench'}:/data/unigenbench:ro",
                 *[arg for key, value in env.items() for arg in ("-e", f"{key}={value}")],
                 image,
             ],
@@ -147,7 +147,7 @@ def test_serves_the_benchmark_prompts_without_a_judge(service: Service) -> None:
         body = json.loads(response.read())
     assert body["benchmark"] == "unigenbench-en"  # BENCHMARK=test_prompts_en, the default
     assert body["duplicates"] == 1
-    assert len(body["prompts"]) == 600
+    assert len(body["prompts"]) == 20  # the fixture benchmark
     assert body["prompts"][0]["prompt"].startswith("In the style of classical ink painting")
 
 

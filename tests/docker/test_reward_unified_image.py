@@ -45,7 +45,7 @@ from tests.docker.dockerutil import (
     unavailable,
     wait_health,
 )
-from tests.helpers import REPO, SHARED_DATA
+from tests.helpers import JUDGE_FIXTURES, REPO
 from tests.judges.vllm_server import VENV_SCRIPT, VLLM_VENV, VllmServer, venv_ready
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1200)]
 
 IMAGE = "deepgen/reward-unified:test"
-TEMPLATES = SHARED_DATA / "templates"
+TEMPLATES = JUDGE_FIXTURES / "templates"
 FIRST_WINS = {"structured_outputs": {"regex": re.escape("<answer>Image 1 is better</answer>")}}
 # Docker runs the image's probe every 2 s instead of its 10 s so that health changes show within seconds;
 # the probe command, timeout, retries and start period stay the image's own.

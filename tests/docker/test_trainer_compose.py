@@ -40,7 +40,7 @@ from tests.docker.dockerutil import (
     run,
     unavailable,
 )
-from tests.helpers import REPO, SHARED_DATA
+from tests.helpers import PROMPT_FIXTURES, REPO
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def test_trainer_image_runs_one_tiny_step_through_its_entrypoint(image: str, tmp
     DATASET_CONFIG, as the image's unprivileged user writing to /outputs."""
     data = tmp_path / "train"
     data.mkdir()
-    prompts = (SHARED_DATA / "prompts" / "unigenbench_train_data_general.txt").read_text().splitlines()[:20]
+    prompts = (PROMPT_FIXTURES / "general.txt").read_text().splitlines()[:20]
     (data / "prompts.txt").write_text("\n".join(prompts) + "\n")
     (data / "train.yaml").write_text(
         "datasets:\n  - name: general\n    path: prompts.txt\n    rewards: {clip_sim: 1.0}\n"

@@ -1,4 +1,5 @@
-"""Benchmark CSVs: the four real UniGenBench files, the upstream column names, and every validation error."""
+"""Benchmark CSVs: the project's fixtures in the upstream format, the four real UniGenBench files (parity, when
+present), the upstream column names, and every validation error."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import pytest
 
 from deepgen_common.eval_results import primary_dimension
 from eval_unigenbench.benchmark import BenchmarkError, load_benchmark
-from tests.helpers import SHARED_DATA
+from tests.helpers import JUDGE_FIXTURES
 
-DATA = SHARED_DATA / "unigenbench"
+FIXTURE = JUDGE_FIXTURES / "unigenbench"
 EN_SUB_DIMS = {"Testpoints": ["Style", "Attribute - Color"], "Testpoint Description": ["watercolor", "red"]}
 ZH_SUB_DIMS = {"考点": ["风格", "属性-颜色"], "考点对应描述": ["水彩", "红色"]}
 
@@ -25,12 +26,61 @@ def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
     return path
 
 
+@pytest.mark.parametrize(("stem", "language", "items"), [("en", "en", 20), ("zh", "zh", 6)])
+def test_loads_the_fixture_benchmarks(stem: str, language: str, items: int):
+    benchmark = load_benchmark(FIXTURE / f"test_prompts_{stem}.csv")
+    assert (benchmark.name, benchmark.language) == (f"unigenbench-{stem}", language)  # language from the keys
+    assert [item.prompt_id for item in benchmark.items] == [str(i) for i in range(items)]
+    assert all(len(item.testpoints) == len(item.descriptions) > 0 for item in benchmark.items)
+    assert benchmark.by_id["2"] is benchmark.items[2]
+    assert benchmark.repairs == []
+
+
+def test_known_fixture_rows():
+    item = load_benchmark(FIXTURE / "test_prompts_en.csv").items[2]
+    assert item.prompt == 'A street sign that says "MAIN ST" next to a yellow taxi.'
+    assert item.testpoints == ["Text Generation", "Attribute - Color", "Entity Layout - Two-Dimensional Space"]
+    assert item.descriptions == ['"MAIN ST"', "yellow taxi", "sign next to the taxi"]
+    assert item.meta == {
+        "Primary Categories": "Design",
+        "Secondary Categories": "Signage",
+        "Subjects": "Scene",
+        "Sentence Structure": "Descriptive",
+    }
+    zh = load_benchmark(FIXTURE / "test_prompts_zh.csv", language="zh").items[0]
+    assert zh.prompt == "水彩风格，木桌上放着三个红苹果。"
+    assert zh.testpoints == ["风格", "属性-数量", "属性-颜色"]  # from the key 考点
+    assert zh.descriptions == ["水彩风格", "三个苹果", "红苹果"]  # from the key 考点对应描述
+    assert zh.meta["一级垂类"] == "艺术"
+
+
+def test_duplicate_testpoint_names_within_an_item_are_kept():
+    # Item 5 lists "Attribute - Shape" twice, with different descriptions; each is judged separately.
+    item = load_benchmark(FIXTURE / "test_prompts_en.csv").by_id["5"]
+    assert item.testpoints.count("Attribute - Shape") == 2
+    assert item.descriptions[:2] == ["round clock", "square mirror"]
+
+
+def test_a_missing_comma_between_strings_is_repaired_and_reported(tmp_path: Path):
+    # The upstream en_long file has `"Grammar - Negation" "Attribute - Color"` (no comma) at index 509.
+    names = '"Testpoints": ["Style", "Grammar - Negation" "Attribute - Color"]'
+    sub_dims = "{" + names + ', "Testpoint Description": ["a", "b", "c"]}'
+    path = write_csv(tmp_path / "repair.csv", ["index", "prompt", "sub_dims"], [[9, "x", sub_dims]])
+    benchmark = load_benchmark(path)
+    assert benchmark.items[0].testpoints == ["Style", "Grammar - Negation", "Attribute - Color"]
+    assert len(benchmark.repairs) == 1
+    assert "index '9'" in benchmark.repairs[0]
+
+
+# Parity with the upstream files (JUDGE_DATA_DIR or ../shared/data; skipped without them).
+
+
 @pytest.mark.parametrize(
     ("stem", "language", "testpoints_total"),
     [("en", "en", 1813), ("en_long", "en", 3920), ("zh", "zh", 1813), ("zh_long", "zh", 3920)],
 )
-def test_loads_the_real_benchmarks(stem: str, language: str, testpoints_total: int):
-    benchmark = load_benchmark(DATA / f"test_prompts_{stem}.csv")
+def test_loads_the_real_benchmarks(upstream_data: Path, stem: str, language: str, testpoints_total: int):
+    benchmark = load_benchmark(upstream_data / "unigenbench" / f"test_prompts_{stem}.csv")
     assert benchmark.name == f"unigenbench-{stem.replace('_', '-')}"
     assert benchmark.language == language  # detected from the sub_dims keys
     assert len(benchmark.items) == 600
@@ -40,45 +90,31 @@ def test_loads_the_real_benchmarks(stem: str, language: str, testpoints_total: i
     assert benchmark.by_id["42"] is benchmark.items[42]
 
 
-def test_known_english_row():
-    item = load_benchmark(DATA / "test_prompts_en.csv").items[0]
+def test_known_real_rows(upstream_data: Path):
+    item = load_benchmark(upstream_data / "unigenbench" / "test_prompts_en.csv").items[0]
     assert item.prompt_id == "0"
     assert item.prompt.startswith("In the style of classical ink painting, against the background of Egyptian pyramids")
     assert item.testpoints == ["Style", "World Knowledge", "Attribute - Quantity"]
     assert item.descriptions == ["classical ink painting", "Egyptian pyramids", "two pandas"]
-    assert item.meta == {
-        "Primary Categories": "Creative Divergence",
-        "Secondary Categories": "Imaginative Thinking",
-        "Subjects": "Animal",
-        "Sentence Structure": "Descriptive",
-    }
+    zh = load_benchmark(upstream_data / "unigenbench" / "test_prompts_zh.csv", language="zh")
+    assert zh.items[0].testpoints == ["风格", "世界知识", "属性-数量"]
+    assert zh.repairs == []
 
 
-def test_known_chinese_row():
-    benchmark = load_benchmark(DATA / "test_prompts_zh.csv", language="zh")
-    item = benchmark.items[0]
-    assert item.prompt == "古典水墨画风格，埃及金字塔的背景下，两只穿着宇航服的熊猫正在悠闲地品尝竹子。"
-    assert item.testpoints == ["风格", "世界知识", "属性-数量"]  # from the key 考点
-    assert item.descriptions == ["古典水墨画风格", "埃及金字塔", "两只熊猫"]  # from the key 考点对应描述
-    assert item.meta["一级垂类"] == "创意发散"
-    assert benchmark.repairs == []
-
-
-def test_the_upstream_missing_comma_is_repaired_and_reported():
-    # test_prompts_en_long.csv index 509 has `"Grammar - Negation" "Attribute - Color"` (no comma):
-    # 4 names for 5 descriptions once Python-style concatenated, 5 and 5 with the comma restored.
-    benchmark = load_benchmark(DATA / "test_prompts_en_long.csv")
+def test_the_upstream_missing_comma_is_repaired_and_reported(upstream_data: Path):
+    # test_prompts_en_long.csv index 509: 4 names for 5 descriptions once Python-style concatenated.
+    benchmark = load_benchmark(upstream_data / "unigenbench" / "test_prompts_en_long.csv")
     item = benchmark.by_id["509"]
     assert item.testpoints[1:3] == ["Grammar - Negation", "Attribute - Color"]
     assert len(item.testpoints) == len(item.descriptions) == 5
     assert len(benchmark.repairs) == 1
     assert "index '509'" in benchmark.repairs[0]
-
-
-def test_duplicate_testpoint_names_within_an_item_are_kept():
-    # Two real items list a testpoint twice, with different descriptions; each is judged separately.
-    item = load_benchmark(DATA / "test_prompts_en_long.csv").by_id["440"]
-    assert item.testpoints.count("Attribute - Color") == 2
+    assert (
+        load_benchmark(upstream_data / "unigenbench" / "test_prompts_en_long.csv")
+        .by_id["440"]
+        .testpoints.count("Attribute - Color")
+        == 2
+    )
 
 
 def test_upstream_column_names(tmp_path: Path):
@@ -100,7 +136,7 @@ def test_a_file_with_both_languages_needs_the_language(tmp_path: Path):
 
 def test_unknown_language_lists_the_valid_ones():
     with pytest.raises(ValueError, match="unknown language 'fr'; valid: en, zh"):
-        load_benchmark(DATA / "test_prompts_en.csv", language="fr")  # type: ignore[arg-type]
+        load_benchmark(FIXTURE / "test_prompts_en.csv", language="fr")  # type: ignore[arg-type]
 
 
 def test_missing_file_names_the_setting(tmp_path: Path):

@@ -23,7 +23,7 @@ from deepgen_common.reward_api import reward_component
 from deepgen_common.types import Mode, Outcome, Sample
 from reward_unified.backend import UnifiedBackend
 from reward_unified.settings import UnifiedSettings
-from tests.helpers import SHARED_DATA, ServiceThread
+from tests.helpers import JUDGE_FIXTURES, ServiceThread
 from tests.judges.vllm_server import VllmServer
 
 pytestmark = pytest.mark.integration
@@ -47,7 +47,7 @@ def adapter(vllm: VllmServer, extra_body: dict, **overrides: object) -> ServiceT
         "grpc_port": 0,
         "log_format": "text",
         "judge_url": vllm.base_url,
-        "templates_dir": SHARED_DATA / "templates",
+        "templates_dir": JUDGE_FIXTURES / "templates",
         "judge_extra_body": json.dumps(extra_body),
         "judge_max_tokens": 64,
         "judge_health_poll_s": 0.5,

@@ -12,7 +12,7 @@ from PIL import Image
 from deepgen_trainer.config import parse_args
 from deepgen_trainer.contact_sheet import sheet_size
 from deepgen_trainer.train import train
-from tests.helpers import SHARED_DATA
+from tests.helpers import PROMPT_FIXTURES
 from tests.judges.forcing_proxy import ForcingProxy
 from tests.judges.unigenbench_forcing import EN, expected_accuracies, forcer, start_eval
 from tests.judges.vllm_server import VllmServer
@@ -24,7 +24,7 @@ def test_training_evaluates_before_and_every_eval_freq_steps(vllm_server: VllmSe
     proxy = ForcingProxy(vllm_server.base_url.removesuffix("/v1"), forcer(EN)).start()
     service = start_eval(proxy.base_url, tmp_path / "results", prompt_limit=3, duplicates=2)
     yaml = tmp_path / "train.yaml"
-    prompts = SHARED_DATA / "prompts" / "geneval_prompt.txt"
+    prompts = PROMPT_FIXTURES / "geneval.txt"
     yaml.write_text(f"datasets:\n  - path: {prompts}\n    rewards: {{clip_sim: 1.0}}\n")
     eval_yaml = tmp_path / "eval.yaml"
     eval_yaml.write_text(

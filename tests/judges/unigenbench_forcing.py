@@ -13,9 +13,9 @@ from deepgen_common.eval_results import primary_dimension
 from eval_unigenbench.api import eval_component
 from eval_unigenbench.benchmark import BenchmarkItem, load_benchmark
 from eval_unigenbench.settings import EvalSettings
-from tests.helpers import SHARED_DATA, ServiceThread
+from tests.helpers import JUDGE_FIXTURES, ServiceThread
 
-BENCHMARKS = SHARED_DATA / "unigenbench"
+BENCHMARKS = JUDGE_FIXTURES / "unigenbench"
 EN = load_benchmark(BENCHMARKS / "test_prompts_en.csv").items[:20]
 ZH = load_benchmark(BENCHMARKS / "test_prompts_zh.csv").items[:5]
 
@@ -67,7 +67,7 @@ def start_eval(judge_url: str, results: Path, **overrides: object) -> ServiceThr
         "grpc_port": 0,
         "log_format": "text",
         "judge_url": judge_url,
-        "templates_dir": SHARED_DATA / "templates",
+        "templates_dir": JUDGE_FIXTURES / "templates",
         "unigenbench_data_dir": BENCHMARKS,
         "benchmark": "test_prompts_en",
         "prompt_limit": 20,

@@ -6,6 +6,7 @@ import filecmp
 import re
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,16 @@ PROTO = REPO / "proto"
 PROTOS = sorted(p.relative_to(PROTO).as_posix() for p in PROTO.glob("deepgen/**/*.proto"))
 
 
+def pinned_grpc_tools() -> str:
+    """The grpcio-tools version requirements-dev.txt pins (the one `make proto` generates with)."""
+    match = re.search(r"^grpcio-tools==([\d.]+)", (REPO / "requirements-dev.txt").read_text(), re.MULTILINE)
+    assert match, "requirements-dev.txt must pin grpcio-tools==<version>"
+    return match.group(1)
+
+
 def test_committed_stubs_are_fresh(tmp_path: Path):
+    installed = version("grpcio-tools")
+    assert installed == pinned_grpc_tools(), f"grpcio-tools {installed} is installed: run `make setup` (pinned version)"
     subprocess.run(
         [
             sys.executable,
@@ -62,3 +72,12 @@ def test_stubs_import_and_describe_the_versioned_packages():
     assert reward_pb2.DESCRIPTOR.package == "deepgen.reward.v1"
     assert eval_pb2.DESCRIPTOR.package == "deepgen.eval.v1"
     assert set(reward_pb2.DESCRIPTOR.services_by_name["RewardService"].methods_by_name) == {"Score", "GetInfo"}
+
+
+def test_stubs_run_on_the_oldest_protobuf_swanlab_accepts():
+    """The gencode's runtime check asks for protobuf 6.31.1 at most (swanlab needs >= 6.31.1, < 7), and
+    the gRPC stubs for the pinned grpcio-tools' version at most."""
+    for path in sorted((PROTO / "python" / "deepgen").rglob("*_pb2.py")):
+        assert "# Protobuf Python Version: 6.31.1\n" in path.read_text(), path
+    for path in sorted((PROTO / "python" / "deepgen").rglob("*_pb2_grpc.py")):
+        assert f"GRPC_GENERATED_VERSION = '{pinned_grpc_tools()}'" in path.read_text(), path

@@ -39,7 +39,9 @@ def test_not_serving_until_the_engine_is_loaded():
     service = ServiceThread(ocr_settings(ocr_workers=1), reward_component(OcrBackend)).start(wait_ready=False)
     try:
         assert health(service.grpc_port) == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert httpx.get(f"{service.http_url}/readyz").status_code == 503
+        loading = httpx.get(f"{service.http_url}/readyz")
+        assert loading.status_code == 503
+        assert loading.json() == {"ready": False, "waiting_for": {"ocr_workers": "starting 1 rapidocr workers"}}
         assert httpx.get(f"{service.http_url}/healthz").status_code == 200  # alive while loading
         with RewardClient(service.http_url) as c:
             assert c.info().name == "reward-ocr"  # info is served while loading
@@ -49,7 +51,8 @@ def test_not_serving_until_the_engine_is_loaded():
         service.wait_ready()
         time.sleep(1.0)  # readiness is published on the next poll
         assert health(service.grpc_port) == health_pb2.HealthCheckResponse.SERVING
-        assert httpx.get(f"{service.http_url}/readyz").status_code == 200
+        ready = httpx.get(f"{service.http_url}/readyz")
+        assert (ready.status_code, ready.json()) == (200, {"ready": True, "waiting_for": {}})
     finally:
         service.stop()
 

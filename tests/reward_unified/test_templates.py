@@ -1,4 +1,5 @@
-"""Judge templates are data, loaded from TEMPLATES_DIR (here: the real ones in ../shared/data)."""
+"""Judge templates are data, loaded from TEMPLATES_DIR (the project's fixtures in the upstream format; the real
+ones for parity when present)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import pytest
 
 from reward_unified.settings import UnifiedSettings
 from reward_unified.templates import PAIRWISE_FILE, Templates, fill
-from tests.helpers import SHARED_DATA
+from tests.helpers import JUDGE_FIXTURES
 
-TEMPLATES = SHARED_DATA / "templates"
+TEMPLATES = JUDGE_FIXTURES / "templates"
 
 
-def test_loads_the_official_templates():
-    templates = Templates.load(TEMPLATES)
+@pytest.mark.parametrize("source", ["fixtures", "upstream"])
+def test_loads_the_templates(request: pytest.FixtureRequest, source: str):
+    directory = TEMPLATES if source == "fixtures" else request.getfixturevalue("upstream_data") / "templates"
+    templates = Templates.load(directory)
     text = fill(templates.pairwise, "two pandas in spacesuits")
     assert "「two pandas in spacesuits」" in text
     assert "<answer>Image 1 is better</answer>" in text  # the format example survives filling

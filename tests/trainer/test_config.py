@@ -42,7 +42,7 @@ DESIGN_DEFAULTS = {
     "warmup_steps": 20,
     "save_steps": 50,
     "deepspeed": "zero2",
-    "report_to": ("wandb",),  # the seed adds swanlab, which conflicts with protobuf 7 (see config.py)
+    "report_to": ("wandb", "swanlab"),
     "cfg_scale": 0.0,
     "sde_eta": 1.0,
     "init_same_noise": True,

@@ -21,8 +21,8 @@ from deepgen_trainer.data import (
     read_prompts,
 )
 from deepgen_trainer.sftaux_data import SftAuxLoader, load_sftaux_data, target_size
+from tests.helpers import JUDGE_FIXTURES, PROMPT_FIXTURES
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 REWARDS = ("clip_sim", "ocr", "unifiedreward_think")
 PROMPTS = ["a red cube", 'a sign that says "hello"', "two cats"]
 
@@ -75,40 +75,40 @@ def test_every_prompt_format_loads(tmp_path: Path, suffix: str) -> None:
 
 
 def test_unigenbench_csv_keeps_its_index_as_prompt_id() -> None:
-    records = read_prompt_records(SHARED_DATA / "unigenbench" / "test_prompts_en.csv")
+    records = read_prompt_records(JUDGE_FIXTURES / "unigenbench" / "test_prompts_en.csv")
     assert records[0][0] == "0"
-    assert records[1][1].startswith("Please draw a picture: a young gardener")
+    assert records[1][1] == "A cat sleeping on a blue sofa, photographed from above."
     assert len({i for i, _ in records}) == len(records)
 
 
-def test_real_prompt_files_load() -> None:
-    files = sorted((SHARED_DATA / "prompts").glob("*.txt"))
-    assert len(files) == 4
+def test_prompt_list_files_load() -> None:
+    files = sorted(PROMPT_FIXTURES.glob("*.txt"))
+    assert len(files) == 3
     for path in files:
         prompts = read_prompts(path)
         # Every non-blank line is one prompt.
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        assert len(prompts) == len(lines) > 100
+        assert len(prompts) == len(lines) >= 8
         assert all(p == p.strip() and p for p in prompts)
 
 
-def test_train_yaml_on_the_real_prompt_files(tmp_path: Path) -> None:
-    prompts_dir = SHARED_DATA / "prompts"
+def test_train_yaml_on_prompt_list_files(tmp_path: Path) -> None:
+    prompts_dir = PROMPT_FIXTURES
     config = write(
         tmp_path / "train.yaml",
         f"""
 sampling_mode: sample_proportional
 datasets:
   - name: general
-    path: {prompts_dir / "unigenbench_train_data_general.txt"}
+    path: {prompts_dir / "general.txt"}
     rewards: {{unifiedreward_think: 1.0}}
   - name: ocr
-    path: {prompts_dir / "unigenbench_train_data_ocr.txt"}
+    path: {prompts_dir / "ocr.txt"}
     rewards: {{ocr: 1.0, unifiedreward_think: 1.0}}
 """,
     )
     data = load_train_data(config, REWARDS)
-    assert [len(d.prompts) for d in data.datasets] == [7139, 2861]
+    assert [len(d.prompts) for d in data.datasets] == [21, 10]
     assert data.reward_names == ("unifiedreward_think", "ocr")
 
 
@@ -214,7 +214,7 @@ def test_jsonl_without_a_prompt_key_names_the_line(tmp_path: Path) -> None:
 
 def test_eval_yaml_defaults_and_unigenbench_csv(tmp_path: Path) -> None:
     write_prompt_file(tmp_path / "geneval.txt", PROMPTS)
-    csv_path = SHARED_DATA / "unigenbench" / "test_prompts_en.csv"
+    csv_path = JUDGE_FIXTURES / "unigenbench" / "test_prompts_en.csv"
     path = write(
         tmp_path / "eval.yaml",
         f"""
@@ -233,7 +233,7 @@ datasets:
     bench, geneval = data.datasets
     assert (bench.cfg_scale, bench.num_inference_steps, bench.duplicates, bench.scoring) == (5.0, 30, 2, "unigenbench")
     assert bench.prompt_ids[:3] == ("0", "1", "2")
-    assert len(bench.prompts) == len(bench.prompt_ids) > 100
+    assert len(bench.prompts) == len(bench.prompt_ids) == 20
     assert (geneval.name, geneval.cfg_scale, geneval.num_inference_steps, geneval.duplicates) == ("geneval", 4.0, 50, 1)
     assert geneval.prompt_ids == ("0", "1", "2")
     assert geneval.path == tmp_path / "geneval.txt"

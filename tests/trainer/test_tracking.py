@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import sys
-import types
 
 import httpx
 import pytest
@@ -78,30 +77,21 @@ def test_wandb_keeps_logged_images_with_the_run(tmp_path, monkeypatch):
     assert Image.open(logged).size == (40, 30)
 
 
-def test_swanlab_runs_offline_under_the_output_dir(tmp_path, monkeypatch):
-    """A stand-in for the swanlab package: its releases need protobuf < 7, which cannot be installed
-    beside the reward client's gRPC stubs (see config.DEFAULT_REPORT_TO). The fake has swanlab's API
-    and records the calls."""
-    calls: list[tuple] = []
-    fake = types.ModuleType("swanlab")
-
-    def init(project: str, mode: str, config: dict, log_dir: str, name: str | None) -> None:
-        calls.append(("init", project, mode, config, log_dir, name))
-
-    fake.init = init
-    fake.log = lambda metrics, step: calls.append(("log", metrics, step))
-    fake.finish = lambda: calls.append(("finish",))
-    fake.Image = lambda path: ("Image", path)
-    monkeypatch.setitem(sys.modules, "swanlab", fake)
+def test_swanlab_offline_writes_a_run_under_the_output_dir(tmp_path, monkeypatch):
+    """The real swanlab package (the trainer's `tracking` extra), offline: a run folder with the config and
+    the logged metrics, nothing sent anywhere."""
+    for var in ("SWANLAB_MODE", "SWANLAB_LOG_DIR", "SWANLAB_PROJECT", "SWANLAB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
     with Tracker(["swanlab"], output_dir=tmp_path, run_name="test", config={"learning_rate": 2e-6}) as tracker:
         tracker.log({"reward/ocr/mean": 0.5}, step=1)
-        tracker.log_images({"eval/en/contact_sheet": tmp_path / "sheet.png"}, step=1)
-    assert calls == [
-        ("init", "deepgen-rl", "offline", {"learning_rate": 2e-6}, str(tmp_path / "swanlog"), "test"),
-        ("log", {"reward/ocr/mean": 0.5}, 1),
-        ("log", {"eval/en/contact_sheet": ("Image", str(tmp_path / "sheet.png"))}, 1),
-        ("finish",),
-    ]
+        tracker.log({"reward/ocr/mean": 0.75}, step=2)
+        sheet = tmp_path / "sheet.png"
+        Image.new("RGB", (40, 30), "red").save(sheet)
+        tracker.log_images({"eval/en/contact_sheet": sheet}, step=2)
+    [run_dir] = (tmp_path / "swanlog").glob("run-*")
+    assert "learning_rate" in (run_dir / "files" / "config.yaml").read_text()
+    [records] = run_dir.glob("run-*.swanlab")
+    assert b"reward/ocr/mean" in records.read_bytes()
 
 
 def test_none_and_other_ranks_are_no_ops(tmp_path):

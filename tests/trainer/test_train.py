@@ -22,9 +22,9 @@ from deepgen_trainer.checkpoint import latest_checkpoint, load_checkpoint
 from deepgen_trainer.config import parse_args
 from deepgen_trainer.tiny import TINY_IMAGE_SIZE, build_tiny
 from deepgen_trainer.train import main, train
-from tests.helpers import REPO, SHARED_DATA
+from tests.helpers import PROMPT_FIXTURES, REPO
 
-PROMPTS = SHARED_DATA / "prompts"
+PROMPTS = PROMPT_FIXTURES
 SMALL = [
     "--model", "tiny", "--report_to", "none", "--no-bf16", "--deepspeed", "none",
     "--rollout_n", "2", "--prompts_per_rank", "2", "--rollout_micro_batch_size", "2",
@@ -44,9 +44,9 @@ def train_yaml(tmp_path: Path, rewards: str = "{clip_sim: 1.0, ocr: 1.0}") -> Pa
         tmp_path / "train.yaml",
         "sampling_mode: sample_proportional\n"
         "datasets:\n"
-        f"  - name: ocr\n    path: {PROMPTS / 'unigenbench_train_data_ocr.txt'}\n    sample_weight: 1.0\n"
+        f"  - name: ocr\n    path: {PROMPTS / 'ocr.txt'}\n    sample_weight: 1.0\n"
         f"    rewards: {rewards}\n"
-        f"  - name: general\n    path: {PROMPTS / 'unigenbench_train_data_general.txt'}\n    sample_weight: 1.0\n"
+        f"  - name: general\n    path: {PROMPTS / 'general.txt'}\n    sample_weight: 1.0\n"
         "    rewards: {clip_sim: 1.0}\n",
     )
 
@@ -247,7 +247,7 @@ def test_zero3_saves_whole_weights_and_resumes(tmp_path: Path):
 def test_bad_configs_fail_fast_with_the_fix(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, yaml_text: str, extra: list[str], message: str
 ):
-    yaml = write_yaml(tmp_path / "train.yaml", yaml_text.format(prompts=PROMPTS / "geneval_prompt.txt"))
+    yaml = write_yaml(tmp_path / "train.yaml", yaml_text.format(prompts=PROMPTS / "geneval.txt"))
     out = tmp_path / "out"
     assert main([*SMALL, "--dataset_config", str(yaml), "--output_dir", str(out), "--max_steps", "1", *extra]) == 2
     assert message in caplog.text

@@ -32,6 +32,10 @@ class Lifecycle(Protocol):
     def ready(self) -> bool:
         """True while requests can be served (loaded, upstream reachable)."""
 
+    def waiting_for(self) -> dict[str, str]:
+        """What readiness waits on, for `/readyz` and the log: {} when ready, else one entry per missing
+        part (e.g. `judge_url` and `judge_error`)."""
+
     async def close(self) -> None:
         """Release workers and connections."""
 

@@ -114,7 +114,8 @@ def create_http_app(api: ServiceApi, service: Lifecycle, metrics: ServiceMetrics
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         ready = service.ready() and not guards.drain.draining
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+        waiting_for = {} if ready else ({"drain": "stopping"} if guards.drain.draining else service.waiting_for())
+        return JSONResponse({"ready": ready, "waiting_for": waiting_for}, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

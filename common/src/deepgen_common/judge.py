@@ -187,12 +187,16 @@ class JudgeClient:
                 await asyncio.sleep(self.retry.delay(attempt))
         raise JudgeUnavailable(f"judge at {self.base_url} failed after {self.retry.max_attempts} attempts: {last}")
 
-    async def healthy(self, timeout_s: float = 5.0) -> bool:
-        """vLLM's `GET /health` is 200."""
+    async def health_problem(self, timeout_s: float = 5.0) -> str | None:
+        """None when vLLM's `GET /health` answers 200, else what went wrong (the status or the transport error)."""
         try:
-            return (await self._http.get(f"{self.root_url}/health", timeout=timeout_s)).status_code == 200
-        except httpx.TransportError:
-            return False
+            response = await self._http.get(f"{self.root_url}/health", timeout=timeout_s)
+        except httpx.TransportError as exc:
+            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if response.status_code == 200:
+            return None
+        body = response.text[:200].strip()
+        return f"GET /health answered HTTP {response.status_code}" + (f": {body}" if body else "")
 
     async def sleep(self, level: int = 1) -> None:
         """Free the judge's GPU memory (vLLM sleep mode; needs `VLLM_SERVER_DEV_MODE=1`)."""
@@ -221,28 +225,44 @@ class JudgeClient:
 
 
 class HealthWatch:
-    """Polls the judge's `/health`; `healthy` backs the adapter's readiness. A passing check after a
+    """Polls the judge's `/health`; `healthy` backs the adapter's readiness and `waiting_for()` says why
+    it is not ready. The log says so at start and whenever the answer changes. A passing check after a
     failing one closes the breaker for every caller (the judge is back; no need to wait out the reset)."""
 
     def __init__(self, judge: JudgeClient, poll_s: float) -> None:
         self.judge = judge
         self.poll_s = poll_s
-        self.healthy = False
+        self.problem: str | None = "not checked yet"
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def healthy(self) -> bool:
+        return self.problem is None
+
+    def waiting_for(self) -> dict[str, str]:
+        """{} while the judge is healthy, else its URL and the last health check's error."""
+        return {} if self.problem is None else {"judge_url": self.judge.root_url, "judge_error": self.problem}
+
     async def start(self) -> None:
-        self.healthy = await self.judge.healthy()
+        await self._check()
         self._task = asyncio.create_task(self._watch())
+
+    async def _check(self) -> None:
+        problem = await self.judge.health_problem()
+        if problem != self.problem:
+            fields = {"url": self.judge.root_url, "healthy": problem is None}
+            if problem is None:
+                log.info("judge at %s is healthy", self.judge.root_url, extra={"fields": fields})
+                self.judge.breaker.record_success()
+            else:
+                fields["error"] = problem
+                log.warning("judge at %s is not healthy: %s", self.judge.root_url, problem, extra={"fields": fields})
+        self.problem = problem
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
-            healthy = await self.judge.healthy()
-            if healthy != self.healthy:
-                log.warning("judge health changed", extra={"fields": {"url": self.judge.root_url, "healthy": healthy}})
-                if healthy:
-                    self.judge.breaker.record_success()
-            self.healthy = healthy
+            await self._check()
 
     async def stop(self) -> None:
         if self._task is not None:

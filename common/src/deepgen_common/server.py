@@ -114,13 +114,17 @@ class RunningService:
             self.failed.set()
             return
         log.info("service loaded", extra={"fields": {"backend": service.description}})
-        serving = None
+        serving, reported = None, None
         while True:  # readiness can change later, e.g. when a judge's upstream goes down
             ready = service.ready() and not self.guards.drain.draining
             if ready != serving:
                 await self._set_health(ready)
                 serving = ready
-                log.info("readiness changed", extra={"fields": {"ready": ready}})
+            state = {"ready": ready, "waiting_for": {} if ready else service.waiting_for()}
+            if state != reported:
+                reported = state
+                missing = ", ".join(f"{k}={v}" for k, v in state["waiting_for"].items())
+                log.info("ready" if ready else f"not ready, waiting for: {missing}", extra={"fields": state})
             await asyncio.sleep(READINESS_POLL_S)
 
     async def stop(self) -> None:

@@ -78,6 +78,9 @@ class RewardService:
     def ready(self) -> bool:
         return self.backend.ready()
 
+    def waiting_for(self) -> dict[str, str]:
+        return self.backend.waiting_for()
+
     def validate(self, samples: Sequence[Sample], mode: Mode) -> None:
         check_batch_size("samples", len(samples), self.settings.max_batch_size)
         if mode not in self.backend.capabilities:

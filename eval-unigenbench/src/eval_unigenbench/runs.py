@@ -142,6 +142,11 @@ class UniGenBenchEval:
     def ready(self) -> bool:
         return bool(self.benchmarks) and self.health.healthy
 
+    def waiting_for(self) -> dict[str, str]:
+        if self.benchmark is None:
+            return {"benchmark": f"loading {self.settings.benchmark_path} and the templates"}
+        return self.health.waiting_for()
+
     async def close(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()

@@ -58,6 +58,11 @@ class OcrBackend:
     def ready(self) -> bool:
         return self._ready
 
+    def waiting_for(self) -> dict[str, str]:
+        if self._ready:
+            return {}
+        return {"ocr_workers": f"starting {self.settings.ocr_workers} {self.settings.ocr_backend} workers"}
+
     async def score(self, samples: Sequence[Sample], mode: Mode) -> list[Result]:
         return list(await asyncio.gather(*(self._score_one(s) for s in samples)))
 

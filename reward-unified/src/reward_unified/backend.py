@@ -64,6 +64,11 @@ class UnifiedBackend:
     def ready(self) -> bool:
         return self.templates is not None and self.health.healthy
 
+    def waiting_for(self) -> dict[str, str]:
+        if self.templates is None:
+            return {"templates": f"loading from {self.settings.templates_dir} (TEMPLATES_DIR)"}
+        return self.health.waiting_for()
+
     async def score(self, samples: Sequence[Sample], mode: Mode) -> list[Result]:
         if mode is Mode.GROUP:
             self._check_group_sizes(samples)

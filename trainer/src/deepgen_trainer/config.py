@@ -35,10 +35,7 @@ MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 LrSchedulerType = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 LR_SCHEDULER_TYPES: tuple[str, ...] = get_args(LrSchedulerType)
 REPORT_TO: tuple[str, ...] = ("wandb", "swanlab")
-# The seed logs to wandb and swanlab. swanlab's releases require protobuf < 7, which cannot be installed
-# beside the gRPC stubs of the reward client (protobuf 7), so the default is wandb alone; swanlab stays
-# selectable where it is installed (e.g. a trainer talking to the services over HTTP only).
-DEFAULT_REPORT_TO: tuple[str, ...] = ("wandb",)
+DEFAULT_REPORT_TO: tuple[str, ...] = ("wandb", "swanlab")  # the seed's; both offline unless WANDB_MODE / SWANLAB_MODE
 DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "deepspeed"
 DEEPSPEED_CONFIG_NAMES: tuple[str, ...] = ("zero2", "zero3", "zero3_offload", "zero3_sd3")
 # The latent is the image / 8 (VAE) split in 2×2 patches (DiT): image sides must divide by 16.

@@ -143,13 +143,18 @@ class TorchUpdater:
 
 
 def init_single_process_group(device: torch.device) -> None:
-    """A process group of one for a run started without `torchrun`. DeepSpeed also insists on the
-    launcher's LOCAL_RANK variable, so this stands in for the launcher and sets it."""
+    """A process group of one, which DeepSpeed needs. Under `torchrun` (one rank) it joins the launcher's
+    rendezvous: there a `tcp://` rendezvous of our own would wait forever, since torchrun makes ranks
+    use its agent's store (TORCHELASTIC_USE_AGENT_STORE) instead of starting one. Without `torchrun`
+    this stands in for the launcher, including the LOCAL_RANK variable DeepSpeed insists on."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        dist.init_process_group(backend)  # env://: MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE from torchrun
+        return
     with socket.socket() as s:  # a free local port for the rendezvous of a world of one
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.setdefault("LOCAL_RANK", "0")
-    backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 

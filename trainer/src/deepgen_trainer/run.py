@@ -62,14 +62,15 @@ class Run:
     ema: DitEma | None = None
 
 
-def setup(cfg: TrainConfig, world: World) -> Run:
-    """Build the model, data, rewards, optimizer and trackers; resume from the newest checkpoint."""
+def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
+    """Build the model, data, rewards, optimizer and trackers; resume from the newest checkpoint.
+    `model` replaces the one `--model` names (benchmarks/bench_gpu.py: real size, random weights)."""
     if cfg.dataset_config is None:
         raise ConfigError("no training prompts: pass --dataset_config (or set DATASET_CONFIG) to a train YAML")
     _seed_everything(cfg.seed + world.rank)
     data = load_train_data(cfg.dataset_config, REWARD_NAMES)
     reward_names = data.reward_names
-    model = build_model(cfg).to(world.device)
+    model = (model if model is not None else build_model(cfg)).to(world.device)
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
     reference = None
     if cfg.beta > 0:  # the KL reference: a frozen copy of the initial DiT

@@ -18,7 +18,6 @@ Only rank 0 reports: on every other rank the tracker is a no-op and imports noth
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -204,14 +203,7 @@ class _SwanlabRun:
         log_dir = output_dir / "swanlog"
         log_dir.mkdir(parents=True, exist_ok=True)
         self._swanlab = swanlab
-        # swanlab 0.10 calls these log_dir / name, 0.6 logdir / experiment_name: accept both generations.
-        renamed = "log_dir" in inspect.signature(swanlab.init).parameters
-        names = (
-            {"log_dir": str(log_dir), "name": run_name}
-            if renamed
-            else {"logdir": str(log_dir), "experiment_name": run_name}
-        )
-        swanlab.init(project=project, mode=mode, config=dict(config or {}), **names)
+        swanlab.init(project=project, mode=mode, config=dict(config or {}), log_dir=str(log_dir), name=run_name)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._swanlab.log(metrics, step=step)

@@ -56,10 +56,11 @@ from deepgen_trainer.sftaux_data import SftAuxLoader
 log = logging.getLogger("deepgen_trainer")
 
 
-def train(cfg: TrainConfig, world: World | None = None) -> DeepGen:
-    """Run MR-GRPO training to `total_steps`; returns the trained model."""
+def train(cfg: TrainConfig, world: World | None = None, model: DeepGen | None = None) -> DeepGen:
+    """Run MR-GRPO training to `total_steps`; returns the trained model. `model`: one built by the caller
+    instead of `--model`'s (see `run.setup`)."""
     world = world or init_world()
-    run = setup(cfg, world)
+    run = setup(cfg, world, model)
     model, updater = run.model, run.updater
     n = cfg.rollout_n
     progress = tqdm(total=run.total_steps, initial=run.start_step, desc="train", disable=not world.is_main)

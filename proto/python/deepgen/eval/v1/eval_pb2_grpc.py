@@ -6,7 +6,7 @@ import warnings
 from deepgen.common.v1 import types_pb2 as deepgen_dot_common_dot_v1_dot_types__pb2
 from deepgen.eval.v1 import eval_pb2 as deepgen_dot_eval_dot_v1_dot_eval__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class EvalServiceStub:
+class EvalServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -62,7 +62,7 @@ class EvalServiceStub:
                 _registered_method=True)
 
 
-class EvalServiceServicer:
+class EvalServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def ListPrompts(self, request, context):
@@ -136,7 +136,7 @@ def add_EvalServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class EvalService:
+class EvalService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

@@ -6,7 +6,7 @@ import warnings
 from deepgen.common.v1 import types_pb2 as deepgen_dot_common_dot_v1_dot_types__pb2
 from deepgen.reward.v1 import reward_pb2 as deepgen_dot_reward_dot_v1_dot_reward__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class RewardServiceStub:
+class RewardServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -47,7 +47,7 @@ class RewardServiceStub:
                 _registered_method=True)
 
 
-class RewardServiceServicer:
+class RewardServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Score(self, request, context):
@@ -88,7 +88,7 @@ def add_RewardServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class RewardService:
+class RewardService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

@@ -143,8 +143,9 @@ class UniGenBenchEval:
         return bool(self.benchmarks) and self.health.healthy
 
     def waiting_for(self) -> dict[str, str]:
-        if self.benchmark is None:
-            return {"benchmark": f"loading {self.settings.benchmark_path} and the templates"}
+        if not self.benchmarks:
+            files = ", ".join(str(p) for p in self.settings.benchmark_paths.values())
+            return {"benchmark": f"loading {files} and the templates"}
         return self.health.waiting_for()
 
     async def close(self) -> None:

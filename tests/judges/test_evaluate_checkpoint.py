@@ -35,9 +35,10 @@ IMAGES_PER_SET = PROMPTS * DUPLICATES
 def tiny_run(folder: Path) -> Path:
     """An RL run of the tiny model with one checkpoint whose DiT differs from the initial one."""
     cfg = TrainConfig(model="tiny", seed=3, image_height=64, image_width=64, num_inference_steps=3, eval_cfg_scale=2.0)
-    dit = build_tiny(seed=3).transformer.state_dict()
+    model = build_tiny(seed=3)
+    dit = model.transformer.state_dict()
     trained = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in dit.items()}
-    save_checkpoint(folder, 5, trainable=trained, config=cfg.to_dict())
+    save_checkpoint(folder, 5, trainable=trained, deepgen_only=model.deepgen_only_state(), config=cfg.to_dict())
     return folder
 
 

@@ -17,7 +17,7 @@ from deepgen_common.eval_results import summarize_results
 from deepgen_common.types import ImageResult
 from deepgen_trainer.checkpoint import save_checkpoint
 from deepgen_trainer.config import ConfigError, TrainConfig
-from deepgen_trainer.convert import to_sft_keys
+from deepgen_trainer.convert import convert
 from deepgen_trainer.evaluate_checkpoint import (
     Source,
     _append_lines,
@@ -106,11 +106,12 @@ def _trained_dit(seed: int) -> dict[str, torch.Tensor]:
 def test_a_checkpoint_and_its_converted_pth_load_the_same_trained_dit(tmp_path: Path):
     trained = _trained_dit(seed=3)
     cfg = TrainConfig(model="tiny", seed=3, image_height=64, image_width=64, num_inference_steps=3)
-    save_checkpoint(tmp_path / "run", 5, trainable=trained, config=cfg.to_dict())
+    deepgen_only = build_tiny(seed=3).deepgen_only_state()
+    save_checkpoint(tmp_path / "run", 5, trainable=trained, deepgen_only=deepgen_only, config=cfg.to_dict())
     rl = find_source(str(tmp_path / "run"), {"eval_cfg_scale": 2.0})
     assert (rl.kind, rl.step, rl.config.image_height, rl.config.eval_cfg_scale) == ("rl", 5, 64, 2.0)
     assert default_output_dir(rl) == tmp_path / "run" / "eval" / "checkpoint-5"
-    torch.save(to_sft_keys(trained), tmp_path / "run5.pth")
+    convert(tmp_path / "run", tmp_path / "run5.pth")  # make convert: every key family of the SFT model
     pth = find_source(str(tmp_path / "run5.pth"), {"model": "tiny", "seed": 3})
     assert (pth.kind, pth.step, pth.config.image_height) == ("pth", 0, 512)  # the trainer's defaults
     assert default_output_dir(pth) == tmp_path / "run5-eval"

@@ -42,7 +42,8 @@ from tqdm import tqdm
 from deepgen_common.client import EvalClient, EvalImage, RewardServiceError, TransientError
 from deepgen_common.eval_results import read_summary_json, summarize_results
 from deepgen_common.types import ImageResult, RunSummary
-from deepgen_trainer.checkpoint import CONFIG_FILE, CheckpointError, load_trainable, resolve_checkpoint
+from deepgen_trainer.checkpoint import CONFIG_FILE, CheckpointError, resolve_checkpoint
+from deepgen_trainer.checkpoint_formats import read_checkpoint
 from deepgen_trainer.config import MODEL_KINDS, ConfigError, TrainConfig, deployment_env
 from deepgen_trainer.evaluation import (
     CONTACT_SHEET_FILE,
@@ -52,7 +53,7 @@ from deepgen_trainer.evaluation import (
     summary_metrics,
     write_evaluation,
 )
-from deepgen_trainer.loading import LoadReport, apply_checkpoint, read_state_dict
+from deepgen_trainer.loading import LoadReport, apply_checkpoint
 from deepgen_trainer.model import DeepGen
 from deepgen_trainer.run import build_model
 from deepgen_trainer.tracking import Tracker
@@ -103,12 +104,14 @@ def find_source(checkpoint: str, overrides: dict[str, object]) -> Source:
 
 
 def load_model(source: Source) -> DeepGen:
-    """The model `source.config` describes with the checkpoint's weights, in eval mode on the GPU if any."""
+    """The model `source.config` describes (its `--checkpoint` applied: the SFT weights of an RL run,
+    or the `.pth` itself), then an RL checkpoint's DiT and DeepGen-only weights on top; in eval mode
+    on the GPU if any."""
     model = build_model(source.config)
     if source.kind == "rl":
-        model.transformer.load_state_dict(load_trainable(source.path))
-    elif source.config.model == "tiny":  # build_model loads the .pth itself for hf models
-        report = apply_checkpoint(model, read_state_dict(source.path), LoadReport(checkpoint=str(source.path)))
+        report = apply_checkpoint(
+            model, read_checkpoint(source.path), LoadReport(checkpoint=str(source.path)), fallback="from the run's base"
+        )
         log.info("checkpoint loaded: %s", report.summary())
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 

@@ -10,7 +10,8 @@ import ctypes.util
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
 _MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only; musl and macOS have none
 
-# Trimming walks every arena (about a millisecond); below this size a request leaves too little to matter.
+# Trimming walks every arena (a few milliseconds on a fragmented heap); below this size a request leaves
+# too little to matter.
 TRIM_AFTER_BYTES = 1 << 20
 
 

@@ -102,7 +102,9 @@ def _unary(metrics: ServiceMetrics, guards: Guards, method: str, handler: RawUna
     only when `_read_one` asks for it: after the guards (drain, token, early admission), one at a time,
     and then held in the byte budget while it is parsed and scored. Until it is asked for, HTTP/2 flow
     control (no BDP probing, see `create_grpc_server`) keeps its bytes on the client; once the call ends
-    the freed heap goes back to the OS."""
+    the freed heap goes back to the OS. So concurrent calls cost about what one does; what one call costs
+    is not bounded beyond MAX_REQUEST_BYTES: about four times its message (the core's slices, the
+    message, the parsed request, the samples' images)."""
     observed = _Call(metrics, guards, method)
     settings = guards.settings
 

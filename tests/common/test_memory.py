@@ -1,6 +1,7 @@
 """Bounded memory under many maximum-size bodies (issue 8, finding 3): a real `python -m reward_ocr`
-process, its RSS read from /proc. Bodies are read only when the in-flight byte budget has room, once,
-and their base64 strings are dropped as the images are decoded."""
+process, its RSS read from /proc. Over HTTP, bodies are read only when the in-flight byte budget has
+room, once, and their base64 strings are dropped as the images are decoded. Over gRPC, a call's message
+stays on the client (HTTP/2 flow control) until the call's turn to be read comes."""
 
 from __future__ import annotations
 
@@ -11,19 +12,28 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
+from deepgen.reward.v1 import reward_pb2
 from deepgen_common.client import wait_ready
 from tests.helpers import REPO
 from tests.reward_ocr.test_lifecycle import free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read peak RSS"),
+]
 
 MiB = 1 << 20
 LIMIT = 32 * MiB
+SCORE = "/deepgen.reward.v1.RewardService/Score"
 
 
 def rss(pid: int, field: str = "VmRSS") -> int:
@@ -33,8 +43,28 @@ def rss(pid: int, field: str = "VmRSS") -> int:
     raise AssertionError(f"{field} not in /proc/{pid}/status")
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read peak RSS")
-def test_sixteen_concurrent_maximum_size_bodies_stay_within_twice_the_limit():
+@dataclass
+class Service:
+    pid: int
+    http_port: int
+    grpc_port: int
+
+    def burst(self, send: Callable[[int], str], n: int) -> tuple[int, int]:
+        """Peak RSS during n concurrent `send`s and RSS a second after, both above the idle RSS."""
+        assert send(0) == "OK"  # first use allocates what every request needs (decoder, buffers)
+        time.sleep(1.0)
+        idle = rss(self.pid)
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            outcomes = list(pool.map(send, range(n)))
+        assert outcomes == ["OK"] * n
+        peak = rss(self.pid, "VmHWM") - idle
+        time.sleep(1.0)
+        return peak, rss(self.pid) - idle
+
+
+@pytest.fixture
+def service() -> Iterator[Service]:
     http_port, grpc_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -48,29 +78,55 @@ def test_sixteen_concurrent_maximum_size_bodies_stay_within_twice_the_limit():
     proc = subprocess.Popen([sys.executable, "-m", "reward_ocr"], env=env, cwd=REPO, stderr=subprocess.DEVNULL)
     try:
         wait_ready(f"grpc://127.0.0.1:{grpc_port}", timeout_s=120, alive=lambda: proc.poll() is None)
-        # Two 11 MiB images that are not images: each sample answers ERROR quickly, so the memory
-        # measured is that of reading and decoding the bodies.
-        sample = json.dumps({"image": {"data": base64.b64encode(os.urandom(11 * MiB)).decode()}, "prompt": '"x"'})
-        body = f'{{"samples": [{sample}, {sample}]}}'.encode()
-        assert LIMIT * 0.85 < len(body) <= LIMIT
-
-        def post(_: int) -> int:
-            url = f"http://127.0.0.1:{http_port}/v1/score"
-            return httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=300).status_code
-
-        assert post(0) == 200  # first use allocates what every request needs (decoder, buffers)
-        time.sleep(1.0)
-        idle = rss(proc.pid)
-        Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            statuses = list(pool.map(post, range(16)))
-        assert statuses == [200] * 16
-        peak = rss(proc.pid, "VmHWM") - idle
-        time.sleep(1.0)
-        after = rss(proc.pid) - idle
-        assert peak <= 2.5 * LIMIT, f"peak {peak / MiB:.0f} MiB above idle, limit {LIMIT / MiB:.0f} MiB"
-        # Back near idle: what stays is allocator slack, well under one request body.
-        assert after <= 0.5 * LIMIT, f"{after / MiB:.0f} MiB still held after the burst"
+        yield Service(proc.pid, http_port, grpc_port)
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_sixteen_concurrent_maximum_size_http_bodies_stay_within_twice_the_limit(service: Service):
+    # Two 11 MiB images that are not images: each sample answers ERROR quickly, so the memory
+    # measured is that of reading and decoding the bodies.
+    sample = json.dumps({"image": {"data": base64.b64encode(os.urandom(11 * MiB)).decode()}, "prompt": '"x"'})
+    body = f'{{"samples": [{sample}, {sample}]}}'.encode()
+    assert LIMIT * 0.85 < len(body) <= LIMIT
+
+    def post(_: int) -> str:
+        url = f"http://127.0.0.1:{service.http_port}/v1/score"
+        response = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=300)
+        return "OK" if response.status_code == 200 else str(response.status_code)
+
+    peak, after = service.burst(post, 16)
+    assert peak <= 2.5 * LIMIT, f"peak {peak / MiB:.0f} MiB above idle, limit {LIMIT / MiB:.0f} MiB"
+    # Back near idle: what stays is allocator slack, well under one request body.
+    assert after <= 0.5 * LIMIT, f"{after / MiB:.0f} MiB still held after the burst"
+
+
+def test_sixteen_concurrent_large_grpc_messages_cost_about_what_one_does(service: Service):
+    # The same two 11 MiB non-images as over HTTP, as protobuf bytes. One such call alone peaks at about
+    # four times its size (the core's slices, the message, the parsed request, the samples' images);
+    # what is bounded is that sixteen at once cost about as much as one, and that it is given back.
+    sample = reward_pb2.Sample(prompt='"x"', image={"data": os.urandom(11 * MiB)})
+    body = reward_pb2.ScoreRequest(samples=[sample, sample]).SerializeToString()
+    options = [("grpc.max_send_message_length", LIMIT)]
+    # One connection per caller, as sixteen clients would open (distinct arguments: no shared subchannel).
+    channels = [
+        grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}", options=[*options, ("test.caller", i)])
+        for i in range(16)
+    ]
+
+    def call(i: int) -> str:
+        try:
+            channels[i].unary_unary(SCORE)(body, timeout=300)
+        except grpc.RpcError as exc:
+            return exc.code().name
+        return "OK"
+
+    try:
+        alone, _ = service.burst(call, 1)
+        peak, after = service.burst(call, 16)
+    finally:
+        for channel in channels:
+            channel.close()
+    assert peak <= alone + LIMIT, f"peak {peak / MiB:.0f} MiB above idle, one call alone {alone / MiB:.0f} MiB"
+    assert after <= 0.5 * LIMIT, f"{after / MiB:.0f} MiB still held after the burst"

@@ -176,6 +176,14 @@ def test_grpc_non_protobuf_body(channel, ocr_service):
     assert_still_serving(ocr_service)
 
 
+def test_grpc_call_without_a_message(channel, ocr_service):
+    with pytest.raises(grpc.RpcError) as info:
+        channel.stream_unary(SCORE)(iter(()), timeout=60)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "the call carried no request message" in info.value.details()
+    assert_still_serving(ocr_service)
+
+
 def test_grpc_message_over_size_limit(channel, ocr_service):
     limit = ocr_service.settings.max_request_bytes
     huge = reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(image={"data": b"\0" * (limit + 1)})])

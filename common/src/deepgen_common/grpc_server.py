@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,6 +19,7 @@ from deepgen_common.deadline import remaining_s, set_deadline
 from deepgen_common.errors import InvalidInput, Overloaded, ServiceError
 from deepgen_common.guards import Guards
 from deepgen_common.logs import new_request_id
+from deepgen_common.malloc import release_after
 from deepgen_common.metrics import ServiceMetrics
 from deepgen_common.settings import ServiceSettings
 
@@ -98,33 +100,53 @@ class _Call:
 def _unary(metrics: ServiceMetrics, guards: Guards, method: str, handler: RawUnary) -> grpc.RpcMethodHandler:
     """A unary method served as client-streaming (the same on the wire), so the request message is taken
     only when `_read_one` asks for it: after the guards (drain, token, early admission), one at a time,
-    and then held in the byte budget while it is parsed and scored. gRPC's core still receives message
-    bytes into its own buffers before that; MAX_REQUEST_BYTES bounds each of them."""
+    and then held in the byte budget while it is parsed and scored. Until it is asked for, HTTP/2 flow
+    control (no BDP probing, see `create_grpc_server`) keeps its bytes on the client; once the call ends
+    the freed heap goes back to the OS. So concurrent calls cost about what one does; what one call costs
+    is not bounded beyond MAX_REQUEST_BYTES: about four times its message (the core's slices, the
+    message, the parsed request, the samples' images)."""
     observed = _Call(metrics, guards, method)
     settings = guards.settings
 
-    async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+    async def call(_: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        size = 0
+
         async def work() -> bytes:
-            raw = await _read_one(requests, guards)
-            async with guards.budget.hold(len(raw), min(settings.max_queue_wait_s, remaining_s())):
+            nonlocal size
+            async with contextlib.AsyncExitStack() as held:
+                # The next message is read only once this one holds its bytes in the budget, so at most
+                # one message waits outside it.
+                async with guards.reading:
+                    raw = await _read_one(context, settings)
+                    size = len(raw)
+                    wait_s = min(settings.max_queue_wait_s, remaining_s())
+                    await held.enter_async_context(guards.budget.hold(size, wait_s))
                 return await handler(raw)
 
-        return await observed.run(context, work)
+        try:
+            return await observed.run(context, work)
+        finally:
+            release_after(size)
 
     # No request deserializer: `handler` parses the raw bytes itself.
     return grpc.stream_unary_rpc_method_handler(call)
 
 
-async def _read_one(requests: AsyncIterator[bytes], guards: Guards) -> bytes:
-    """The request message of a unary call, taken one call at a time, within BODY_READ_TIMEOUT_S."""
-    timeout_s = min(guards.settings.body_read_timeout_s, max(remaining_s(), 0.0))
+async def _read_one(context: grpc.aio.ServicerContext, settings: ServiceSettings) -> bytes:
+    """The request message of a unary call, within BODY_READ_TIMEOUT_S.
+
+    Read with `context.read()`, not the request iterator: the iterator's suspended generator keeps the
+    message alive in a reference cycle with the call until the garbage collector runs, so a burst of
+    large calls would hold every message at once."""
+    timeout_s = min(settings.body_read_timeout_s, max(remaining_s(), 0.0))
     try:
-        async with guards.reading, asyncio.timeout(timeout_s):
-            async for raw in requests:
-                return raw
+        async with asyncio.timeout(timeout_s):
+            raw = await context.read()
     except TimeoutError:
         raise InvalidInput(f"request message not received within {timeout_s:g} s (BODY_READ_TIMEOUT_S)") from None
-    raise InvalidInput("the call carried no request message")
+    if raw is grpc.aio.EOF:
+        raise InvalidInput("the call carried no request message")
+    return raw
 
 
 def _client_stream(
@@ -162,6 +184,9 @@ def create_grpc_server(
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
+            # Without BDP probing a stream's window stays at 64 KiB until its handler reads the message,
+            # so the core does not pull the bodies of calls still waiting for `_read_one`.
+            ("grpc.http2.bdp_probe", 0),
         ]
     )
     handlers = {name: _unary(metrics, guards, name, h) for name, h in api.grpc_unary.items()}

@@ -102,9 +102,9 @@ def _unary(metrics: ServiceMetrics, guards: Guards, method: str, handler: RawUna
     only when `_read_one` asks for it: after the guards (drain, token, early admission), one at a time,
     and then held in the byte budget while it is parsed and scored. Until it is asked for, HTTP/2 flow
     control (no BDP probing, see `create_grpc_server`) keeps its bytes on the client; once the call ends
-    the freed heap goes back to the OS. So concurrent calls cost about what one does; what one call costs
-    is not bounded beyond MAX_REQUEST_BYTES: about four times its message (the core's slices, the
-    message, the parsed request, the samples' images)."""
+    the freed heap goes back to the OS. So concurrent calls cost about what one does, and one call about
+    twice its message: the handler holds the only reference to the bytes and drops them once parsed,
+    then the parsed request once its samples are built."""
     observed = _Call(metrics, guards, method)
     settings = guards.settings
 
@@ -117,11 +117,12 @@ def _unary(metrics: ServiceMetrics, guards: Guards, method: str, handler: RawUna
                 # The next message is read only once this one holds its bytes in the budget, so at most
                 # one message waits outside it.
                 async with guards.reading:
-                    raw = await _read_one(context, settings)
-                    size = len(raw)
+                    message = [await _read_one(context, settings)]
+                    size = len(message[0])
                     wait_s = min(settings.max_queue_wait_s, remaining_s())
                     await held.enter_async_context(guards.budget.hold(size, wait_s))
-                return await handler(raw)
+                # The handler gets the only reference, so the bytes go as soon as it has parsed them.
+                return await handler(message.pop())
 
         try:
             return await observed.run(context, work)

@@ -98,7 +98,11 @@ def reward_api(service: RewardService) -> ServiceApi:
     """gRPC servicer (protobuf <-> domain only) and HTTP routes of the reward contract."""
 
     async def score_pb(raw: bytes) -> bytes:
-        samples, mode = request_from_pb(parse(reward_pb2.ScoreRequest, raw))
+        # Each form of a large request is dropped once the next exists (see grpc_server._unary).
+        request = parse(reward_pb2.ScoreRequest, raw)
+        del raw
+        samples, mode = request_from_pb(request)
+        del request
         return results_to_pb(await service.score(samples, mode)).SerializeToString()
 
     async def info_pb(raw: bytes) -> bytes:

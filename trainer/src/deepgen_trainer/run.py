@@ -23,7 +23,8 @@ from deepgen_trainer.distributed import World
 from deepgen_trainer.loading import load_deepgen
 from deepgen_trainer.model import NEGATIVE_PROMPT, Conditioning, DeepGen
 from deepgen_trainer.optim import Updater, build_updater
-from deepgen_trainer.rewards import REWARD_NAMES, RewardFn, RewardScorer, build_reward
+from deepgen_trainer.reward_outage import wait_for_reward_services
+from deepgen_trainer.rewards import REWARD_NAMES, REWARD_URL_ENV, RewardFn, RewardScorer, build_reward
 from deepgen_trainer.sampler import PromptSampler
 from deepgen_trainer.sftaux_data import SftAuxLoader, load_sftaux_data
 from deepgen_trainer.tiny import build_tiny
@@ -66,6 +67,8 @@ def setup(cfg: TrainConfig, world: World) -> Run:
     reference = None
     if cfg.beta > 0:  # the KL reference: a frozen copy of the initial DiT
         reference = copy.deepcopy(model.transformer).requires_grad_(False).eval()
+    remote = {name: reward_url(cfg, name) for name in reward_names if name in REWARD_URL_ENV}
+    wait_for_reward_services({n: u for n, u in remote.items() if u}, cfg.reward_ready_timeout)
     scorer = RewardScorer({name: _reward(name, cfg, world) for name in reward_names})
     sampler = PromptSampler(data, cfg.prompts_per_rank_for(world.world_size), cfg.seed, world.rank, world.world_size)
     sftaux = None
@@ -132,6 +135,11 @@ def build_model(cfg: TrainConfig) -> DeepGen:
     return model
 
 
+def reward_url(cfg: TrainConfig, name: str) -> str | None:
+    """The service URL of a remote reward (``OCR_URL`` / ``UNIFIEDREWARD_THINK_URL``)."""
+    return {"ocr": cfg.ocr_url, "unifiedreward_think": cfg.unifiedreward_think_url}[name]
+
+
 def _reward(name: str, cfg: TrainConfig, world: World) -> RewardFn:
     if name == "clip_sim":
         if cfg.clip_model_name_or_path:
@@ -141,7 +149,7 @@ def _reward(name: str, cfg: TrainConfig, world: World) -> RewardFn:
         else:
             raise ConfigError("reward clip_sim needs CLIP_MODEL_NAME_OR_PATH (or --clip_model_name_or_path)")
         return build_reward(name, clip=clip)
-    url = {"ocr": cfg.ocr_url, "unifiedreward_think": cfg.unifiedreward_think_url}[name]
+    url = reward_url(cfg, name)
     try:
         return build_reward(name, url=url)
     except ValueError as exc:  # a missing URL

@@ -10,7 +10,7 @@ ARGS ?=
 # docker compose v2 when installed, else docker-compose 1.29.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
 
-.PHONY: help setup setup-judges fetch-judge-data test lint format proto bench-ocr bench-sde bench-judges bench-train bench-flops demo \
+.PHONY: help setup setup-judges fetch-judge-data test lint format proto bench-ocr bench-sde bench-judges bench-train bench-flops demo demo-learn \
 	train train-local convert
 
 help:  ## List the targets
@@ -62,8 +62,11 @@ bench-train:  ## Training step on CPU (tiny model): time per phase, reward wait,
 bench-flops:  ## FLOPs of one default training step per GPU (analytic, checked with FlopCounterMode) and MFU
 	$(BIN)/python benchmarks/flops.py
 
-demo:  ## Main job on the embedded default: tiny DeepGen MR-GRPO on CPU against a real reward-ocr service
+demo:  ## Main job on the embedded default: tiny DeepGen MR-GRPO on CPU against a real reward-ocr service; outputs/demo/reward.png
 	$(BIN)/python scripts/demo.py
+
+demo-learn:  ## Tiny DeepGen learns a served brightness reward on CPU (~60 steps, rising curve); outputs/demo-learn/reward.png
+	$(BIN)/python scripts/demo.py --learn
 
 train:  ## GRPO training in the trainer container (compose profile `train`, GPUs TRAINER_GPUS); ARGS="flags"
 	$(COMPOSE) --profile train run --rm --use-aliases trainer $(ARGS)

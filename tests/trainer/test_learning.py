@@ -10,7 +10,6 @@ log-prob (well scaled by the std floor)."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import httpx
@@ -21,6 +20,7 @@ from deepgen_common.reward_api import reward_component
 from deepgen_common.types import ImageFormat, Sample
 from deepgen_trainer.config import parse_args
 from deepgen_trainer.demo_reward import DemoRewardSettings, make_backend
+from deepgen_trainer.reward_plot import summarize
 from deepgen_trainer.tiny import TINY_IMAGE_SIZE
 from deepgen_trainer.train import train
 from tests.helpers import ServiceThread, render_text
@@ -48,25 +48,6 @@ def services():
     yield running
     for service in running.values():
         service.stop()
-
-
-def slope_t_statistic(values: list[float]) -> tuple[float, float]:
-    """Least-squares slope of values against 0..n−1 and its t-statistic (slope / standard error)."""
-    n = len(values)
-    mean_x, mean_y = (n - 1) / 2, sum(values) / n
-    sxx = sum((x - mean_x) ** 2 for x in range(n))
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(values)) / sxx
-    residuals = [y - mean_y - slope * (x - mean_x) for x, y in enumerate(values)]
-    se = math.sqrt(sum(r * r for r in residuals) / (n - 2) / sxx)
-    return slope, slope / se if se > 0 else math.inf
-
-
-def test_slope_t_statistic_by_hand() -> None:
-    # y = [0, 1, 3]: mean x 1, mean y 4/3, sxx 2, slope (−1·−4/3 + 1·5/3)/2 = 1.5; residuals
-    # [1/6, −1/3, 1/6], s² = (1/36 + 1/9 + 1/36)/1 = 1/6, se = √(1/12), t = 1.5·√12 = 5.196
-    slope, t = slope_t_statistic([0.0, 1.0, 3.0])
-    assert slope == pytest.approx(1.5)
-    assert t == pytest.approx(1.5 * math.sqrt(12))
 
 
 def test_demo_reward_scores_brightness_over_both_transports(services) -> None:
@@ -115,6 +96,6 @@ def test_tiny_model_learns_the_served_reward(
     rewards = [row["reward/total"] for row in rows]
     assert len(rewards) == STEPS
     assert all(row["reward/ocr/fail_rate"] == 0 for row in rows)
-    slope, t = slope_t_statistic(rewards)
-    assert slope > 0, rewards
-    assert t > 4, (t, rewards)
+    curve = summarize(rewards)
+    assert curve.slope > 0, rewards
+    assert curve.t > 4, (curve, rewards)

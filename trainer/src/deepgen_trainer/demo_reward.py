@@ -9,11 +9,13 @@ whole loop works: rollout, the reward contract over gRPC or HTTP, advantages, up
 It is a real reward service built from the service kit (gRPC + HTTP, health, metrics, limits), served
 pointwise; the trainer reaches it where it reaches any pointwise remote reward (``OCR_URL``), as
 `make demo-learn` and the learning test do. Settings from the environment: ``HTTP_PORT`` (18089),
-``GRPC_PORT`` (50059), ``DEMO_REWARD_OBJECTIVE`` and the kit's shared ones.
+``GRPC_PORT`` (50059), ``DEMO_REWARD_OBJECTIVE``, ``DEMO_REWARD_LATENCY_S`` (a fixed delay per request,
+which makes it the slow reward of `make bench-train`) and the kit's shared ones.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Literal
 
@@ -35,6 +37,9 @@ class DemoRewardSettings(ServiceSettings):
     http_port: int = Field(18089, ge=0, le=65535)
     grpc_port: int = Field(50059, ge=0, le=65535)
     demo_reward_objective: Objective = Field("bright", description="bright: mean brightness; dark: 1 − it.")
+    demo_reward_latency_s: float = Field(
+        0.0, ge=0.0, description="Seconds every request takes before it is answered (a slow judge, for benchmarks)."
+    )
 
 
 def brightness(rgb: np.ndarray) -> float:
@@ -61,6 +66,8 @@ class BrightnessBackend:
         return self._ready
 
     async def score(self, samples: Sequence[Sample], mode: Mode) -> list[Result]:
+        if self.settings.demo_reward_latency_s:
+            await asyncio.sleep(self.settings.demo_reward_latency_s)
         return [self._score_one(s) for s in samples]
 
     def _score_one(self, sample: Sample) -> Result:

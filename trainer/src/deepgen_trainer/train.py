@@ -124,7 +124,7 @@ def train(cfg: TrainConfig, world: World | None = None) -> DeepGen:
                 metrics |= run_eval(run, step)
                 metrics["time/eval"] = time.perf_counter() - t0
             log_step(run, step, metrics)  # before the checkpoint: a resumed run never misses a step's metrics
-            failing = watch.update(rewards.status)
+            failing = watch.update(_all_ranks(world, rewards.status))  # every rank takes the same decision
             if failing is not None:
                 if ahead is not None:  # the next batch is dropped: resume draws its prompts again
                     run.sampler.load_state_dict(ahead.sampler_state)
@@ -401,6 +401,13 @@ class _Mean:
 
     def means(self) -> dict[str, float]:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+def _all_ranks(world: World, status: torch.Tensor) -> torch.Tensor:
+    """The (N, K) reward status codes of every rank, concatenated (this rank's alone when not distributed)."""
+    if not world.distributed:
+        return status
+    return world.all_gather_cat(status.to(world.device, torch.float32)).to("cpu", torch.int8)
 
 
 def _saves(run: Run, step: int) -> bool:

@@ -93,7 +93,8 @@ def main(argv: list[str]) -> int:
             print(f"\ncheckpoints and metrics in {output}; SFT-format state dict: {converted}")
         plot = output / "reward.png"
         curve = plot_rewards(output / "metrics.jsonl", plot, title="make demo-learn" if learn else "make demo")
-        summary = f"{'demo-learn' if learn else 'demo'}: {curve.line()}; plot {plot.relative_to(REPO)}"
+        shown = plot.relative_to(REPO) if plot.is_relative_to(REPO) else plot
+        summary = f"{'demo-learn' if learn else 'demo'}: {curve.line()}; plot {shown}"
     finally:
         service.send_signal(signal.SIGTERM)
         service.wait(30)

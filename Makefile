@@ -10,8 +10,8 @@ ARGS ?=
 # docker compose v2 when installed, else docker-compose 1.29.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
 
-.PHONY: help setup setup-judges fetch-judge-data test lint format proto bench-ocr bench-sde bench-judges bench-train bench-flops demo demo-learn \
-	train train-local convert
+.PHONY: help setup setup-judges fetch-judge-data test lint format proto certs bench-ocr bench-load bench-sde bench-judges bench-train bench-flops demo demo-learn \
+	train train-local convert eval
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -47,6 +47,15 @@ proto:  ## Regenerate the Python stubs from proto/
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto/python --pyi_out=proto/python \
 		--grpc_python_out=proto/python $(addprefix proto/,$(PROTOS))
 
+# `make certs CERT_HOSTS=reward-host.example,10.0.0.5 [CERTS_DIR=certs] [FORCE=1]`
+CERTS_DIR ?= certs
+CERT_HOSTS ?=
+certs:  ## CA + server/client TLS certificates into CERTS_DIR for CERT_HOSTS (names/IPs, comma-separated)
+	$(BIN)/python scripts/make_certs.py --dest $(CERTS_DIR) --hosts "$(CERT_HOSTS)"$(if $(FORCE), --force)
+
+bench-load:  ## Overload: 300 concurrent clients x 2 samples against reward-ocr, 15 s deadline
+	$(BIN)/python benchmarks/bench_load.py
+
 bench-ocr:  ## OCR throughput: bare engine vs. the service over gRPC and HTTP
 	$(BIN)/python benchmarks/bench_ocr.py
 
@@ -74,7 +83,12 @@ train:  ## GRPO training in the trainer container (compose profile `train`, GPUs
 train-local:  ## GRPO training from .venv on this machine: torchrun over NGPUS (scripts/train.sh); ARGS="flags"
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/train.sh $(ARGS)
 
-# `make convert CKPT=outputs/run1 [OUT=run1.pth] [MERGE_ONTO=sft.pth] [DTYPE=bf16]`
-convert:  ## RL checkpoint -> SFT-format .pth: CKPT=run or checkpoint dir [OUT=] [MERGE_ONTO=sft.pth] [DTYPE=]
-	@test -n "$(CKPT)" || { echo "make convert: set CKPT to a run folder (its latest checkpoint) or a checkpoint-<step> folder, e.g. make convert CKPT=outputs/run1 [OUT=run1.pth] [MERGE_ONTO=sft.pth] [DTYPE=bf16]" >&2; exit 2; }
-	$(BIN)/python -m deepgen_trainer.convert $(CKPT)$(if $(OUT), --output $(OUT))$(if $(MERGE_ONTO), --merge-onto $(MERGE_ONTO))$(if $(DTYPE), --dtype $(DTYPE))
+# `make convert CKPT=outputs/run1 [OUT=run1.pth] [MERGE_ONTO=sft.pth] [DTYPE=bf16] [EMA=1] [DIT_ONLY=1]`
+convert:  ## RL checkpoint -> SFT-format .pth: CKPT=run or checkpoint dir [OUT=] [MERGE_ONTO=sft] [DTYPE=] [EMA=1] [DIT_ONLY=1]
+	@test -n "$(CKPT)" || { echo "make convert: set CKPT to a run folder (its latest checkpoint) or a checkpoint-<step> folder, e.g. make convert CKPT=outputs/run1 [OUT=run1.pth] [MERGE_ONTO=sft.pth] [DTYPE=bf16] [EMA=1] [DIT_ONLY=1]" >&2; exit 2; }
+	$(BIN)/python -m deepgen_trainer.convert $(CKPT)$(if $(OUT), --output $(OUT))$(if $(MERGE_ONTO), --merge-onto $(MERGE_ONTO))$(if $(DTYPE), --dtype $(DTYPE))$(if $(EMA), --ema)$(if $(DIT_ONLY), --dit-only)
+
+# `make eval CKPT=outputs/run1 [SETS=en,zh,en_long,zh_long] [BASELINE=outputs/sft-eval] [OUT=dir] [ARGS="--model tiny"]`
+eval:  ## UniGenBench evaluation of a checkpoint or .pth: CKPT= [SETS=en,zh] [BASELINE=eval dir or checkpoint] [OUT=]
+	@test -n "$(CKPT)" || { echo "make eval: set CKPT to a run folder, a checkpoint-<step> folder or a converted .pth, e.g. make eval CKPT=outputs/run1 [SETS=en,zh,en_long,zh_long] [BASELINE=outputs/sft-eval] [OUT=dir]; the eval service is UNIGENBENCH_API_URL" >&2; exit 2; }
+	$(BIN)/python -m deepgen_trainer.evaluate_checkpoint $(CKPT)$(if $(SETS), --sets $(SETS))$(if $(BASELINE), --baseline $(BASELINE))$(if $(OUT), --output_dir $(OUT)) $(ARGS)

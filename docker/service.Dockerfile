@@ -108,7 +108,7 @@ EXPOSE ${HTTP_PORT} ${GRPC_PORT}
 # status (503 while loading or while the judge is down), and python then exits 1. The start period
 # covers model loading (HEALTHCHECK flags take no build arguments, so it is one value for all).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/readyz' % os.environ['HTTP_PORT'], timeout=4)"]
+    CMD ["python", "-m", "deepgen_common.probe"]
 # `exec`: the shell replaces itself with python, which then receives SIGTERM directly (from tini under
 # compose's `init: true`) for the graceful stop.
 CMD ["sh", "-c", "exec python -m \"$SERVICE_MODULE\""]

@@ -36,14 +36,33 @@ def render_text(lines: list[str], size: tuple[int, int] = (512, 512), font_size:
 def png_bomb(width: int, height: int) -> bytes:
     """A valid grayscale PNG of width x height zeros: a few hundred KB that decode to width*height bytes."""
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
     compressor = zlib.compressobj(9)
     row = bytes(width + 1)  # filter byte 0 + zero pixels
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def png16(samples: list[list[list[int]]]) -> bytes:
+    """A 16-bit PNG of rows of pixels, each a list of 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA)
+    samples in 0..65535; written by hand because Pillow saves 16-bit grayscale only."""
+    channels = len(samples[0][0])
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    raw = b"".join(b"\0" + b"".join(v.to_bytes(2, "big") for px in row for v in px) for row in samples)
+    ihdr = len(samples[0]).to_bytes(4, "big") + len(samples).to_bytes(4, "big") + bytes([16, color_type, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
+
+
+def gray16_png(png: bytes) -> bytes:
+    """The same picture as a 16-bit grayscale PNG (mode I;16): each 8-bit gray level v becomes v * 257."""
+    wide = Image.open(io.BytesIO(png)).convert("L").convert("I").point(lambda v: v * 257).convert("I;16")
+    buffer = io.BytesIO()
+    wide.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
 
 class ServiceThread:

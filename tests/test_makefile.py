@@ -19,10 +19,13 @@ def make(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_convert_shows_the_command_with_every_option():
-    done = make("-n", "convert", "CKPT=outputs/run1", "OUT=run1.pth", "MERGE_ONTO=sft.pth", "DTYPE=bf16")
+    done = make(
+        "-n", "convert", "CKPT=outputs/run1", "OUT=run1.pth", "MERGE_ONTO=sft.pth", "DTYPE=bf16", "EMA=1", "DIT_ONLY=1"
+    )
     assert done.returncode == 0, done.stderr
     expected = (
         ".venv/bin/python -m deepgen_trainer.convert outputs/run1 --output run1.pth --merge-onto sft.pth --dtype bf16"
+        " --ema --dit-only"
     )
     assert expected in done.stdout.splitlines()
 
@@ -55,3 +58,22 @@ def test_help_lists_the_training_targets():
     listing = make("help").stdout
     for target in ("train ", "train-local", "convert"):
         assert f"  {target}" in listing, target
+
+
+def test_eval_shows_the_command_with_every_option():
+    done = make(
+        "-n", "eval", "CKPT=outputs/run1", "SETS=en,zh", "BASELINE=outputs/sft-eval", "OUT=e", "ARGS=--model tiny"
+    )
+    assert done.returncode == 0, done.stderr
+    expected = (
+        ".venv/bin/python -m deepgen_trainer.evaluate_checkpoint outputs/run1 --sets en,zh --baseline outputs/sft-eval "
+        "--output_dir e --model tiny"
+    )
+    assert expected in done.stdout.splitlines()
+
+
+def test_eval_without_checkpoint_fails_with_the_fix():
+    done = make("eval")
+    assert done.returncode != 0
+    assert "make eval: set CKPT" in done.stderr
+    assert "evaluate_checkpoint" not in done.stdout

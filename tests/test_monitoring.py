@@ -24,7 +24,7 @@ from tests.helpers import REPO
 
 MONITORING = REPO / "monitoring"
 # Step metrics of the trainer (DESIGN §4), the `name` label of deepgen_trainer_metric; `<r>` stands for a
-# reward name.
+# reward name (or an evaluated set).
 TRAINER_METRIC_NAMES = [
     *(f"reward/<r>/{s}" for s in ("mean", "std", "fail_rate", "na_rate")),
     "reward/total",
@@ -36,6 +36,8 @@ TRAINER_METRIC_NAMES = [
     "perf/images_per_sec_per_gpu",
     "lr",
     "grad_norm",
+    "eval/<r>/overall",
+    "eval/<r>/pooled",
 ]
 NOT_SCRAPED = {"prometheus", "grafana"}  # the monitoring itself (Prometheus scrapes no one else here)
 
@@ -140,6 +142,7 @@ def test_dashboard_queries_use_exported_metric_names():
         ("histogram_quantile(0.99, ", "latency p99"),
         ('deepgen_requests_total{code!~"OK|200"}', "errors: neither gRPC OK nor HTTP 200"),
         ("deepgen_judge_calls_total", "judge calls by result"),
+        ('deepgen_trainer_metric{name=~"eval/.*/(overall|pooled)"}', "UniGenBench Overall and pooled accuracy"),
     ],
 )
 def test_dashboard_has_the_panels(fragment: str, meaning: str):

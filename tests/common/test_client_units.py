@@ -6,18 +6,29 @@ import socket
 
 import pytest
 
-from deepgen_common.client import RetryPolicy, RewardClient, is_ready, make_transport, wait_ready
+from deepgen_common.client import (
+    BreakerState,
+    CircuitBreaker,
+    OverloadedError,
+    RetryPolicy,
+    RewardClient,
+    is_ready,
+    make_transport,
+    wait_ready,
+)
+from deepgen_common.client.failover import FailoverTransport
 from deepgen_common.client.reward_client import _chunk
-from deepgen_common.client.transports import GrpcTransport, HttpTransport, grpc_target
-from deepgen_common.types import Mode, Sample
+from deepgen_common.client.transports import GrpcTransport, HttpTransport
+from deepgen_common.types import Limits, Mode, Outcome, Result, Sample, ServiceInfo
 
 
 def test_url_schemes_pick_the_transport():
     assert isinstance(make_transport("http://reward-ocr:18082"), HttpTransport)
     assert isinstance(make_transport("grpc://reward-ocr:50051"), GrpcTransport)
-    assert grpc_target("grpc://reward-ocr:50051") == "dns:///reward-ocr:50051"
-    assert grpc_target("ipv4:127.0.0.1:1,127.0.0.1:2") == "ipv4:127.0.0.1:1,127.0.0.1:2"
-    with pytest.raises(ValueError, match=r"use http://host:port \(HTTP/JSON\) or grpc://host:port"):
+    assert isinstance(make_transport("grpcs://reward-ocr:50051"), GrpcTransport)
+    assert isinstance(make_transport("ipv4:127.0.0.1:1,127.0.0.1:2"), GrpcTransport)
+    assert isinstance(make_transport("grpc://h1:1,h2:2"), FailoverTransport)
+    with pytest.raises(ValueError, match=r"use http://host:port or https://host:port \(HTTP/JSON\)"):
         make_transport("ftp://x")
 
 
@@ -74,3 +85,38 @@ def test_wait_ready_gives_up(scheme: str):
         wait_ready(url, alive=lambda: False)
     with pytest.raises(TimeoutError, match="not ready after"):
         wait_ready(url, timeout_s=0.3, poll_s=0.05)
+
+
+class RefusingTransport:
+    """A stand-in transport that answers 429 (with Retry-After) `refusals` times, then scores: the
+    real admission refusals are exercised in tests/common/test_overload.py."""
+
+    def __init__(self, refusals: int, retry_after_s: float | None) -> None:
+        self.refusals, self.retry_after_s, self.calls = refusals, retry_after_s, 0
+
+    def score(self, samples, mode, timeout_s):
+        self.calls += 1
+        if self.calls <= self.refusals:
+            raise OverloadedError("RESOURCE_EXHAUSTED: busy", self.retry_after_s)
+        return [Result(outcome=Outcome.OK, score=1.0) for _ in samples]
+
+    def info(self, timeout_s):
+        return ServiceInfo("stub", "0", "v1", "stub", Limits(64, 1 << 20, 1 << 20, 1 << 24, 512), (Mode.POINTWISE,))
+
+    def close(self):
+        pass
+
+
+def test_overloaded_is_retried_until_the_timeout_without_tripping_the_breaker():
+    transport = RefusingTransport(refusals=6, retry_after_s=0.01)
+    breaker = CircuitBreaker("stub", failure_threshold=2)
+    client = RewardClient("grpc://stub:1", transport=transport, breaker=breaker, retry=RetryPolicy(max_attempts=1))
+    assert client.score([Sample(b"x")])[0].score == 1.0  # 6 refusals > max_attempts: overload is not an outage
+    assert transport.calls == 7
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_overloaded_gives_up_when_the_retry_after_passes_the_timeout():
+    client = RewardClient("grpc://stub:1", transport=RefusingTransport(refusals=99, retry_after_s=5.0), timeout_s=1.0)
+    with pytest.raises(OverloadedError, match=r"still refused after 0s \(timeout_s=1\)"):
+        client.score([Sample(b"x")])

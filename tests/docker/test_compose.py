@@ -13,12 +13,18 @@ to build/pip-ca.pem (git-ignored) and passed to the build as PIP_CA_BUNDLE.
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.client
+import importlib.util
 import json
 import logging
 import os
+import ssl
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -73,10 +79,11 @@ class Stack:
         return wait_health(container, "healthy", within_s)
 
 
-@pytest.fixture(scope="module")
-def stack(docker_engine: None) -> Iterator[Stack]:
+@contextlib.contextmanager
+def started_stack(**settings: str) -> Iterator[Stack]:
     """reward-ocr built from docker/service.Dockerfile on BASE_IMAGE and started with docker-compose under a
-    project name of its own, published on free 127.0.0.1 ports; torn down with its volumes."""
+    project name of its own, published on free 127.0.0.1 ports, with extra `settings` in its environment;
+    torn down with its volumes."""
     http_port, grpc_port = free_port(), free_port()
     env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
     env.update(
@@ -85,6 +92,7 @@ def stack(docker_engine: None) -> Iterator[Stack]:
         BIND_ADDRESS="127.0.0.1",
         OCR_HTTP_PUBLISH_PORT=str(http_port),
         OCR_GRPC_PUBLISH_PORT=str(grpc_port),
+        **settings,
     )
     with tempfile.NamedTemporaryFile("w", suffix=".env") as empty_env_file:
         s = Stack(f"deepgen-test-{uuid.uuid4().hex[:8]}", env, empty_env_file.name, http_port)
@@ -99,6 +107,12 @@ def stack(docker_engine: None) -> Iterator[Stack]:
             yield s
         finally:
             s.compose("--profile", "scale", "down", "-v", "--remove-orphans", timeout=180, check=False)
+
+
+@pytest.fixture(scope="module")
+def stack(docker_engine: None) -> Iterator[Stack]:
+    with started_stack() as s:
+        yield s
 
 
 def _post_json(url: str, payload: dict, timeout: float = 120.0) -> tuple[int, dict]:
@@ -189,3 +203,64 @@ def test_replicas_join_the_service_dns_name(stack: Stack) -> None:
         "import socket; print(len({a[4][0] for a in socket.getaddrinfo('reward-ocr', 50051, type=socket.SOCK_STREAM)}))"
     )
     assert check(["docker", "exec", stack.container, "python", "-c", resolve], timeout=30).strip() == "3"
+
+
+# --- API_TOKEN + mutual TLS -----------------------------------------------------------------------------
+
+TOKEN = "compose-test-token"
+# Runs in a second container on the compose network: scores over HTTPS at the service's DNS name with
+# the CA, a client certificate and the token, and prints the HTTP status of a call without the token.
+CLIENT_IN_NETWORK = """
+import json, ssl, sys, urllib.error, urllib.request
+context = ssl.create_default_context(cafile="/certs/ca.pem")
+context.load_cert_chain("/certs/client.pem", "/certs/client.key")
+def info(headers):
+    request = urllib.request.Request("https://reward-ocr:18082/v1/info", headers=headers)
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=30) as response:
+            return response.status, json.loads(response.read())["name"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+print(json.dumps([info({"Authorization": "Bearer " + sys.argv[1]}), info({})]))
+"""
+
+
+def load_make_certs():
+    spec = importlib.util.spec_from_file_location("make_certs", REPO / "scripts" / "make_certs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_token_and_mutual_tls_between_containers(docker_engine: None, tmp_path) -> None:
+    """API_TOKEN + TLS_* set through compose: Docker's own healthcheck (the TLS-aware probe) turns
+    healthy, another container on the network scores through mutual TLS at the name `reward-ocr`, and the
+    published port refuses plain HTTP, missing tokens and clients without a certificate."""
+    certs = load_make_certs().make_certs(tmp_path / "certs", ["reward-ocr"])
+    for key in (certs.server_key, certs.client_key):
+        key.chmod(0o644)  # the service runs as uid 10001; on a real host, chown the key to it instead
+    settings = {
+        "CERTS_DIR": str(certs.ca_cert.parent),
+        "API_TOKEN": TOKEN,
+        "TLS_CERT_FILE": "/certs/server.pem",
+        "TLS_KEY_FILE": "/certs/server.key",
+        "TLS_CLIENT_CA_FILE": "/certs/ca.pem",
+    }
+    with started_stack(**settings) as secure:
+        done = secure.compose(
+            "run", "--rm", "--no-deps", "-T", "--entrypoint", "python", "reward-ocr", "-c", CLIENT_IN_NETWORK, TOKEN,
+            timeout=120,
+        )  # fmt: skip
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == [[200, "reward-ocr"], [401, None]]
+        url = f"https://localhost:{secure.http_port}/v1/info"
+        mutual = ssl.create_default_context(cafile=str(certs.ca_cert))
+        mutual.load_cert_chain(certs.client_cert, certs.client_key)
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, context=mutual, timeout=30) as response:
+            assert response.status == 200
+        anonymous = ssl.create_default_context(cafile=str(certs.ca_cert))
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(request, context=anonymous, timeout=30)
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://127.0.0.1:{secure.http_port}/healthz", timeout=30)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from eval_unigenbench.benchmark import BenchmarkError, load_benchmark, primary_dimension
+from deepgen_common.eval_results import primary_dimension
+from eval_unigenbench.benchmark import BenchmarkError, load_benchmark
 from tests.helpers import SHARED_DATA
 
 DATA = SHARED_DATA / "unigenbench"

@@ -7,6 +7,7 @@ adapter makes of it.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -139,6 +140,29 @@ def test_bad_samples_and_small_groups(vllm_server: VllmServer):
                 client.score([Sample(IMAGES[0], "p")], Mode.GROUP)
         response = httpx.post(f"{service.http_url}/v1/score", json={"samples": "nope", "mode": "group"})
         assert response.status_code == 422
+    finally:
+        service.stop()
+
+
+def test_a_group_over_max_group_size_is_refused_before_any_judge_call(vllm_server: VllmServer):
+    # Finding 7 of issue 8: one request with a group of 64 made 2,016 judge calls.
+    service = adapter(vllm_server, FIRST_WINS)
+    try:
+        big = [Sample(IMAGES[i % 4], "p", group_id="big") for i in range(17)]
+        with RewardClient(service.grpc_url) as client:
+            with pytest.raises(
+                RewardServiceError, match=r"group 'big' has 17 samples, over the limit of 16 \(MAX_GROUP_SIZE\)"
+            ):
+                client.score(group("g0") + big, Mode.GROUP)
+            assert client.breaker.state is BreakerState.CLOSED  # bad input is not an outage
+        body = {
+            "samples": [{"image": {"data": base64.b64encode(s.image).decode()}, "group_id": "big"} for s in big],
+            "mode": "group",
+        }
+        response = httpx.post(f"{service.http_url}/v1/score", json=body, timeout=30)
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "INVALID_ARGUMENT"
+        assert judge_calls(service) == {}
     finally:
         service.stop()
 

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from deepgen_trainer.config import parse_args
+from deepgen_trainer.contact_sheet import sheet_size
 from deepgen_trainer.train import train
 from tests.helpers import SHARED_DATA
 from tests.judges.forcing_proxy import ForcingProxy
@@ -45,12 +47,21 @@ def test_training_evaluates_before_and_every_eval_freq_steps(vllm_server: VllmSe
         service.stop()
         proxy.stop()
     rows = {row["step"]: row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
-    _, primary, overall = expected_accuracies(EN[:3])
+    _, primary, pooled = expected_accuracies(EN[:3])
     for step in (0, 2):
-        assert rows[step]["eval/images_judged"] == 6  # 3 prompts × 2 duplicates
-        assert rows[step]["eval/overall_accuracy"] == pytest.approx(overall)
-        assert rows[step]["eval/primary_mean_accuracy"] == pytest.approx(sum(primary.values()) / len(primary))
-    assert "eval/overall_accuracy" not in rows[1]
+        assert rows[step]["eval/unigenbench/images_judged"] == 6  # 3 prompts × 2 duplicates
+        # The leaderboard's Overall: the mean of the primary dimensions, not the pooled accuracy.
+        assert rows[step]["eval/unigenbench/overall"] == pytest.approx(sum(primary.values()) / len(primary))
+        assert rows[step]["eval/unigenbench/pooled"] == pytest.approx(pooled)
+        for name, accuracy in primary.items():
+            assert rows[step][f"eval/unigenbench/primary/{name}"] == pytest.approx(accuracy)
+        folder = out / "eval" / "unigenbench" / f"step-{step:07d}"
+        summary = json.loads((folder / "summary.json").read_text())
+        assert (summary["answer_rules"], summary["benchmark"], summary["images_judged"]) == ("official", "en", 6)
+        with Image.open(folder / "contact_sheet.png") as sheet:
+            assert (sheet.format, sheet.size) == ("PNG", sheet_size(3))
+        assert len((folder / "results.csv").read_text().splitlines()) == 7
+    assert "eval/unigenbench/overall" not in rows[1]
     assert len(proxy.chat_texts) == 12  # two runs of 6 images, each judged once
     runs = sorted(p.name for p in (tmp_path / "results").iterdir())
     assert [r.split("-")[1] for r in runs] == ["0000000", "0000002"]

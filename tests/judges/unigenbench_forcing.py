@@ -9,8 +9,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+from deepgen_common.eval_results import primary_dimension
 from eval_unigenbench.api import eval_component
-from eval_unigenbench.benchmark import BenchmarkItem, load_benchmark, primary_dimension
+from eval_unigenbench.benchmark import BenchmarkItem, load_benchmark
 from eval_unigenbench.settings import EvalSettings
 from tests.helpers import SHARED_DATA, ServiceThread
 
@@ -25,7 +26,9 @@ def forced_scores(item: BenchmarkItem) -> list[int]:
 
 
 def answer_regex(scores: list[int]) -> str:
-    return re.escape(f"<analysis>checked</analysis><score>[{', '.join(map(str, scores))}]</score>")
+    """An answer the official rules accept: one analysis string and one 0/1 per testpoint."""
+    analysis = ", ".join(['"checked"'] * len(scores))
+    return re.escape(f"<analysis>[{analysis}]</analysis><score>[{', '.join(map(str, scores))}]</score>")
 
 
 def forcer(items: list[BenchmarkItem], garbage_ids: frozenset[str] = frozenset()) -> Callable[[str], str | None]:
@@ -68,7 +71,7 @@ def start_eval(judge_url: str, results: Path, **overrides: object) -> ServiceThr
         "unigenbench_data_dir": BENCHMARKS,
         "benchmark": "test_prompts_en",
         "prompt_limit": 20,
-        "judge_max_tokens": 96,
+        "judge_max_tokens": 256,
         "judge_health_poll_s": 0.3,
         "judge_max_attempts": 2,
         "judge_breaker_failures": 2,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import re
 
 import grpc
@@ -15,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from deepgen.reward.v1 import reward_pb2
 from deepgen_common.client import RewardClient, RewardServiceError
 from deepgen_common.types import ImageFormat, Mode, Outcome, Sample
-from tests.helpers import png_bomb, render_text
+from tests.helpers import gray16_png, png_bomb, render_text
 
 pytestmark = pytest.mark.integration
 
@@ -85,6 +86,33 @@ def test_per_item_errors_do_not_fail_the_batch(client: RewardClient):
     assert "MAX_IMAGE_PIXELS" in results[2].error
     assert "400000000 pixels" in results[2].error
     assert "not a decodable JPEG image" in results[3].error
+
+
+def test_hostile_prompts_do_not_hold_up_other_requests(ocr_service):
+    # Finding 1 of issue 8: two prompts of 50,000 unclosed “ kept both workers busy for 22 s (quadratic
+    # parsing) and a good request sent meanwhile waited 23 s. Now they are over MAX_PROMPT_CHARS
+    # (an ERROR result each, no worker time) and, below it, parsed in linear time.
+    image = render_text(["HELLO"])
+    hostile = [Sample(image, "“" * 50_000), Sample(image, "“" * 19_990 + '"HELLO"')]
+    with (
+        RewardClient(ocr_service.grpc_url, timeout_s=15) as attacker,
+        RewardClient(ocr_service.http_url, timeout_s=15) as user,
+        concurrent.futures.ThreadPoolExecutor() as pool,
+    ):
+        attack = [pool.submit(attacker.score, hostile) for _ in range(2)]
+        [good] = user.score([Sample(image, 'a sign that says "HELLO"')])
+        answers = [a.result() for a in attack]
+    assert good.score == pytest.approx(1.0, abs=0.05)
+    for over, under in answers:
+        assert over.outcome is Outcome.ERROR
+        assert over.error == "prompt is 50000 characters, over the limit of 20000 (MAX_PROMPT_CHARS)"
+        assert under.score == pytest.approx(1.0, abs=0.05)
+
+
+def test_16_bit_grayscale_png_is_read_not_blank(client: RewardClient):
+    # Finding 9 of issue 8: a 16-bit grayscale PNG was clipped to a white image and scored 0.0.
+    [result] = client.score([Sample(gray16_png(render_text(["DEPTH 16"])), 'a sign "DEPTH 16"')])
+    assert result.score == pytest.approx(1.0, abs=0.05)
 
 
 def test_group_mode_is_rejected_as_unsupported(client: RewardClient):

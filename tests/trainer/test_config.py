@@ -92,6 +92,8 @@ def test_env_fills_deployment_facts_only_and_flags_win() -> None:
         "LEARNING_RATE": "1.0",
         "ROLLOUT_N": "2",
         "OCR_URL": "grpc://ocr:50051",
+        "UNIFIEDREWARD_THINK_URL": "http://judge:18087",
+        "UNIGENBENCH_API_URL": "grpcs://eval-1:50053,eval-2:50053",
         "CHECKPOINT": "",
         "METRICS_PORT": "9400",
     }
@@ -139,6 +141,8 @@ BAD_FLAGS = [
     (["--save_total_limit", "0"], "omit it to keep every checkpoint"),
     (["--report_to", "tensorboard"], "valid values: wandb,swanlab (comma-separated) or none"),
     (["--deepspeed", "zero4"], "neither a config name (zero2, zero3, zero3_offload, zero3_sd3)"),
+    (["--ocr_url", "reward-ocr:50051"], "--ocr_url (OCR_URL): unsupported service URL 'reward-ocr:50051': use"),
+    (["--unigenbench_api_url", "grpc://h"], "(UNIGENBENCH_API_URL): service URL 'grpc://h': address 'h' needs a port"),
     (["--rollout_nn", "8"], "unrecognized arguments: --rollout_nn 8; see --help"),
     (["--rollout_n", "eight"], "invalid int value"),
     (["--optimizer_steps_per_rollout", "0"], "--optimizer_steps_per_rollout must be >= 1"),

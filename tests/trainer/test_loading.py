@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
+from deepgen_trainer.checkpoint_formats import CheckpointReadError
 from deepgen_trainer.loading import load_deepgen
 from deepgen_trainer.model import NEGATIVE_PROMPT, DeepGen
 from deepgen_trainer.tiny import TINY_CHECKPOINT_NAME, build_tiny, save_tiny_pretrained, tiny_config
@@ -120,10 +122,27 @@ def test_deepspeed_directory(source: DeepGen, folders: tuple[Path, Path, Path], 
     assert_close(model.projector_1.weight, source.projector_1.weight)
 
 
-def test_pickled_objects_are_refused(folders: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    torch.save({"weight": torch.zeros(1), "payload": NotATensor(1)}, tmp_path / "evil.pth")
-    with pytest.raises(ValueError, match="refusing to unpickle"):
+def test_objects_of_unknown_classes_load_as_placeholders(
+    source: DeepGen, folders: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    torch.save({"state_dict": source.state_dict(), "payload": NotATensor(1)}, tmp_path / "with_object.pth")
+    model, report = load(folders, tmp_path / "with_object.pth")
+    assert report.missing == []
+    assert report.problems == []
+    assert_close(model.projector_1.weight, source.projector_1.weight, rtol=0, atol=0)
+
+
+def test_a_hostile_pickle_is_refused_and_never_runs(folders: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Hostile:
+        def __reduce__(self) -> tuple[object, ...]:
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"weight": torch.zeros(1), "payload": Hostile()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointReadError, match=r"evil\.pth: the pickle calls posix\.system\(\.\.\.\)"):
         load(folders, tmp_path / "evil.pth")
+    assert not marker.exists()
 
 
 def test_missing_paths_give_clear_errors(folders: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -136,7 +155,7 @@ def test_missing_paths_give_clear_errors(folders: tuple[Path, Path, Path], tmp_p
         load_deepgen(tmp_path / "sd3", qwen, dtype=torch.float32, config=tiny_config())
     with pytest.raises(FileNotFoundError, match=r"no_such\.pth"):
         load(folders, tmp_path / "no_such.pth")
-    with pytest.raises(FileNotFoundError, match=r"no \.safetensors"):
+    with pytest.raises(CheckpointReadError, match=r"holds none of: mp_rank_00_model_states\.pt.*\.safetensors"):
         load(folders, tmp_path / "sd3")
 
 

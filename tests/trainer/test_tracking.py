@@ -10,6 +10,7 @@ import types
 import httpx
 import pytest
 import torch
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from deepgen_trainer.tracking import Tracker
@@ -63,6 +64,20 @@ def test_wandb_offline_writes_a_run_under_the_output_dir(tmp_path, monkeypatch):
     assert list(run_dir.glob("run-*.wandb"))
 
 
+def test_wandb_keeps_logged_images_with_the_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for var in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sheet = tmp_path / "sheet.png"
+    Image.new("RGB", (40, 30), "red").save(sheet)
+    with Tracker(["wandb"], output_dir=tmp_path / "out", run_name="test") as tracker:
+        tracker.log_images({"eval/en/contact_sheet": sheet}, step=2)
+    [run_dir] = (tmp_path / "out" / "wandb").glob("offline-run-*")
+    [logged] = run_dir.rglob("media/images/eval/en/contact_sheet_*.png")
+    assert Image.open(logged).size == (40, 30)
+
+
 def test_swanlab_runs_offline_under_the_output_dir(tmp_path, monkeypatch):
     """A stand-in for the swanlab package: its releases need protobuf < 7, which cannot be installed
     beside the reward client's gRPC stubs (see config.DEFAULT_REPORT_TO). The fake has swanlab's API
@@ -76,12 +91,15 @@ def test_swanlab_runs_offline_under_the_output_dir(tmp_path, monkeypatch):
     fake.init = init
     fake.log = lambda metrics, step: calls.append(("log", metrics, step))
     fake.finish = lambda: calls.append(("finish",))
+    fake.Image = lambda path: ("Image", path)
     monkeypatch.setitem(sys.modules, "swanlab", fake)
     with Tracker(["swanlab"], output_dir=tmp_path, run_name="test", config={"learning_rate": 2e-6}) as tracker:
         tracker.log({"reward/ocr/mean": 0.5}, step=1)
+        tracker.log_images({"eval/en/contact_sheet": tmp_path / "sheet.png"}, step=1)
     assert calls == [
         ("init", "deepgen-rl", "offline", {"learning_rate": 2e-6}, str(tmp_path / "swanlog"), "test"),
         ("log", {"reward/ocr/mean": 0.5}, 1),
+        ("log", {"eval/en/contact_sheet": ("Image", str(tmp_path / "sheet.png"))}, 1),
         ("finish",),
     ]
 

@@ -234,19 +234,22 @@ def test_torchrun_two_ranks_on_cpu_end_with_identical_weights(tmp_path: Path, de
 @pytest.mark.integration
 def test_zero3_saves_whole_weights_and_resumes(tmp_path: Path):
     """ZeRO-3 with every parameter partitioned over the 2 ranks (no persistence threshold): the
-    checkpoint holds the gathered weights, and a second run resumes from DeepSpeed's own state."""
+    checkpoint holds the gathered weights (and the EMA of them), and a second run resumes from
+    DeepSpeed's own state."""
     config = json.loads((REPO / "trainer" / "deepspeed" / "zero3.json").read_text())
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "zero3.json").write_text(json.dumps(config))
     out = tmp_path / "run"
     args = [*SMALL, "--dataset_config", str(train_yaml(tmp_path, "{clip_sim: 1.0}")), "--output_dir", str(out),
-            "--deepspeed", str(tmp_path / "zero3.json")]  # fmt: skip
+            "--deepspeed", str(tmp_path / "zero3.json"), "--ema_decay", "0.9"]  # fmt: skip
     torchrun([*args, "--max_steps", "1"])
     shapes = {k: v.shape for k, v in build_tiny().transformer.state_dict().items()}
-    saved = load_file(out / "checkpoint-1" / "transformer.safetensors")
-    assert {k: v.shape for k, v in saved.items()} == shapes
+    for name in ("transformer.safetensors", "ema.safetensors"):
+        saved = load_file(out / "checkpoint-1" / name)
+        assert {k: v.shape for k, v in saved.items()} == shapes, name
     assert "resumed from" in torchrun([*args, "--max_steps", "2"])
     assert metrics(out)[2]["optim/steps"] == 2
+    assert load_checkpoint(out / "checkpoint-2").ema is not None
 
 
 @pytest.mark.parametrize(

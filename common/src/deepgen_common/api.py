@@ -49,7 +49,10 @@ class ServiceApi:
 
 @dataclass(frozen=True)
 class Component:
-    """What `RunningService` serves."""
+    """What `RunningService` serves. `precheck(remaining_s)`, when given, raises Overloaded for a
+    request that could not even start before its deadline; the transports call it before reading the
+    request body, so refusals under overload cost no parsing."""
 
     service: Lifecycle
     api: ServiceApi
+    precheck: Callable[[float], None] | None = None

@@ -18,10 +18,15 @@ class InvalidInput(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """The bounded queue is full; retry later (RESOURCE_EXHAUSTED / 429)."""
+    """The request cannot be answered in time; retry after `retry_after_s` (RESOURCE_EXHAUSTED / 429,
+    sent as `Retry-After` over HTTP and `retry-after` trailing metadata over gRPC)."""
 
     grpc_code = "RESOURCE_EXHAUSTED"
     http_status = 429
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NotReady(ServiceError):
@@ -29,6 +34,17 @@ class NotReady(ServiceError):
 
     grpc_code = "UNAVAILABLE"
     http_status = 503
+
+
+class ShuttingDown(NotReady):
+    """The service is draining after SIGTERM; retry on another replica (UNAVAILABLE / 503)."""
+
+
+class Unauthenticated(ServiceError):
+    """The call lacks the bearer token API_TOKEN asks for (UNAUTHENTICATED / 401)."""
+
+    grpc_code = "UNAUTHENTICATED"
+    http_status = 401
 
 
 class ImageError(ValueError):

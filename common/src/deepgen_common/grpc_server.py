@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
@@ -14,7 +14,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from deepgen_common.api import RawClientStream, RawUnary, ServiceApi
-from deepgen_common.errors import InvalidInput, ServiceError
+from deepgen_common.deadline import remaining_s, set_deadline
+from deepgen_common.errors import InvalidInput, Overloaded, ServiceError
+from deepgen_common.guards import Guards
 from deepgen_common.logs import new_request_id
 from deepgen_common.metrics import ServiceMetrics
 from deepgen_common.settings import ServiceSettings
@@ -22,6 +24,10 @@ from deepgen_common.settings import ServiceSettings
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
+# The client's deadline timer fires first (the server's starts when the headers arrive) and cancels the
+# call just before the server's own deadline: a cancellation this close to the deadline is counted as
+# DEADLINE_EXCEEDED.
+DEADLINE_SLACK_S = 0.5
 
 
 def parse(message_type: type[M], raw: bytes) -> M:
@@ -33,26 +39,49 @@ def parse(message_type: type[M], raw: bytes) -> M:
 
 
 class _Call:
-    """Request id, status-code mapping and metrics around one RPC."""
+    """Guards, request id, deadline, status-code mapping and metrics around one RPC.
 
-    def __init__(self, metrics: ServiceMetrics, method: str) -> None:
+    Every call is counted once with the code it ended with: a handler cancelled because the client
+    left counts as CANCELLED (or DEADLINE_EXCEEDED when its deadline passed), one the drain gave up
+    on answers UNAVAILABLE."""
+
+    def __init__(self, metrics: ServiceMetrics, guards: Guards, method: str) -> None:
         self.metrics = metrics
+        self.guards = guards
         self.method = method
 
-    @contextlib.asynccontextmanager
-    async def __call__(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        metadata = dict(context.invocation_metadata() or ())
+    async def run(self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[bytes]]) -> bytes:
+        """Run `work` (which reads the request) and return its response bytes."""
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         rid = new_request_id(metadata.get("x-request-id"))
         start = time.perf_counter()
         code = "OK"
+        task = asyncio.current_task()
+        assert task is not None
+        settings = self.guards.settings
         self.metrics.in_flight.inc()
         try:
+            self.guards.drain.check_open()
+            self.guards.token.check(metadata.get("authorization"))
+            timeout = context.time_remaining()
+            set_deadline(settings.default_deadline_s if timeout is None else timeout)
+            self.guards.admit_early(remaining_s())
             await context.send_initial_metadata((("x-request-id", rid),))
-            yield
+            with self.guards.drain.track(task):  # type: ignore[arg-type]
+                return await work()
         except ServiceError as exc:
             code = exc.grpc_code
             log.info("request rejected", extra={"fields": {"method": self.method, "code": code, "reason": str(exc)}})
+            if isinstance(exc, Overloaded):
+                context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
             await context.abort(getattr(grpc.StatusCode, code), str(exc))
+        except asyncio.CancelledError:
+            if self.guards.drain.aborted(task):  # type: ignore[arg-type]
+                task.uncancel()
+                code = "UNAVAILABLE"
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "service is shutting down; retry on another replica")
+            code = "DEADLINE_EXCEEDED" if remaining_s() <= DEADLINE_SLACK_S else "CANCELLED"
+            raise
         except Exception:
             code = "INTERNAL"
             log.exception("request failed", extra={"fields": {"method": self.method}})
@@ -63,36 +92,70 @@ class _Call:
             self.metrics.request_seconds.labels(transport="grpc", method=self.method).observe(
                 time.perf_counter() - start
             )
-
-
-def _unary(metrics: ServiceMetrics, method: str, handler: RawUnary) -> grpc.RpcMethodHandler:
-    observed = _Call(metrics, method)
-
-    async def call(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        async with observed(context):
-            return await handler(raw)
         raise AssertionError("unreachable: context.abort raises")
 
-    # No request deserializer: `handler` parses the raw bytes itself.
-    return grpc.unary_unary_rpc_method_handler(call)
 
-
-def _client_stream(metrics: ServiceMetrics, method: str, handler: RawClientStream) -> grpc.RpcMethodHandler:
-    observed = _Call(metrics, method)
+def _unary(metrics: ServiceMetrics, guards: Guards, method: str, handler: RawUnary) -> grpc.RpcMethodHandler:
+    """A unary method served as client-streaming (the same on the wire), so the request message is taken
+    only when `_read_one` asks for it: after the guards (drain, token, early admission), one at a time,
+    and then held in the byte budget while it is parsed and scored. gRPC's core still receives message
+    bytes into its own buffers before that; MAX_REQUEST_BYTES bounds each of them."""
+    observed = _Call(metrics, guards, method)
+    settings = guards.settings
 
     async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
-        async with observed(context):
-            return await handler(requests)
-        raise AssertionError("unreachable: context.abort raises")
+        async def work() -> bytes:
+            raw = await _read_one(requests, guards)
+            async with guards.budget.hold(len(raw), min(settings.max_queue_wait_s, remaining_s())):
+                return await handler(raw)
+
+        return await observed.run(context, work)
+
+    # No request deserializer: `handler` parses the raw bytes itself.
+    return grpc.stream_unary_rpc_method_handler(call)
+
+
+async def _read_one(requests: AsyncIterator[bytes], guards: Guards) -> bytes:
+    """The request message of a unary call, taken one call at a time, within BODY_READ_TIMEOUT_S."""
+    timeout_s = min(guards.settings.body_read_timeout_s, max(remaining_s(), 0.0))
+    try:
+        async with guards.reading, asyncio.timeout(timeout_s):
+            async for raw in requests:
+                return raw
+    except TimeoutError:
+        raise InvalidInput(f"request message not received within {timeout_s:g} s (BODY_READ_TIMEOUT_S)") from None
+    raise InvalidInput("the call carried no request message")
+
+
+def _client_stream(
+    metrics: ServiceMetrics, guards: Guards, method: str, handler: RawClientStream
+) -> grpc.RpcMethodHandler:
+    observed = _Call(metrics, guards, method)
+
+    async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        return await observed.run(context, lambda: handler(requests))
 
     return grpc.stream_unary_rpc_method_handler(call)
 
 
+def _server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials:
+    assert settings.tls_cert_file is not None
+    assert settings.tls_key_file is not None
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file is not None else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 def create_grpc_server(
-    api: ServiceApi, metrics: ServiceMetrics, settings: ServiceSettings
+    api: ServiceApi, metrics: ServiceMetrics, guards: Guards
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build (not start) the server; returns it, the bound port (useful with port 0) and its health
-    servicer, which starts NOT_SERVING."""
+    servicer, which starts NOT_SERVING. TLS only when TLS_CERT_FILE is set (mutual with
+    TLS_CLIENT_CA_FILE); health and reflection need no token."""
+    settings = guards.settings
     limit = settings.max_request_bytes
     server = grpc.aio.server(
         options=[
@@ -101,8 +164,8 @@ def create_grpc_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    handlers = {name: _unary(metrics, name, h) for name, h in api.grpc_unary.items()}
-    handlers |= {name: _client_stream(metrics, name, h) for name, h in api.grpc_client_stream.items()}
+    handlers = {name: _unary(metrics, guards, name, h) for name, h in api.grpc_unary.items()}
+    handlers |= {name: _client_stream(metrics, guards, name, h) for name, h in api.grpc_client_stream.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(api.grpc_service, handlers),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -110,7 +173,11 @@ def create_grpc_server(
         (api.grpc_service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    bound = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    address = f"{settings.host}:{settings.grpc_port}"
+    if settings.tls:
+        bound = server.add_secure_port(address, _server_credentials(settings))
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
     return server, bound, health_servicer

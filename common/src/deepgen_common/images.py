@@ -11,6 +11,7 @@ from deepgen_common.errors import ImageError
 from deepgen_common.types import ImageFormat
 
 _PILLOW_FORMATS = {ImageFormat.PNG: "PNG", ImageFormat.JPEG: "JPEG", ImageFormat.WEBP: "WEBP"}
+_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # the modes a 16-bit grayscale PNG opens in
 
 
 def decode_image(data: bytes, declared: ImageFormat, *, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -27,7 +28,21 @@ def decode_image(data: bytes, declared: ImageFormat, *, max_bytes: int, max_pixe
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{image.format} image is corrupt or truncated: {exc}") from None
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of a decoded image of any mode, with the range of 16-bit samples kept.
+
+    Pillow's `convert("RGB")` clips samples above 255, which turns a 16-bit grayscale PNG (mode I;16,
+    or I in older Pillow) white; its samples are scaled from 0..65535 onto 0..255 first. 16-bit RGB
+    and RGBA PNGs already open as 8-bit RGB / RGBA (Pillow keeps the high byte).
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT:
+        image = image.convert("I").point(lambda v: v * (255 / 65535)).convert("L")
+    return image.convert("RGB")
 
 
 def inspect_image(data: bytes, declared: ImageFormat, *, max_bytes: int, max_pixels: int) -> str:
@@ -45,6 +60,22 @@ def inspect_image(data: bytes, declared: ImageFormat, *, max_bytes: int, max_pix
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{kind} image is corrupt or truncated: {exc}") from None
     return Image.MIME.get(kind, "application/octet-stream")
+
+
+def pass_on_image(data: bytes, declared: ImageFormat, *, max_bytes: int, max_pixels: int) -> tuple[bytes, str]:
+    """The bytes and MIME type to pass an image on to a model that decodes it itself (a judge): checked
+    as by `inspect_image`, and unchanged unless it is a 16-bit grayscale PNG, which Pillow-based
+    decoders clip to white; that one is decoded and sent as an 8-bit PNG with its range kept.
+
+    Raises:
+        ImageError: as `decode_image`.
+    """
+    mime = inspect_image(data, declared, max_bytes=max_bytes, max_pixels=max_pixels)
+    if _open(data, declared, max_bytes=max_bytes, max_pixels=max_pixels).mode not in _SIXTEEN_BIT:
+        return data, mime
+    buffer = io.BytesIO()
+    decode_image(data, declared, max_bytes=max_bytes, max_pixels=max_pixels).save(buffer, format="PNG")
+    return buffer.getvalue(), "image/png"
 
 
 def _open(data: bytes, declared: ImageFormat, *, max_bytes: int, max_pixels: int) -> Image.Image:

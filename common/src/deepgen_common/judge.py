@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 
 from deepgen_common.client.breaker import CircuitBreaker, CircuitOpenError
 from deepgen_common.client.reward_client import RetryPolicy
-from deepgen_common.images import inspect_image
+from deepgen_common.images import pass_on_image
 from deepgen_common.settings import ServiceSettings
 from deepgen_common.types import ImageFormat
 
@@ -48,8 +48,9 @@ class JudgeImage:
     @classmethod
     def checked(cls, data: bytes, declared: ImageFormat, *, max_bytes: int, max_pixels: int) -> JudgeImage:
         """The image to send, after the checks the adapter owes its limits; raises ImageError. The judge
-        decodes it, so only the header, the limits and the structure are checked (no pixel decode)."""
-        return cls(data, inspect_image(data, declared, max_bytes=max_bytes, max_pixels=max_pixels))
+        decodes it, so only the header, the limits and the structure are checked (no pixel decode),
+        except for a 16-bit grayscale PNG, re-encoded in 8 bits (see `pass_on_image`)."""
+        return cls(*pass_on_image(data, declared, max_bytes=max_bytes, max_pixels=max_pixels))
 
     def content_part(self) -> dict[str, Any]:
         url = f"data:{self.mime};base64,{base64.b64encode(self.data).decode()}"

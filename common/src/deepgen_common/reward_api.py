@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
-from fastapi import APIRouter
+import pydantic
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
 from deepgen.common.v1 import types_pb2
@@ -56,16 +58,40 @@ class ScoreResponseOut(BaseModel):
 
 
 def _to_samples(body: ScoreRequestIn) -> list[Sample]:
-    return [
-        Sample(
-            image=decode_base64(s.image.data, f"samples[{i}].image.data"),
-            prompt=s.prompt,
-            image_format=s.image.format,
-            group_id=s.group_id,
-            metadata=s.metadata,
-        )
-        for i, s in enumerate(body.samples)
-    ]
+    """Decode every image, dropping each base64 string as soon as it is decoded, so a request's images
+    are held about once (not as base64 and bytes side by side)."""
+    samples = []
+    for i, s in enumerate(body.samples):
+        image = decode_base64(s.image.data, f"samples[{i}].image.data")
+        s.image.data = ""
+        samples.append(Sample(image, s.prompt, s.image.format, s.group_id, s.metadata))
+    return samples
+
+
+async def _parse_score_request(request: Request) -> ScoreRequestIn:
+    """The body parsed straight from its bytes (one copy of the strings; no JSON tree, no cached body)."""
+    body = b"".join([chunk async for chunk in request.stream() if chunk])  # one chunk: joined without a copy
+    try:
+        return ScoreRequestIn.model_validate_json(body)
+    except pydantic.ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with every `$ref` replaced by its definition (for `openapi_extra`)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
 
 
 def reward_api(service: RewardService) -> ServiceApi:
@@ -81,9 +107,19 @@ def reward_api(service: RewardService) -> ServiceApi:
 
     router = APIRouter()
 
-    @router.post("/v1/score", response_model=ScoreResponseOut, response_model_exclude_none=True)
-    async def score(body: ScoreRequestIn) -> ScoreResponseOut:
-        results = await service.score(_to_samples(body), body.mode)
+    request_schema = {"required": True, "content": {"application/json": {"schema": _inline_schema(ScoreRequestIn)}}}
+
+    @router.post(
+        "/v1/score",
+        response_model=ScoreResponseOut,
+        response_model_exclude_none=True,
+        openapi_extra={"requestBody": request_schema},
+    )
+    async def score(request: Request) -> ScoreResponseOut:
+        body = await _parse_score_request(request)
+        mode, samples = body.mode, _to_samples(body)
+        del body
+        results = await service.score(samples, mode)
         return ScoreResponseOut(results=[ResultOut.of(r) for r in results])
 
     @router.get("/v1/info", response_model=InfoOut)
@@ -103,6 +139,6 @@ def reward_component(make_backend: Callable[[S, ServiceMetrics], Backend]) -> Ca
 
     def make(settings: S, metrics: ServiceMetrics) -> Component:
         service = RewardService(make_backend(settings, metrics), settings, metrics)
-        return Component(service, reward_api(service))
+        return Component(service, reward_api(service), precheck=lambda remaining: service.admission.check(1, remaining))
 
     return make

@@ -8,6 +8,8 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
+import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -17,14 +19,21 @@ from grpc_health.v1 import health_pb2
 
 from deepgen_common.api import Component
 from deepgen_common.grpc_server import create_grpc_server
+from deepgen_common.guards import Guards
 from deepgen_common.http_server import create_http_app
 from deepgen_common.logs import configure_logging
 from deepgen_common.metrics import ServiceMetrics
 from deepgen_common.settings import ServiceSettings
+from deepgen_common.slow_clients import header_timeout_protocol
 
 log = logging.getLogger(__name__)
 
 READINESS_POLL_S = 0.5
+# Seconds of SHUTDOWN_GRACE_S kept for answering cancelled requests, stopping the servers and closing
+# the backend: in-flight requests get the rest.
+STOP_RESERVE_S = 2.0
+MAX_HEADER_BYTES = 16 * 1024
+KEEP_ALIVE_S = 30
 S = TypeVar("S", bound=ServiceSettings)
 ComponentFactory = Callable[[S, ServiceMetrics], Component]
 
@@ -56,17 +65,28 @@ class RunningService:
         self.settings = settings
         self.metrics = ServiceMetrics()
         component = make_component(settings, self.metrics)
+        self.guards = Guards.from_settings(settings, component.precheck)
         self.service = component.service
         self._grpc_service = component.api.grpc_service
-        self.grpc_server, self.grpc_port, self._health = create_grpc_server(component.api, self.metrics, settings)
+        self.grpc_server, self.grpc_port, self._health = create_grpc_server(component.api, self.metrics, self.guards)
         self._http_socket = _listen(settings.host, settings.http_port)
         self.http_port: int = self._http_socket.getsockname()[1]
+        tls = {}
+        if settings.tls:
+            tls = {"ssl_certfile": settings.tls_cert_file, "ssl_keyfile": settings.tls_key_file}
+            if settings.tls_client_ca_file is not None:
+                tls |= {"ssl_ca_certs": str(settings.tls_client_ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
         config = uvicorn.Config(
-            create_http_app(component.api, self.service, self.metrics, settings),
+            create_http_app(component.api, self.service, self.metrics, self.guards),
             lifespan="off",
             log_config=None,
             access_log=False,
-            timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+            http=header_timeout_protocol(settings.header_read_timeout_s),
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+            timeout_keep_alive=KEEP_ALIVE_S,
+            # The drain has already answered or cancelled every API request when uvicorn stops.
+            timeout_graceful_shutdown=1,
+            **tls,
         )
         self._http = _Uvicorn(config)
         self._tasks: list[asyncio.Task[None]] = []
@@ -96,7 +116,7 @@ class RunningService:
         log.info("service loaded", extra={"fields": {"backend": service.description}})
         serving = None
         while True:  # readiness can change later, e.g. when a judge's upstream goes down
-            ready = service.ready()
+            ready = service.ready() and not self.guards.drain.draining
             if ready != serving:
                 await self._set_health(ready)
                 serving = ready
@@ -104,15 +124,21 @@ class RunningService:
             await asyncio.sleep(READINESS_POLL_S)
 
     async def stop(self) -> None:
-        """Drain: report NOT_SERVING, stop taking requests, let in-flight ones finish, close the backend."""
+        """Drain within SHUTDOWN_GRACE_S: NOT_SERVING and 503 / UNAVAILABLE for new requests at once,
+        in-flight ones finish until the grace is nearly spent, the rest are answered 503 / UNAVAILABLE;
+        then both servers stop and the backend closes."""
+        started = time.monotonic()
         grace = self.settings.shutdown_grace_s
         for task in self._tasks[1:]:
             task.cancel()
         await self._health.enter_graceful_shutdown()
+        cancelled = await self.guards.drain.drain(max(0.0, grace - min(STOP_RESERVE_S, grace / 2)))
+        if cancelled:
+            log.warning("in-flight requests answered 503 at the end of the grace", extra={"fields": {"n": cancelled}})
         self._http.should_exit = True
-        await asyncio.gather(self.grpc_server.stop(grace), self._tasks[0], return_exceptions=True)
+        await asyncio.gather(self.grpc_server.stop(0.5), self._tasks[0], return_exceptions=True)
         await self.service.close()
-        log.info("stopped")
+        log.info("stopped", extra={"fields": {"seconds": round(time.monotonic() - started, 2)}})
 
 
 async def serve(settings: S, make_component: ComponentFactory[S]) -> None:

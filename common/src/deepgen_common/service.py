@@ -1,4 +1,4 @@
-"""The transport-independent request path of a reward service: validate, admit, score, count.
+"""The transport-independent request path of a reward service: validate, admit by time, score, count.
 
 A backend is plain Python (KServe style): `load()` once, `ready()` as a flag, `score()` per request.
 Both transports (gRPC and HTTP) call `RewardService.score`, so limits and metrics are enforced once.
@@ -6,13 +6,14 @@ Both transports (gRPC and HTTP) call `RewardService.score`, so limits and metric
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
+from deepgen_common.admission import Admission
 from deepgen_common.api import Lifecycle
-from deepgen_common.errors import InvalidInput, NotReady, Overloaded
+from deepgen_common.deadline import remaining_s
+from deepgen_common.errors import InvalidInput, NotReady
 from deepgen_common.metrics import ServiceMetrics
 from deepgen_common.settings import ServiceSettings
 from deepgen_common.types import Mode, Result, Sample, ServiceInfo
@@ -23,9 +24,17 @@ REWARD_API = "deepgen.reward.v1"
 
 
 class Backend(Lifecycle, Protocol):
-    """What a reward service implements; everything else comes from the kit."""
+    """What a reward service implements; everything else comes from the kit.
+
+    For admission by time a backend states `workers` (samples it works on at once: pool size, judge
+    calls in flight) and reports each sample's worker time with `metrics.observe_sample_seconds`.
+    `score` runs in the request's task: when the client leaves (cancelled, deadline passed, connection
+    closed) that task is cancelled, so work the backend awaits (executor futures, HTTP calls) and has
+    not started is dropped; `deepgen_common.deadline.remaining_s()` gives the time left.
+    """
 
     capabilities: tuple[Mode, ...]
+    workers: int
 
     async def score(self, samples: Sequence[Sample], mode: Mode) -> list[Result]:
         """One result per sample, in order. Per-sample problems are ERROR results, not exceptions."""
@@ -39,33 +48,6 @@ def check_batch_size(field: str, n: int, limit: int) -> None:
         raise InvalidInput(f"{field} has {n} entries, over the limit of {limit} (MAX_BATCH_SIZE); split the batch")
 
 
-class Admission:
-    """Bounded count of samples admitted and not yet answered: the service's queue.
-
-    All transports run on one event loop, so a plain counter is race-free.
-    """
-
-    def __init__(self, capacity: int, metrics: ServiceMetrics) -> None:
-        self.capacity = capacity
-        self.pending = 0
-        self._metrics = metrics
-
-    @contextlib.contextmanager
-    def admit(self, n: int) -> Iterator[None]:
-        if self.pending + n > self.capacity:
-            raise Overloaded(
-                f"queue is full: {self.pending} samples pending, {n} more would exceed "
-                f"MAX_QUEUED_SAMPLES={self.capacity}; retry later"
-            )
-        self.pending += n
-        self._metrics.queue_depth.set(self.pending)
-        try:
-            yield
-        finally:
-            self.pending -= n
-            self._metrics.queue_depth.set(self.pending)
-
-
 class RewardService:
     """Validates requests against the limits, admits them to the bounded queue and scores them."""
 
@@ -73,7 +55,7 @@ class RewardService:
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
-        self.admission = Admission(settings.max_queued_samples, metrics)
+        self.admission = Admission(backend.workers, settings.max_queued_samples, settings.max_queue_wait_s, metrics)
         self.name, self.version, self.description = backend.name, backend.version, backend.description
         metrics.info.info({"name": backend.name, "version": backend.version, "backend": backend.description})
 
@@ -110,7 +92,7 @@ class RewardService:
         self.validate(samples, mode)
         if not self.backend.ready():
             raise NotReady(f"{self.backend.name} is not ready (model loading or upstream down); retry later")
-        with self.admission.admit(len(samples)):
+        with self.admission.admit(len(samples), remaining_s()):
             results = await self.backend.score(samples, mode)
         if len(results) != len(samples):  # a backend bug; never answer with misaligned scores
             raise RuntimeError(f"backend returned {len(results)} results for {len(samples)} samples")

@@ -9,7 +9,7 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 class ImageFormat(enum.StrEnum):
@@ -115,10 +115,30 @@ class DimensionScore:
     accuracy: float
 
 
+ImageStatus = Literal["ok", "parse_failure", "error"]
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """The judge's verdicts on one submitted image; mirrors deepgen.eval.v1.ImageVerdict (and is one row
+    of the per-image results CSV). `scores` is set only when `status` is "ok"; `detail` says why a parse
+    failure or error happened."""
+
+    prompt_id: str
+    duplicate: int
+    prompt: str
+    testpoints: list[str]
+    scores: list[int] | None
+    analysis: str | None
+    status: ImageStatus
+    detail: str = ""
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """The result of one evaluation run; mirrors deepgen.eval.v1.RunSummary. Dimensions are sorted by name;
-    accuracies are NaN when nothing was judged."""
+    accuracies are NaN when nothing was judged. `primary_mean_accuracy` is the leaderboard's Overall,
+    `overall_accuracy` the pooled accuracy over every testpoint."""
 
     run_id: str
     step: int
@@ -129,10 +149,16 @@ class RunSummary:
     primary_dimensions: list[DimensionScore]
     overall_accuracy: float
     primary_mean_accuracy: float
+    answer_rules: str = ""
+    benchmark: str = ""
+    images: list[ImageResult] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready values; NaN accuracies become None (JSON null)."""
+    def to_dict(self, images: bool = True) -> dict[str, Any]:
+        """Plain JSON-ready values; NaN accuracies become None (JSON null). `images=False` leaves the
+        per-image verdicts out (they go to the results CSV)."""
         data = asdict(self)
+        if not images:
+            del data["images"]
         for key in ("overall_accuracy", "primary_mean_accuracy"):
             if math.isnan(data[key]):
                 data[key] = None

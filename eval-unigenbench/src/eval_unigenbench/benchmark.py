@@ -80,17 +80,6 @@ class Benchmark:
         return {item.prompt_id: item for item in self.items}
 
 
-def primary_dimension(testpoint: str) -> str:
-    """The primary dimension of a sub-dimension name: the part before the first " - ", trimmed
-    ("Attribute - Color" -> "Attribute"). Chinese names join the parts with a bare hyphen
-    ("属性-颜色" -> "属性"), so without " - " the first "-" splits. A name without a hyphen
-    ("Style", "世界知识") is its own primary dimension."""
-    for separator in (" - ", "-"):
-        if separator in testpoint:
-            return testpoint.split(separator, 1)[0].strip()
-    return testpoint.strip()
-
-
 def check_language(language: str) -> Language:
     """`language` as a `Language`, or a ValueError listing the valid names."""
     if language not in LANGUAGES:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from eval_unigenbench.benchmark import BenchmarkItem, Language, check_language, primary_dimension
+from deepgen_common.eval_results import primary_dimension
+from eval_unigenbench.benchmark import BenchmarkItem, Language, check_language
 
 LANG_KEYS_FILE = "unigenbench_lang_keys.json"
 PLACEHOLDERS = ("prompt", "testpoint", "explanation", "test_explanation")

@@ -1,37 +1,47 @@
 """Evaluation runs: the benchmark's prompts out, generated images in, judged as they arrive.
 
-A run (one per evaluated training step) collects images over any number of submissions; each image is
+The service serves one or more benchmark sets (`BENCHMARK=test_prompts_en,test_prompts_zh`, named
+"en", "zh": the file stem without "test_prompts_"); requests name the set, the first is the default.
+A run (one per evaluated training step and set) collects images over any number of submissions; each image is
 judged by the UniGenBench judge as soon as it is accepted (bounded by `UNIGENBENCH_WORKERS` calls in
 flight over all runs), and `finish` waits for the last judgement, summarises, and writes the run's
-CSV and JSON. Plain Python: the transports live in `api.py`.
+CSV and JSON (atomically, before the run is forgotten). StartRun hands out a secret with the run id;
+submissions and FinishRun must present it, and without it a run is as unknown as one that never
+existed (NOT_FOUND), so one client cannot feed or finish another's run. A run with no client call and
+no judgement in flight for RUN_IDLE_TIMEOUT_S expires: what it judged is written, then it is
+forgotten. Plain Python: the transports live in `api.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 
 from deepgen_common.errors import ImageError, InvalidInput, NotFound, NotReady, Overloaded
+from deepgen_common.eval_results import summarize_results, write_results_csv, write_summary_json
 from deepgen_common.judge import HealthWatch, JudgeClient, JudgeImage, JudgeRejected, JudgeUnavailable
 from deepgen_common.metrics import ServiceMetrics
 from deepgen_common.service import check_batch_size
-from deepgen_common.types import ImageFormat, Limits, ServiceInfo
+from deepgen_common.types import ImageFormat, ImageResult, Limits, RunSummary, ServiceInfo
 from eval_unigenbench import __version__
 from eval_unigenbench.answers import JudgeAnswer, parse_answer
 from eval_unigenbench.benchmark import Benchmark, BenchmarkItem, load_benchmark
 from eval_unigenbench.judge_prompt import Templates, build_judge_prompt, definition_gaps
 from eval_unigenbench.settings import EvalSettings
-from eval_unigenbench.summary import ImageResult, RunSummary, summarize_results, write_results_csv, write_summary_json
 
 log = logging.getLogger(__name__)
 
 EVAL_API = "deepgen.eval.v1"
+MAX_STEP = 2**31 - 1  # a training step; bounded so it fits the int64 of the contract and a folder name
 
 
 @dataclass(frozen=True)
@@ -44,13 +54,24 @@ class Submission:
     image_format: ImageFormat = ImageFormat.UNSPECIFIED
 
 
+@dataclass(frozen=True)
+class OpenedRun:
+    """What StartRun answers: the run's id and the secret its submissions and FinishRun must present."""
+
+    run_id: str
+    secret: str
+
+
 @dataclass
 class _Run:
     run_id: str
     step: int
+    benchmark: str
+    secret: str
     last_activity: float = field(default_factory=time.monotonic)
     judging: dict[tuple[str, int], asyncio.Task[ImageResult]] = field(default_factory=dict)
     finishing: bool = False
+    calls: int = 0  # submissions in progress
 
 
 class UniGenBenchEval:
@@ -66,9 +87,10 @@ class UniGenBenchEval:
         self.judge = settings.judge_client(on_latency=lambda seconds: metrics.observe_stage("judge", seconds))
         self.health = HealthWatch(self.judge, settings.judge_health_poll_s)
         self.peer = JudgeClient(settings.peer_judge_url, settings.peer_judge_model) if settings.peer_judge_url else None
-        self.benchmark: Benchmark | None = None
-        self._judge_prompts: dict[str, str] = {}
+        self.benchmarks: dict[str, Benchmark] = {}
+        self._judge_prompts: dict[str, dict[str, str]] = {}  # set -> prompt id -> judge prompt
         self._runs: dict[str, _Run] = {}
+        self._expiry: asyncio.Task[None] | None = None
         # Images accepted and not judged yet, over all runs: bounded, submissions wait for room.
         self._room = asyncio.Semaphore(settings.max_queued_samples)
         self._queued = 0
@@ -81,7 +103,7 @@ class UniGenBenchEval:
         self.open_runs = Gauge("deepgen_eval_open_runs", "Evaluation runs open.", registry=metrics.registry)
         self.runs_total = Counter(
             "deepgen_eval_runs",
-            "Evaluation runs ended, by status (finished, abandoned).",
+            "Evaluation runs ended, by status (finished, expired, abandoned).",
             ["status"],
             registry=metrics.registry,
         )
@@ -91,35 +113,40 @@ class UniGenBenchEval:
 
     async def load(self) -> None:
         settings = self.settings
-        benchmark = await asyncio.to_thread(load_benchmark, settings.benchmark_path)
-        if settings.prompt_limit:
-            benchmark = Benchmark(benchmark.name, benchmark.language, benchmark.items[: settings.prompt_limit])
-        templates = await asyncio.to_thread(Templates.load, settings.templates_dir, benchmark.language)
-        gaps = definition_gaps(benchmark.items, templates)
-        if any(gaps.values()):
-            log.warning(
-                "testpoints without their own definition", extra={"fields": {k: dict(v) for k, v in gaps.items()}}
+        benchmarks: dict[str, Benchmark] = {}
+        for set_name, path in settings.benchmark_paths.items():
+            benchmark = await asyncio.to_thread(load_benchmark, path)
+            if settings.prompt_limit:
+                benchmark = Benchmark(benchmark.name, benchmark.language, benchmark.items[: settings.prompt_limit])
+            templates = await asyncio.to_thread(Templates.load, settings.templates_dir, benchmark.language)
+            gaps = definition_gaps(benchmark.items, templates)
+            if any(gaps.values()):
+                log.warning(
+                    "testpoints without their own definition",
+                    extra={"fields": {"benchmark": set_name, **{k: dict(v) for k, v in gaps.items()}}},
+                )
+            self._judge_prompts[set_name] = {
+                item.prompt_id: build_judge_prompt(item, templates) for item in benchmark.items
+            }
+            benchmarks[set_name] = benchmark
+            log.info(
+                "benchmark loaded",
+                extra={"fields": {"benchmark": set_name, "prompts": len(benchmark.items), "file": str(path)}},
             )
-        self._judge_prompts = {item.prompt_id: build_judge_prompt(item, templates) for item in benchmark.items}
-        self.benchmark = benchmark
+        self.benchmarks = benchmarks
         await self.health.start()
+        self._expiry = asyncio.create_task(self._expire_idle_runs(), name="expire-idle-runs")
         if settings.sleep_between_runs and self.health.healthy:
             await self._switch(self.judge, awake=False)
-        log.info(
-            "benchmark loaded",
-            extra={
-                "fields": {
-                    "benchmark": benchmark.name,
-                    "prompts": len(benchmark.items),
-                    "file": str(settings.benchmark_path),
-                }
-            },
-        )
 
     def ready(self) -> bool:
-        return self.benchmark is not None and self.health.healthy
+        return bool(self.benchmarks) and self.health.healthy
 
     async def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry
         for run in list(self._runs.values()):
             self._abandon(run, "service stopping")
         await self.health.stop()
@@ -145,34 +172,42 @@ class UniGenBenchEval:
 
     # the API
 
-    def prompts(self) -> Benchmark:
-        """The benchmark whose prompts the trainer generates `settings.duplicates` images each for."""
-        return self._loaded()
+    def prompts(self, benchmark: str = "") -> Benchmark:
+        """The benchmark set (`""`: the first) whose prompts the trainer generates `settings.duplicates`
+        images each for."""
+        return self._loaded(benchmark)[1]
 
-    async def start_run(self, step: int) -> str:
-        self._loaded()
+    async def start_run(self, step: int, benchmark: str = "") -> OpenedRun:
+        set_name, _ = self._loaded(benchmark)
         self._check_judge()
-        if step < 0:
-            raise InvalidInput(f"step must be >= 0, got {step}")
-        if len(self._runs) >= self.settings.max_open_runs:
-            self._abandon_idle()
+        if not 0 <= step <= MAX_STEP:
+            raise InvalidInput(f"step must be in 0..{MAX_STEP}, got {step}")
         if len(self._runs) >= self.settings.max_open_runs:
             raise Overloaded(
                 f"{len(self._runs)} runs are open (MAX_OPEN_RUNS={self.settings.max_open_runs}); finish one first"
             )
         if not self._runs:
             await self._wake_for_runs()
-        run = _Run(run_id=secrets.token_hex(8), step=step)
+        run = _Run(run_id=secrets.token_hex(8), step=step, benchmark=set_name, secret=secrets.token_urlsafe(32))
         self._runs[run.run_id] = run
         self.open_runs.set(len(self._runs))
-        log.info("run started", extra={"fields": {"run_id": run.run_id, "step": step}})
-        return run.run_id
+        log.info("run started", extra={"fields": {"run_id": run.run_id, "step": step, "benchmark": set_name}})
+        return OpenedRun(run.run_id, run.secret)
 
-    async def submit(self, run_id: str, images: Sequence[Submission]) -> int:
+    async def submit(self, run_id: str, secret: str, images: Sequence[Submission]) -> int:
         """Validate a batch as a whole (nothing is accepted from a bad batch), then start judging its
         images. Waits while MAX_QUEUED_SAMPLES images are waiting for the judge (back-pressure)."""
-        run = self._run(run_id)
-        benchmark = self._loaded()
+        run = self._run(run_id, secret)
+        run.last_activity = time.monotonic()
+        run.calls += 1
+        try:
+            return await self._submit(run, images)
+        finally:
+            run.calls -= 1
+            run.last_activity = time.monotonic()
+
+    async def _submit(self, run: _Run, images: Sequence[Submission]) -> int:
+        benchmark = self.benchmarks[run.benchmark]
         self._check_judge()
         check_batch_size("images", len(images), self.settings.max_batch_size)
         keys: set[tuple[str, int]] = set()
@@ -191,30 +226,39 @@ class UniGenBenchEval:
             await self._wait_for_room()
             if run.finishing or run.run_id not in self._runs:  # finished or abandoned while waiting
                 self._release()
-                raise InvalidInput(f"run {run_id} was finished while images were being submitted")
+                raise InvalidInput(f"run {run.run_id} was finished while images were being submitted")
             item = benchmark.by_id[s.prompt_id]
-            run.judging[(s.prompt_id, s.duplicate)] = asyncio.create_task(self._judge_image(item, s))
-        run.last_activity = time.monotonic()
+            prompt = self._judge_prompts[run.benchmark][s.prompt_id]
+            run.judging[(s.prompt_id, s.duplicate)] = asyncio.create_task(self._judge_image(item, prompt, s))
         return len(images)
 
-    async def finish(self, run_id: str) -> RunSummary:
-        """Wait for every judgement of the run, then summarise and write its CSV and JSON."""
-        run = self._run(run_id)
+    async def finish(self, run_id: str, secret: str) -> RunSummary:
+        """Wait for every judgement of the run, then summarise and write its CSV and JSON; the run is
+        forgotten only once they are written. If writing fails the run stays open and FinishRun can
+        be called again."""
+        run = self._run(run_id, secret)
         run.finishing = True
-        results = list(await asyncio.gather(*run.judging.values()))
-        del self._runs[run_id]
-        self.open_runs.set(len(self._runs))
-        self.runs_total.labels(status="finished").inc()
-        order = {item.prompt_id: i for i, item in enumerate(self._loaded().items)}
-        results.sort(key=lambda r: (order[r.prompt_id], r.duplicate))
-        summary = summarize_results(run.run_id, run.step, results)
-        expected = len(order) * self.settings.duplicates
+        try:
+            results, summary = self._summarize(run, list(await asyncio.gather(*run.judging.values())))
+            await asyncio.to_thread(self._write, results, summary, self._folder(run))
+        except OSError as exc:
+            run.finishing = False
+            run.last_activity = time.monotonic()
+            raise NotReady(
+                f"could not write the results of run {run_id} under RESULTS_DIR ({exc}); "
+                "the run stays open: call FinishRun again"
+            ) from None
+        except BaseException:  # the caller left while judgements were pending: it may finish again
+            run.finishing = False
+            run.last_activity = time.monotonic()
+            raise
+        self._forget(run, "finished")
+        expected = len(self.benchmarks[run.benchmark].items) * self.settings.duplicates
         if len(results) < expected:
             log.warning(
                 "run finished with images missing",
                 extra={"fields": {"run_id": run_id, "missing": expected - len(results)}},
             )
-        await asyncio.to_thread(self._write, run, results, summary)
         log.info(
             "run finished",
             extra={
@@ -224,7 +268,9 @@ class UniGenBenchEval:
                     "judged": summary.images_judged,
                     "parse_failures": summary.parse_failures,
                     "errors": summary.errors,
-                    "overall_accuracy": summary.overall_accuracy,
+                    "benchmark": run.benchmark,
+                    "overall": summary.primary_mean_accuracy,
+                    "pooled": summary.overall_accuracy,
                 }
             },
         )
@@ -234,13 +280,13 @@ class UniGenBenchEval:
 
     # judging
 
-    async def _judge_image(self, item: BenchmarkItem, s: Submission) -> ImageResult:
+    async def _judge_image(self, item: BenchmarkItem, prompt: str, s: Submission) -> ImageResult:
         try:
-            return await self._judge(item, s)
+            return await self._judge(item, prompt, s)
         finally:
             self._release()
 
-    async def _judge(self, item: BenchmarkItem, s: Submission) -> ImageResult:
+    async def _judge(self, item: BenchmarkItem, prompt: str, s: Submission) -> ImageResult:
         def row(status: str, **values: object) -> ImageResult:
             self.metrics.items.labels(outcome="OK" if status == "ok" else "ERROR").inc()
             return ImageResult(s.prompt_id, s.duplicate, item.prompt, item.testpoints, status=status, **values)  # type: ignore[arg-type]
@@ -255,11 +301,11 @@ class UniGenBenchEval:
             # At temperature 0 a retry would repeat the same answer; retries sample instead.
             temperature = 0.0 if attempt == 0 else self.settings.retry_temperature
             try:
-                answer = await self.judge.chat([image], self._judge_prompts[item.prompt_id], temperature)
+                answer = await self.judge.chat([image], prompt, temperature)
             except (JudgeUnavailable, JudgeRejected) as exc:
                 self.judge_calls.labels(result="failed").inc()
                 return row("error", scores=None, analysis=None, detail=f"judge call failed: {exc}")
-            parsed = parse_answer(answer, len(item.testpoints))
+            parsed = parse_answer(answer, len(item.testpoints), self.settings.unigenbench_answer_rules)
             if isinstance(parsed, JudgeAnswer):
                 self.judge_calls.labels(result="ok").inc()
                 return row("ok", scores=parsed.scores, analysis=parsed.analysis)
@@ -283,42 +329,96 @@ class UniGenBenchEval:
         self._queued -= 1
         self.metrics.queue_depth.set(self._queued)
 
-    def _loaded(self) -> Benchmark:
-        if self.benchmark is None:
+    def _loaded(self, benchmark: str) -> tuple[str, Benchmark]:
+        """(set name, benchmark) of the set `benchmark` names (`""`: the first)."""
+        if not self.benchmarks:
             raise NotReady("the benchmark is still loading; retry later")
-        return self.benchmark
+        set_name = benchmark or next(iter(self.benchmarks))
+        if set_name not in self.benchmarks:
+            raise InvalidInput(
+                f"benchmark {benchmark!r} is not served; valid: {', '.join(self.benchmarks)} (BENCHMARK lists them)"
+            )
+        return set_name, self.benchmarks[set_name]
 
     def _check_judge(self) -> None:
         if not self.health.healthy:
             raise NotReady(f"the judge at {self.judge.root_url} is not answering /health; retry later")
 
-    def _run(self, run_id: str) -> _Run:
+    def _run(self, run_id: str, secret: str) -> _Run:
         run = self._runs.get(run_id)
-        if run is None:
-            raise NotFound(f"run {run_id!r} is not open (never started, finished or abandoned); call StartRun")
+        # A wrong secret is answered as an unknown run: it tells a stranger nothing about open runs.
+        if run is None or not secrets.compare_digest(run.secret.encode(), secret.encode()):
+            raise NotFound(
+                f"run {run_id!r} is not open (never started, finished or expired) or its run secret is wrong; "
+                "present the run_secret StartRun returned, or call StartRun"
+            )
         if run.finishing:
             raise InvalidInput(f"run {run_id} is finishing; start a new run")
         return run
 
-    def _abandon_idle(self) -> None:
-        now = time.monotonic()
-        for run in list(self._runs.values()):
-            if not run.finishing and now - run.last_activity > self.settings.run_idle_timeout_s:
-                self._abandon(run, f"idle for over {self.settings.run_idle_timeout_s:g} s")
+    def _summarize(self, run: _Run, results: list[ImageResult]) -> tuple[list[ImageResult], RunSummary]:
+        order = {item.prompt_id: i for i, item in enumerate(self.benchmarks[run.benchmark].items)}
+        results.sort(key=lambda r: (order[r.prompt_id], r.duplicate))
+        summary = summarize_results(
+            run.run_id, run.step, results, answer_rules=self.settings.unigenbench_answer_rules, benchmark=run.benchmark
+        )
+        return results, summary
 
-    def _abandon(self, run: _Run, reason: str) -> None:
-        for task in run.judging.values():
-            task.cancel()
+    async def _expire_idle_runs(self) -> None:
+        """Every half RUN_IDLE_TIMEOUT_S (at most every 30 s): write what each idle run judged, then
+        forget it."""
+        timeout = self.settings.run_idle_timeout_s
+        while True:
+            await asyncio.sleep(min(timeout / 2, 30.0))
+            expired = 0
+            for run in [r for r in self._runs.values() if self._idle(r)]:
+                judged = [t.result() for t in run.judging.values() if not t.cancelled() and t.exception() is None]
+                results, summary = self._summarize(run, judged)
+                try:
+                    if results:
+                        await asyncio.to_thread(self._write, results, summary, self._folder(run, expired=True))
+                except OSError:
+                    log.exception("could not write an expired run's results", extra={"fields": {"run_id": run.run_id}})
+                if self._runs.get(run.run_id) is run and self._idle(run):  # no client came back meanwhile
+                    self._abandon(run, f"idle for over {timeout:g} s (RUN_IDLE_TIMEOUT_S)", status="expired")
+                    expired += 1
+            if expired and not self._runs:
+                await self._sleep_between_runs()
+
+    def _idle(self, run: _Run) -> bool:
+        """No client call in progress, no judgement in flight, and no client call for RUN_IDLE_TIMEOUT_S."""
+        busy = run.finishing or run.calls > 0 or any(not t.done() for t in run.judging.values())
+        return not busy and time.monotonic() - run.last_activity > self.settings.run_idle_timeout_s
+
+    def _forget(self, run: _Run, status: str) -> None:
         self._runs.pop(run.run_id, None)
         self.open_runs.set(len(self._runs))
-        self.runs_total.labels(status="abandoned").inc()
+        self.runs_total.labels(status=status).inc()
+
+    def _abandon(self, run: _Run, reason: str, status: str = "abandoned") -> None:
+        for task in run.judging.values():
+            task.cancel()
+        self._forget(run, status)
         log.warning("run abandoned", extra={"fields": {"run_id": run.run_id, "step": run.step, "reason": reason}})
 
-    def _write(self, run: _Run, results: list[ImageResult], summary: RunSummary) -> None:
-        folder = self.settings.results_dir / f"step-{run.step:07d}-{run.run_id}"
-        folder.mkdir(parents=True, exist_ok=True)
-        write_results_csv(folder / "results.csv", results)
-        write_summary_json(folder / "summary.json", summary)
+    def _folder(self, run: _Run, expired: bool = False) -> Path:
+        name = f"step-{run.step:07d}-{run.run_id}"
+        return self.settings.results_dir / (f"{name}-expired" if expired else name)
+
+    @staticmethod
+    def _write(results: list[ImageResult], summary: RunSummary, folder: Path) -> None:
+        """Write results.csv and summary.json into a hidden sibling folder, then rename it into place:
+        the run's folder appears whole or not at all."""
+        partial = folder.with_name(f".{folder.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        try:
+            write_results_csv(partial / "results.csv", results)
+            write_summary_json(partial / "summary.json", summary)
+            partial.rename(folder)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
 
     # vLLM sleep mode: the judge and a peer sharing its GPUs take turns
 

@@ -26,6 +26,16 @@ class OcrSettings(ServiceSettings):
     )
     ocr_threads: int = Field(1, ge=1, description="Intra-op threads of each engine.")
     ocr_use_gpu: bool = Field(False, description="Run the engine on the GPU (PaddleOCR on paddlepaddle-gpu).")
+    ocr_sample_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Time budget of one sample in a worker; past it the sample is an ERROR and the worker is replaced.",
+    )
+    max_prompt_chars: int = Field(
+        20_000,
+        ge=1,
+        description="Longest prompt scored; a longer one is an ERROR result for that sample (the batch goes on).",
+    )
 
     ocr_min_conf: float = Field(0.0, ge=0.0, le=1.0, description="Drop OCR tokens below this confidence.")
     ocr_ignore_punct: bool = Field(True, description="Compare letters and digits only.")

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Sequence
 
-from prometheus_client import Counter
+import prometheus_client
 
-from deepgen_common.errors import ImageError
+from deepgen_common.errors import ImageError, InvalidInput
 from deepgen_common.judge import HealthWatch, JudgeImage, JudgeRejected, JudgeUnavailable
 from deepgen_common.metrics import ServiceMetrics
 from deepgen_common.types import Mode, Result, Sample
@@ -33,15 +34,28 @@ class UnifiedBackend:
         self.settings = settings
         self.metrics = metrics
         self.description = f"vllm:{settings.judge_model}"
-        self.judge = settings.judge_client(on_latency=lambda seconds: metrics.observe_stage("judge", seconds))
+        self.workers = settings.workers  # judge calls in flight at once
+        self.judge = settings.judge_client(on_latency=self._observe_call)
+        self._call_seconds: float | None = None  # recent seconds of one judge call
         self.health = HealthWatch(self.judge, settings.judge_health_poll_s)
-        self.judge_calls = Counter(
+        self.judge_calls = prometheus_client.Counter(
             "deepgen_judge_calls",
             "Judge calls by result (ok, tie, unparseable, failed).",
             ["result"],
             registry=metrics.registry,
         )
         self.templates: Templates | None = None
+
+    def _observe_call(self, seconds: float) -> None:
+        self.metrics.observe_stage("judge", seconds)
+        previous = self._call_seconds
+        self._call_seconds = seconds if previous is None else previous + 0.1 * (seconds - previous)
+
+    def _observe_samples(self, n: int, calls: int) -> None:
+        """Report each sample's share of the request's judge calls to admission."""
+        if self._call_seconds is not None:
+            for _ in range(n):
+                self.metrics.observe_sample_seconds(calls * self._call_seconds / n)
 
     async def load(self) -> None:
         self.templates = Templates.load(self.settings.templates_dir)
@@ -51,10 +65,26 @@ class UnifiedBackend:
         return self.templates is not None and self.health.healthy
 
     async def score(self, samples: Sequence[Sample], mode: Mode) -> list[Result]:
+        if mode is Mode.GROUP:
+            self._check_group_sizes(samples)
         images = await asyncio.gather(*(asyncio.to_thread(self._validate, s) for s in samples))
         if mode is Mode.GROUP:
             return await self._score_groups(samples, images)
-        return await asyncio.gather(*(self._score_one(s, im) for s, im in zip(samples, images, strict=True)))
+        results = await asyncio.gather(*(self._score_one(s, im) for s, im in zip(samples, images, strict=True)))
+        self._observe_samples(len(samples), len(samples))
+        return results
+
+    def _check_group_sizes(self, samples: Sequence[Sample]) -> None:
+        """Refuse the whole request before any judge call when a group is over MAX_GROUP_SIZE: a group
+        of n costs n(n-1)/2 calls (64 images: 2,016), so one request could hold the judge for hours."""
+        sizes = Counter(s.group_id for s in samples)
+        group_id, size = sizes.most_common(1)[0]
+        limit = self.settings.max_group_size
+        if size > limit:
+            raise InvalidInput(
+                f"group {group_id!r} has {size} samples, over the limit of {limit} (MAX_GROUP_SIZE); "
+                f"send groups of at most {limit} images"
+            )
 
     def _validate(self, sample: Sample) -> JudgeImage | str:
         """The image to send, or the reason it cannot be used. The judge decodes it, so only the
@@ -89,6 +119,7 @@ class UnifiedBackend:
 
         pairs = comparisons(list(groups.values()), self.settings.both_orders)
         judged = await asyncio.gather(*(judge(c) for c in pairs))
+        self._observe_samples(len(samples), len(pairs))
         tallies = tally(
             len(samples), [(c, w) for c, w in judged if c.first not in failures and c.second not in failures]
         )

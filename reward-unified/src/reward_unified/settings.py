@@ -23,3 +23,8 @@ class UnifiedSettings(JudgeSettings):
         description="Judge calls in flight at once, over all requests.",
     )
     both_orders: bool = Field(False, description="Judge every pair in both orders to cancel position bias.")
+    max_group_size: int = Field(
+        16,
+        ge=2,
+        description="Most samples in one group (a group of n costs n(n-1)/2 judge calls); larger: INVALID_ARGUMENT.",
+    )

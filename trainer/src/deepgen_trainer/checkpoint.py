@@ -3,6 +3,10 @@
 A checkpoint is a directory ``<output_dir>/checkpoint-<step>/``::
 
     transformer.safetensors   trainable weights (the DiT's state dict, diffusers key names)   rank 0
+    deepgen_only.safetensors  the frozen DeepGen-only weights the run used (meta_queries,       rank 0
+                              projector_1/2/3, connector; SFT key names), so that `convert`
+                              writes every family the original's converter writes
+    ema.safetensors           float32 EMA of the DiT (``--ema_decay``; absent when off)         rank 0
     optimizer.pt              optimizer state (torch path; absent when None)                   rank 0
     scheduler.pt              LR scheduler state (absent when None)                            rank 0
     config.json               the resolved run config                                          rank 0
@@ -19,6 +23,9 @@ checkpoints untouched plus a stale ``.tmp-`` directory (ignored by `latest_check
 `prune_checkpoints`), or the new checkpoint complete. Directories being deleted (retention, or an older
 save of the same step) are first renamed to ``checkpoint-<step>.trash-<hex>`` so that a crash in the middle
 of a deletion never leaves a ``checkpoint-<step>`` with a marker but missing files.
+
+A ``checkpoint-<step>`` directory without the marker was not written here (the original trainer's
+``checkpoint-N/``, a copy): saving never replaces one (`CheckpointError`), pruning leaves it alone.
 
 Everything ``torch.save``-d holds tensors and primitives only, so loading uses ``weights_only=True``
 (no arbitrary unpickling); `save_checkpoint` checks this before writing and names the offending entry.
@@ -52,6 +59,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "transformer.safetensors"
+DEEPGEN_ONLY_FILE = "deepgen_only.safetensors"
+EMA_FILE = "ema.safetensors"
+DIT_PREFIX = "transformer."
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 CONFIG_FILE = "config.json"
@@ -94,7 +104,8 @@ class Checkpoint:
     """Everything `save_checkpoint` wrote, as seen by one rank (`rng` and `sampler_state` are that rank's).
 
     `rng` and `sampler_state` are None when the checkpoint has no file for this rank (it was written by
-    a smaller world); `deepspeed_dir` is None when no DeepSpeed hook was used.
+    a smaller world); `deepspeed_dir` is None when no DeepSpeed hook was used; `deepgen_only` and
+    `ema` are None when the checkpoint has no such file.
     """
 
     path: Path
@@ -108,6 +119,8 @@ class Checkpoint:
     metadata: dict[str, Any]
     world_size: int
     deepspeed_dir: Path | None
+    deepgen_only: dict[str, Tensor] | None = None
+    ema: dict[str, Tensor] | None = None
 
 
 # --- RNG -----------------------------------------------------------------------------------------------
@@ -154,6 +167,8 @@ def save_checkpoint(
     step: int,
     *,
     trainable: Mapping[str, Tensor] | None,
+    deepgen_only: Mapping[str, Tensor] | None = None,
+    ema: Mapping[str, Tensor] | None = None,
     optimizer_state: Mapping[str, Any] | None = None,
     scheduler_state: Mapping[str, Any] | None = None,
     rng: RngState | None = None,
@@ -168,6 +183,7 @@ def save_checkpoint(
     """Write ``<output_dir>/checkpoint-<step>`` atomically and return its path (on every rank).
 
     Call on every rank. Rank 0 writes `trainable` (full tensors: under ZeRO-3 gather them first),
+    `deepgen_only` (the frozen DeepGen-only weights, SFT key names), `ema` (the DiT's EMA),
     `optimizer_state`, `scheduler_state`, `config` and `metadata`; the other ranks may pass None for
     those. Every rank writes its own `rng` (None: `capture_rng()` now) and `sampler_state` (a JSON-able
     dict, or None). `barrier` synchronises all ranks (required when ``world_size > 1``).
@@ -176,7 +192,8 @@ def save_checkpoint(
     per-rank files are written, e.g. ``lambda d: engine.save_checkpoint(str(d), tag="state")``; the
     engine then carries the (sharded) optimizer state and `optimizer_state` may be None.
 
-    Saving a step that already exists replaces it.
+    Saving a step that already exists replaces it if this module wrote it; a ``checkpoint-<step>``
+    without the marker (another trainer's) is never replaced: `CheckpointError`.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size}) and world_size >= 1")
@@ -202,6 +219,11 @@ def save_checkpoint(
             {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size, "metadata": metadata or {}},
             "metadata",
         )
+        if final.is_dir() and not is_complete(final):
+            raise CheckpointError(
+                f"{final} exists and was not written by this trainer (no '{COMPLETE_MARKER}' marker); refusing to "
+                "replace it: move it away or pass another --output_dir"
+            )
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in _staging_dirs(output_dir, step):
             _remove_dir(stale)
@@ -209,6 +231,10 @@ def save_checkpoint(
         staging.mkdir()
         logger.info("saving checkpoint step %d to %s", step, final)
         _write_safetensors(staging / WEIGHTS_FILE, trainable, step)
+        if deepgen_only is not None:
+            _write_safetensors(staging / DEEPGEN_ONLY_FILE, deepgen_only, step)
+        if ema is not None:
+            _write_safetensors(staging / EMA_FILE, ema, step)
         if optimizer_state is not None:
             _write_torch(staging / OPTIMIZER_FILE, optimizer_state)
         if scheduler_state is not None:
@@ -378,10 +404,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def load_trainable(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """The trainable weights of the complete checkpoint `path` (diffusers key names)."""
+def sft_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, Tensor]:
+    """The complete checkpoint `path` under the SFT model's key names: the DiT under ``transformer.``
+    (its EMA with `use_ema`) plus the DeepGen-only weights the run used, when the checkpoint has them."""
     path = resolve_checkpoint(path)
-    return load_file(path / WEIGHTS_FILE, device=str(map_location))
+    dit_file = path / (EMA_FILE if use_ema else WEIGHTS_FILE)
+    if not dit_file.is_file():
+        raise CheckpointError(f"{path} has no {EMA_FILE}: the run was trained without --ema_decay")
+    state = {DIT_PREFIX + k: v for k, v in load_file(dit_file).items()}
+    if (path / DEEPGEN_ONLY_FILE).is_file():
+        state.update(load_file(path / DEEPGEN_ONLY_FILE))
+    return state
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, rank: int = 0) -> Checkpoint:
@@ -420,7 +453,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         metadata=meta["metadata"],
         world_size=world_size,
         deepspeed_dir=deepspeed_dir if deepspeed_dir.is_dir() else None,
+        deepgen_only=_load_safetensors(path / DEEPGEN_ONLY_FILE, map_location),
+        ema=_load_safetensors(path / EMA_FILE, map_location),
     )
+
+
+def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str, Tensor] | None:
+    return load_file(path, device=str(map_location)) if path.is_file() else None
 
 
 def _load_torch(path: Path, map_location: str | torch.device) -> Any:

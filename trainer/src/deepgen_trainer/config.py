@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from deepgen_common.client.urls import parse_service_url
 from deepgen_trainer.advantages import ADVANTAGE_TYPES, GROUP_NORMALISING_TYPES, AdvantageType
 from deepgen_trainer.policy_loss import KL_TYPES, KLType
 from deepgen_trainer.sde import LOGPROB_MIN_STD, SAMPLERS, Sampler
@@ -94,11 +95,19 @@ class TrainConfig:
     sd3_5_model_name_or_path: str | None = field(default=None, metadata=_help("SD3.5 DiT + VAE folder (HF format)"))
     qwen2_5_vl_model_name_or_path: str | None = field(default=None, metadata=_help("Qwen2.5-VL folder (HF format)"))
     clip_model_name_or_path: str | None = field(default=None, metadata=_help("CLIP folder of the clip_sim reward"))
-    checkpoint: str | None = field(default=None, metadata=_help("SFT .pth state dict or DeepSpeed dir to start from"))
+    checkpoint: str | None = field(
+        default=None, metadata=_help("SFT checkpoint to start from: .pth/.safetensors, DeepSpeed or mmengine folder")
+    )
+    allow_partial_checkpoint: bool = field(
+        default=False, metadata=_help("train even if the checkpoint leaves DeepGen-only weights or the LoRA at init")
+    )
     output_dir: str = field(default="outputs", metadata=_help("run folder: checkpoints, resolved config, logs"))
-    ocr_url: str | None = field(default=None, metadata=_help("reward-ocr: http://host:port or grpc://host:port"))
-    unifiedreward_think_url: str | None = field(default=None, metadata=_help("reward-unified URL"))
-    unigenbench_api_url: str | None = field(default=None, metadata=_help("eval-unigenbench URL"))
+    ocr_url: str | None = field(
+        default=None,
+        metadata=_help("reward-ocr: http(s)://host:port or grpc(s)://host:port, several comma-separated addresses"),
+    )
+    unifiedreward_think_url: str | None = field(default=None, metadata=_help("reward-unified URL (as --ocr_url)"))
+    unigenbench_api_url: str | None = field(default=None, metadata=_help("eval-unigenbench URL (as --ocr_url)"))
     dataset_config: str | None = field(default=None, metadata=_help("train prompt YAML"))
     eval_dataset_config: str | None = field(default=None, metadata=_help("eval prompt YAML"))
     sftaux_dataset_config: str | None = field(default=None, metadata=_help("SFT-aux image-caption YAML"))
@@ -169,6 +178,8 @@ class TrainConfig:
     # Run.
     seed: int = 42
     save_steps: int = 50
+    ema_decay: float = field(default=0.0, metadata=_help("EMA of the DiT with this decay, in [0, 1) (0: off)"))
+    eval_with_ema: bool = field(default=False, metadata=_help("evaluate the DiT's EMA (needs --ema_decay)"))
     save_total_limit: int | None = field(default=None, metadata=_help("checkpoints kept (default: all)"))
     eval_freq: int = field(default=10, metadata=_help("evaluate every N steps (0: never)"))
     eval_before_train: bool = False
@@ -270,6 +281,12 @@ def _validate(cfg: TrainConfig) -> None:
     one_of("atrain_adv_type", cfg.atrain_adv_type, ADVANTAGE_TYPES)
     one_of("atrain_kl_type", cfg.atrain_kl_type, KL_TYPES)
     one_of("lr_scheduler_type", cfg.lr_scheduler_type, LR_SCHEDULER_TYPES)
+    for flag in ("ocr_url", "unifiedreward_think_url", "unigenbench_api_url"):
+        if getattr(cfg, flag):
+            try:
+                parse_service_url(getattr(cfg, flag))
+            except ValueError as exc:
+                raise ConfigError(f"--{flag} ({flag.upper()}): {exc}") from None
     for tracker in cfg.report_to:
         _require(
             tracker in REPORT_TO,
@@ -304,6 +321,14 @@ def _validate(cfg: TrainConfig) -> None:
     for flag in ("clip_range", "adv_eps", "adv_clip", "num_train_epochs"):
         value = getattr(cfg, flag)
         _require(math.isfinite(value) and value > 0, f"--{flag} must be a finite number > 0, got {value}")
+    _require(
+        math.isfinite(cfg.ema_decay) and 0 <= cfg.ema_decay < 1,
+        f"--ema_decay must be in [0, 1) (0 turns the EMA off, 0.999 averages ~1000 steps), got {cfg.ema_decay}",
+    )
+    _require(
+        not cfg.eval_with_ema or cfg.ema_decay > 0,
+        "--eval_with_ema evaluates the DiT's EMA, which needs --ema_decay > 0 (e.g. --ema_decay 0.999)",
+    )
     _require(0 <= cfg.sftaux_coef <= 1, f"--sftaux_coef must be in [0, 1] (0: no SFT loss), got {cfg.sftaux_coef}")
     _require(
         cfg.optimizer_steps_per_rollout >= 1,

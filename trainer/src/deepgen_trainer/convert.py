@@ -1,16 +1,22 @@
 """RL checkpoint → ``.pth`` flat state dict with the SFT DeepGen model's key names.
 
-The RL checkpoint stores the DiT with diffusers ``SD3Transformer2DModel`` names
-(``transformer_blocks.0.attn.to_q.weight``); the SFT DeepGen model (an xtuner model with submodules
-``lmm``, ``connector``, ``transformer``, ``vae``, ...) holds the DiT under ``transformer.`` and is loaded
-with ``load_state_dict(strict=False)`` via xtuner's ``guess_load_checkpoint``. Converting is therefore
-prefixing every key with ``transformer.``; ``--merge-onto SFT.pth`` instead overwrites the DiT entries
-of the SFT checkpoint, so the result is self-contained (VLM, connector, VAE and the RL-trained DiT).
+The SFT DeepGen model (an xtuner model with submodules ``lmm``, ``meta_queries``, ``projector_1``,
+``connector``, ``projector_2``, ``projector_3``, ``transformer``, ``vae``) is loaded with xtuner's
+``guess_load_checkpoint`` and ``load_state_dict(strict=False)``, so a key family missing from the file
+silently stays at its initial value (``projector_2/3`` start at zero: no conditioning at all). The
+original's converter therefore writes every family its RL checkpoint holds: ``transformer``,
+``connector``, ``projector_1/2/3`` and ``meta_queries``. So does this one by default: the RL-trained
+DiT (diffusers names under ``transformer.``; its EMA with ``--ema``) and the DeepGen-only weights the
+run used, which every checkpoint keeps (``deepgen_only.safetensors``).
 
-    python -m deepgen_trainer.convert outputs/run1                        # latest complete checkpoint
-    python -m deepgen_trainer.convert outputs/run1/checkpoint-500 --merge-onto sft.pth --dtype bf16
+    python -m deepgen_trainer.convert outputs/run1                      # latest complete checkpoint
+    python -m deepgen_trainer.convert outputs/run1 --ema --dtype bf16   # the DiT's EMA
+    python -m deepgen_trainer.convert outputs/run1/checkpoint-500 --merge-onto sft_iter_N.pth/
+    python -m deepgen_trainer.convert outputs/run1 --dit-only           # transformer.* alone
 
-Inputs are read without arbitrary unpickling (safetensors, or ``torch.load(weights_only=True)``).
+``--merge-onto`` writes those families over a full SFT checkpoint in any format `checkpoint_formats`
+reads (flat ``.pth`` / ``.safetensors``, DeepSpeed folders, mmengine Runner files), so the result is
+self-contained (VLM and its LoRA, VAE). Inputs are read without running pickled code.
 """
 
 from __future__ import annotations
@@ -19,102 +25,102 @@ import argparse
 import logging
 import os
 import secrets
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
-from deepgen_trainer.checkpoint import CheckpointError, load_trainable, resolve_checkpoint
+from deepgen_trainer.checkpoint import (
+    DEEPGEN_ONLY_FILE,
+    DIT_PREFIX,
+    CheckpointError,
+    resolve_checkpoint,
+    sft_state_dict,
+)
+from deepgen_trainer.checkpoint_formats import CheckpointReadError, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
-SFT_PREFIX = "transformer."
+# The key families the original's converter writes (its RL checkpoint's model.safetensors).
+FAMILIES = ("transformer", "connector", "projector_1", "projector_2", "projector_3", "meta_queries")
 DtypeName = Literal["fp32", "bf16", "fp16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class MergeMismatch(ValueError):
-    """The RL DiT does not fit the SFT checkpoint's DiT (different shapes: another architecture)."""
+    """The RL weights do not fit the SFT checkpoint's (different shapes: another architecture)."""
 
 
 @dataclass(frozen=True)
 class MergeReport:
-    """What `merge_onto` did: DiT entries replaced, added (absent from the SFT checkpoint), and SFT DiT
-    entries the RL checkpoint lacks (kept from the SFT checkpoint); `kept` counts the non-DiT entries."""
+    """What `merge_onto` did: entries replaced, added (absent from the SFT checkpoint), SFT entries of
+    the written families the RL checkpoint lacks (`untouched`, kept from SFT), and the SFT entries of
+    other families (`kept`: the VLM and its LoRA, the VAE)."""
 
     replaced: int
     added: int
-    untouched_dit: int
+    untouched: int
     kept: int
 
 
-def to_sft_keys(trainable: Mapping[str, Tensor], prefix: str = SFT_PREFIX) -> dict[str, Tensor]:
-    """``{prefix + name: tensor}``: diffusers DiT names → SFT model names."""
-    return {prefix + name: t for name, t in trainable.items()}
+def family_of(key: str) -> str:
+    """The top-level module of an SFT key (``transformer``, ``connector``, ``lmm``, ...)."""
+    return key.split(".", 1)[0]
+
+
+def family_counts(state: Mapping[str, Tensor]) -> dict[str, int]:
+    """Tensors per key family, in the order of `FAMILIES`, then the others alphabetically."""
+    counts = Counter(family_of(k) for k in state)
+    order = [f for f in FAMILIES if f in counts] + sorted(set(counts) - set(FAMILIES))
+    return {f: counts[f] for f in order}
 
 
 def merge_onto(
-    base: Mapping[str, Tensor], dit: Mapping[str, Tensor], prefix: str = SFT_PREFIX, source: str = "the SFT checkpoint"
+    base: Mapping[str, Tensor], rl: Mapping[str, Tensor], source: str = "the SFT checkpoint"
 ) -> tuple[dict[str, Tensor], MergeReport]:
-    """`base` (an SFT state dict) with its `prefix` entries overwritten by `dit` (already prefixed).
+    """`base` (an SFT state dict) with every entry of `rl` (SFT key names) written over it.
 
-    Raises MergeMismatch listing the keys whose shapes differ. Keys of `dit` absent from `base` are
-    added; `base` DiT keys absent from `dit` are kept and counted in `untouched_dit`. `source` names
-    `base` in errors.
+    Raises MergeMismatch listing the keys whose shapes differ. `source` names `base` in errors.
     """
     mismatched = [
         f"{k}: RL {tuple(t.shape)} vs SFT {tuple(base[k].shape)}"
-        for k, t in dit.items()
+        for k, t in rl.items()
         if k in base and base[k].shape != t.shape
     ]
     if mismatched:
         shown = "\n  ".join(mismatched[:10])
         more = f"\n  ... and {len(mismatched) - 10} more" if len(mismatched) > 10 else ""
         raise MergeMismatch(
-            f"{len(mismatched)} DiT tensors differ in shape from {source} (is it the same model?):\n  {shown}{more}"
+            f"{len(mismatched)} tensors differ in shape from {source} (is it the same model?):\n  {shown}{more}"
         )
-    base_dit = {k for k in base if k.startswith(prefix)}
+    written = {family_of(k) for k in rl}
+    base_written = {k for k in base if family_of(k) in written}
     merged = dict(base)
-    merged.update(dit)
+    merged.update(rl)
     report = MergeReport(
-        replaced=len(base_dit & dit.keys()),
-        added=len(dit.keys() - base.keys()),
-        untouched_dit=len(base_dit - dit.keys()),
-        kept=len(base) - len(base_dit),
+        replaced=len(base_written & rl.keys()),
+        added=len(rl.keys() - base.keys()),
+        untouched=len(base_written - rl.keys()),
+        kept=len(base) - len(base_written),
     )
-    if not base_dit:
-        logger.warning("the SFT checkpoint has no '%s*' entries: all %d DiT tensors are added", prefix, len(dit))
-    elif report.untouched_dit:
-        logger.warning("%d SFT DiT tensors are not in the RL checkpoint; kept from SFT", report.untouched_dit)
+    if not any(k.startswith(DIT_PREFIX) for k in base):
+        logger.warning("%s has no '%s*' entries: all DiT tensors are added", source, DIT_PREFIX)
+    elif report.untouched:
+        logger.warning(
+            "%d SFT tensors of the written families are not in the RL checkpoint; kept from SFT", report.untouched
+        )
     return merged, report
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """A flat state dict from ``.safetensors`` or a ``torch.save``-d ``.pth``/``.pt`` (weights_only).
-
-    A top-level ``{"state_dict": {...}}`` wrapper is unwrapped, as xtuner's ``guess_load_checkpoint`` does.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"state dict file {path} does not exist")
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:  # UnpicklingError for pickled non-tensor objects, RuntimeError for bad files
-        raise CheckpointError(
-            f"cannot load {path} with torch.load(weights_only=True): {e}. Only flat tensor state dicts are "
-            "accepted; re-save it as a plain {name: tensor} dict or as .safetensors"
-        ) from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} is not a flat {{name: tensor}} state dict")
-    return obj
+def read_sft_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """A full SFT checkpoint in any format `checkpoint_formats` reads, DeepSpeed's ``module.`` wrapper
+    removed (the keys otherwise as written: the original's users load them as they are)."""
+    tensors = read_checkpoint(path).tensors
+    return {k.removeprefix("module."): v for k, v in tensors.items()}
 
 
 def cast_floating(state: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
@@ -146,8 +152,12 @@ def save_state_dict_atomic(state: Mapping[str, Tensor], output: str | Path) -> N
 class ConvertResult:
     checkpoint: Path
     output: Path
-    tensors: int
+    families: dict[str, int]
     report: MergeReport | None
+
+    @property
+    def tensors(self) -> int:
+        return sum(self.families.values())
 
 
 def convert(
@@ -156,27 +166,43 @@ def convert(
     *,
     merge_onto_path: str | Path | None = None,
     dtype: DtypeName | None = None,
+    dit_only: bool = False,
+    ema: bool = False,
 ) -> ConvertResult:
     """Write the SFT-named state dict of `checkpoint` (a checkpoint dir, or an output dir → its latest).
 
-    `output` defaults to ``<checkpoint dir>.pth`` (``.merged.pth`` with `merge_onto_path`), next to the
-    checkpoint directory. `dtype` casts every floating-point tensor of the result; None keeps dtypes.
+    By default every family of `FAMILIES`; `dit_only` writes ``transformer.*`` alone; `ema` writes the
+    DiT's EMA instead of its weights. `output` defaults to ``<checkpoint dir>[.ema][.dit][.merged].pth``
+    next to the checkpoint directory. `dtype` casts every floating-point tensor of the result; None
+    keeps dtypes.
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; valid: {sorted(DTYPES)} or None to keep")
     ckpt = resolve_checkpoint(checkpoint)
     if output is None:
-        output = ckpt.with_name(ckpt.name + (".merged.pth" if merge_onto_path is not None else ".pth"))
-    logger.info("converting %s", ckpt)
-    state = to_sft_keys(load_trainable(ckpt))
+        suffix = (".ema" if ema else "") + (".dit" if dit_only else "") + (".merged" if merge_onto_path else "")
+        output = ckpt.with_name(f"{ckpt.name}{suffix}.pth")
+    logger.info("converting %s%s", ckpt, " (EMA of the DiT)" if ema else "")
+    state = sft_state_dict(ckpt, use_ema=ema)
+    if dit_only:
+        state = {k: v for k, v in state.items() if k.startswith(DIT_PREFIX)}
+    elif merge_onto_path is None:
+        absent = [f for f in FAMILIES if f not in {family_of(k) for k in state}]
+        if absent:
+            raise CheckpointError(
+                f"{ckpt} lacks the key families {absent} (no {DEEPGEN_ONLY_FILE}: written by an older trainer); "
+                "the original's users would load them at their initial value. Pass --merge-onto with the SFT "
+                "checkpoint the run started from (its families are kept), or --dit-only for transformer.* alone"
+            )
     report = None
     if merge_onto_path is not None:
         logger.info("merging onto %s", merge_onto_path)
-        state, report = merge_onto(load_state_dict_file(merge_onto_path), state, source=str(merge_onto_path))
+        base = read_sft_checkpoint(merge_onto_path)
+        state, report = merge_onto(base, state, source=str(merge_onto_path))
     if dtype is not None:
         state = cast_floating(state, DTYPES[dtype])
     save_state_dict_atomic(state, output)
-    return ConvertResult(checkpoint=ckpt, output=Path(output), tensors=len(state), report=report)
+    return ConvertResult(checkpoint=ckpt, output=Path(output), families=family_counts(state), report=report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,23 +211,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="RL checkpoint -> .pth state dict with SFT DeepGen key names (load_state_dict(strict=False)).",
     )
     parser.add_argument("checkpoint", type=Path, help="a checkpoint-<step> dir, or an output dir (its latest)")
-    parser.add_argument("--output", type=Path, default=None, help="default: <checkpoint dir>[.merged].pth")
-    parser.add_argument("--merge-onto", type=Path, default=None, help="SFT .pth/.safetensors to merge onto")
+    parser.add_argument("--output", type=Path, default=None, help="default: <checkpoint dir>[.ema][.dit][.merged].pth")
+    parser.add_argument(
+        "--merge-onto", type=Path, default=None, help="full SFT checkpoint to merge onto (.pth, .safetensors, "
+        "DeepSpeed or mmengine folder)"
+    )  # fmt: skip
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors (default keep)")
+    parser.add_argument("--dit-only", action="store_true", help="write transformer.* only")
+    parser.add_argument("--ema", action="store_true", help="write the DiT's EMA (runs with --ema_decay)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = convert(args.checkpoint, args.output, merge_onto_path=args.merge_onto, dtype=args.dtype)
-    except (FileNotFoundError, CheckpointError, MergeMismatch) as e:
+        result = convert(
+            args.checkpoint, args.output, merge_onto_path=args.merge_onto, dtype=args.dtype,
+            dit_only=args.dit_only, ema=args.ema,
+        )  # fmt: skip
+    except (FileNotFoundError, CheckpointError, CheckpointReadError, MergeMismatch) as e:
         logger.error("%s", e)
         return 1
     merged = (
-        f", merged onto {args.merge_onto}: replaced {result.report.replaced}, added {result.report.added}, "
-        f"kept {result.report.kept} non-DiT"
+        f"; merged onto {args.merge_onto}: replaced {result.report.replaced}, added {result.report.added}, "
+        f"kept {result.report.kept} of other families"
         if result.report is not None
         else ""
     )
-    logger.info("wrote %s: %d tensors from %s%s", result.output, result.tensors, result.checkpoint, merged)
+    per_family = ", ".join(f"{name} {n}" for name, n in result.families.items())
+    logger.info(
+        "wrote %s: %d tensors (%s) from %s%s", result.output, result.tensors, per_family, result.checkpoint, merged
+    )
     return 0
 
 

@@ -43,6 +43,14 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank (picklable values; our own small data only)."""
+        if not self.distributed:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
         """Each metric averaged over the ranks that report it (NaN entries skipped)."""
         if not self.distributed:

@@ -5,10 +5,15 @@
 1. the SD3 folder gives `transformer/`, `vae/`, `scheduler/`; the Qwen folder gives the VLM and its
    tokenizer (the caller resolves them, e.g. from `SD3_5_MODEL_NAME_OR_PATH` and
    `QWEN2_5_VL_MODEL_NAME_OR_PATH`; this module reads no environment);
-2. the checkpoint (`.pth`/`.pt`/`.bin` state dict, `.safetensors` file, a directory of
-   `.safetensors` files, or a DeepSpeed checkpoint directory) is read without unpickling arbitrary
-   objects (`torch.load(weights_only=True)`), its keys are normalised (below) and loaded
-   non-strictly; the `LoadReport` lists what was missing and unexpected.
+2. the checkpoint is read in any format the original code writes (`checkpoint_formats`: flat
+   `.pth` / `.safetensors`, DeepSpeed ZeRO-2/3 folders rebuilt from their optimizer shards, mmengine
+   Runner files, the original's RL `checkpoint-N/`, this trainer's checkpoints) without running
+   pickled code; its keys are normalised (below) and loaded non-strictly;
+3. the `LoadReport` says where each module's weights came from (the checkpoint, the HF folders, or
+   their initial value) and lists the problems: a DeepGen-only module (think tokens, projectors,
+   connector) or the VLM LoRA not (fully) in the checkpoint, a DiT only partly in it, parameters the
+   checkpoint's engine trained that it does not hold. `check_complete` turns problems into a
+   `PartialCheckpointError` unless the caller accepts them (`--allow_partial_checkpoint`).
 
 Key normalisation, in order:
 - `module.` / `model.` wrappers in front of the DeepGen attribute names are stripped (DeepSpeed,
@@ -35,10 +40,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from peft import LoraConfig, inject_adapter_in_model
-from safetensors.torch import load_file
-from torch import Tensor
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+from deepgen_trainer.checkpoint_formats import CheckpointContents, read_checkpoint
 from deepgen_trainer.model import DEEPGEN_ONLY_PREFIXES, DeepGen, DeepGenConfig
 
 logger = logging.getLogger(__name__)
@@ -49,50 +53,126 @@ _OLD_QWEN_LAYOUT = (
     (re.compile(r"^lmm\.visual\."), "lmm.model.visual."),
 )
 _LORA_A = re.compile(r"^lmm\.(?P<module>.+)\.(lora_A\.weight|lora_embedding_A)$")
-_DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+LORA_FAMILY = "lmm LoRA"
+# Modules whose weights exist only in a DeepGen checkpoint: left at init they make the conditioning untrained.
+_MUST_LOAD = ("meta_queries", "projector_1", "connector", "projector_2", "projector_3", LORA_FAMILY)
+_FIX = (
+    "pass the SFT checkpoint in full (for a DeepSpeed folder: the tag folder with its *_optim_states.pt "
+    "shards), or --allow_partial_checkpoint to train with these weights at their initial value"
+)
+
+
+class PartialCheckpointError(ValueError):
+    """A checkpoint that leaves a DeepGen-only module, the VLM LoRA or part of the DiT at its initial value."""
+
+
+def family(key: str) -> str:
+    """The module a state-dict key belongs to: its top-level name, with the VLM's LoRA apart."""
+    if key.startswith("lmm.") and ".lora_" in key:
+        return LORA_FAMILY
+    return key.split(".", 1)[0]
+
+
+@dataclass
+class ModuleSource:
+    """How many of a module's tensors came from the checkpoint; the rest come from `fallback`."""
+
+    loaded: int
+    total: int
+    fallback: str
+
+    def describe(self) -> str:
+        if self.loaded == self.total:
+            return "checkpoint"
+        if self.loaded == 0:
+            return self.fallback
+        return f"{self.loaded}/{self.total} from the checkpoint, the rest {self.fallback}"
 
 
 @dataclass
 class LoadReport:
-    """What `load_deepgen` did with the checkpoint.
+    """What `load_deepgen` / `apply_checkpoint` did with the checkpoint.
 
+    format: the checkpoint's format in words (see `checkpoint_formats`).
     missing: model keys the checkpoint did not set (they keep the HF-folder or initial weights).
     unexpected: checkpoint keys (after normalisation) that match nothing in the model.
+    sources: per module (`family`), where its weights came from.
+    trained_not_loaded: parameters the checkpoint's engine trained (DeepSpeed's list) that it does not
+        hold, e.g. a VLM LoRA present only in missing ZeRO optimizer shards.
     lora_modules: VLM modules (relative to `lmm`) that received a LoRA; empty when none.
     """
 
     checkpoint: str | None
+    format: str | None = None
     loaded: int = 0
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    sources: dict[str, ModuleSource] = field(default_factory=dict)
+    trained_not_loaded: list[str] = field(default_factory=list)
     lora_modules: list[str] = field(default_factory=list)
     lora_rank: int | None = None
     lora_alpha: float | None = None
 
     @property
     def missing_deepgen_only(self) -> list[str]:
-        """Missing keys that no HF folder provides: think tokens, projectors, connector (left random)."""
+        """Missing keys that no HF folder provides: think tokens, projectors, connector (left at init)."""
         return [k for k in self.missing if k.startswith(DEEPGEN_ONLY_PREFIXES)]
 
+    @property
+    def problems(self) -> list[str]:
+        """Why the model would differ from the checkpoint's: one sentence per problem, empty when none."""
+        if self.checkpoint is None:
+            return ["no checkpoint: the DeepGen-only modules (think tokens, projectors, connector) are at init"]
+        found = [
+            f"{name} is not (fully) in the checkpoint: {src.describe()}"
+            for name, src in self.sources.items()
+            if name in _MUST_LOAD and src.loaded < src.total
+        ]
+        dit = self.sources.get("transformer")
+        if dit is not None and 0 < dit.loaded < dit.total:
+            found.append(f"the DiT is only partly in the checkpoint: {dit.describe()}")
+        if self.trained_not_loaded:
+            lora = [k for k in self.trained_not_loaded if ".lora_" in k]
+            what = f"including the VLM LoRA ({len(lora)} tensors) " if lora else ""
+            found.append(
+                f"the checkpoint's engine trained {len(self.trained_not_loaded)} parameters it does not hold "
+                f"{what}(first: {self.trained_not_loaded[:3]})"
+            )
+        return found
+
     def summary(self, limit: int = 5) -> str:
-        """One paragraph: counts, missing keys per top-level module, and the first `limit` names."""
+        """One paragraph: counts, where each module came from, the problems and the first odd keys."""
         if self.checkpoint is None:
             return "no checkpoint: DeepGen-only weights (think tokens, projectors, connector) are at their init"
-        per_module = Counter(k.split(".", 1)[0] for k in self.missing)
         lines = [
-            f"checkpoint {self.checkpoint}: loaded {self.loaded} tensors, {len(self.unexpected)} unexpected, "
-            f"{len(self.missing)} not in it ({dict(per_module)}; kept from the HF folders, except "
-            f"{len(self.missing_deepgen_only)} DeepGen-only ones left at init)",
+            f"checkpoint {self.checkpoint} ({self.format}): loaded {self.loaded} tensors, "
+            f"{len(self.unexpected)} unexpected"
         ]
+        lines.append("weights from: " + ", ".join(f"{name} {src.describe()}" for name, src in self.sources.items()))
         if self.lora_modules:
             lines.append(
                 f"VLM LoRA on {len(self.lora_modules)} modules, rank {self.lora_rank}, alpha {self.lora_alpha}"
             )
-        if self.missing:
-            lines.append(f"first missing: {self.missing[:limit]}")
+        lines.extend(f"PROBLEM: {p}" for p in self.problems)
         if self.unexpected:
             lines.append(f"first unexpected: {self.unexpected[:limit]}")
         return "; ".join(lines)
+
+
+def check_complete(report: LoadReport, allow_partial: bool) -> None:
+    """Raise `PartialCheckpointError` (with the fix) when the report lists problems, unless
+    `allow_partial`, in which case they are logged as warnings."""
+    problems = report.problems
+    if not problems:
+        return
+    if not allow_partial:
+        raise PartialCheckpointError(
+            f"the checkpoint would leave weights at their initial value: {'; '.join(problems)}. Fix: {_FIX}"
+        )
+    for problem in problems:
+        logger.warning("--allow_partial_checkpoint: %s", problem)
 
 
 def load_deepgen(
@@ -130,51 +210,41 @@ def load_deepgen(
 
     report = LoadReport(checkpoint=None if checkpoint is None else str(checkpoint))
     if checkpoint is not None:
-        apply_checkpoint(model, read_state_dict(checkpoint), report, lora_alpha=lora_alpha)
-    if checkpoint is None or report.missing_deepgen_only:
-        logger.warning("DeepGen-only weights not loaded (conditioning is untrained): %s", report.summary())
+        apply_checkpoint(model, read_checkpoint(checkpoint), report, lora_alpha=lora_alpha)
+    if report.problems:
+        logger.warning("%s", report.summary())
     else:
         logger.info("%s", report.summary())
     return model, report
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Read a checkpoint as a flat {key: tensor} dict without unpickling arbitrary objects.
-
-    Accepts a `.safetensors` file, a torch file (`.pth`, `.pt`, `.bin`; a bare state dict or one
-    wrapped under `state_dict` / `module` / `model`), a directory of `.safetensors` files, or a
-    DeepSpeed checkpoint directory (`latest` tag file or a tag directory with `mp_rank_00_model_states.pt`;
-    ZeRO-1/2 keep full weights there, ZeRO-3 checkpoints must be consolidated with DeepSpeed's
-    `zero_to_fp32.py` first).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (pass a .pth/.pt/.safetensors file or a directory)")
-    if path.is_dir():
-        return _read_directory(path)
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    return _torch_load_tensors(path)
-
-
 def apply_checkpoint(
-    model: DeepGen, state_dict: dict[str, Tensor], report: LoadReport, lora_alpha: float | None = None
+    model: DeepGen,
+    contents: CheckpointContents,
+    report: LoadReport,
+    lora_alpha: float | None = None,
+    fallback: str = "from the HF folders",
 ) -> LoadReport:
-    """Normalise `state_dict`'s keys, inject a VLM LoRA if it has one, and load it non-strictly into `model`.
+    """Normalise the checkpoint's keys, inject a VLM LoRA if it has one, and load it non-strictly into `model`.
 
-    Fills and returns `report`. Raises ValueError listing the keys whose shapes do not match.
+    Fills and returns `report`; `fallback` says where the weights the checkpoint lacks come from
+    (DeepGen-only modules and the LoRA are always "at init"). Raises ValueError listing the keys whose
+    shapes do not match.
     """
     top_level = {name for name, _ in model.named_children()} | {
         name for name, _ in model.named_parameters(recurse=False)
     }
-    renamed = {_canonical(_old_qwen_layout(_strip_wrappers(k, top_level))): v for k, v in state_dict.items()}
 
+    def normalise(key: str) -> str:
+        return _canonical(_old_qwen_layout(_strip_wrappers(key, top_level)))
+
+    renamed = {normalise(k): v for k, v in contents.tensors.items()}
     lora = {m.group("module"): v.shape[0] for k, v in renamed.items() if (m := _LORA_A.match(k))}
     if lora:
         _inject_lmm_lora(model, lora, lora_alpha, report)
 
-    by_canonical = {_canonical(k): k for k in model.state_dict()}
     own = model.state_dict()
+    by_canonical = {_canonical(k): k for k in own}
     to_load, unexpected, wrong_shape = {}, [], []
     for key, value in renamed.items():
         target = by_canonical.get(key)
@@ -191,9 +261,16 @@ def apply_checkpoint(
         )
     missing, _ = model.load_state_dict(to_load, strict=False)
     model.freeze()
+    report.format = contents.format
     report.loaded = len(to_load)
     report.missing = sorted(missing)
     report.unexpected = sorted(unexpected)
+    report.trained_not_loaded = sorted({normalise(k) for k in contents.trained} - renamed.keys())
+    totals, loaded = Counter(family(k) for k in own), Counter(family(k) for k in to_load)
+    report.sources = {
+        name: ModuleSource(loaded[name], total, "at init" if name in _MUST_LOAD else fallback)
+        for name, total in totals.items()
+    }
     return report
 
 
@@ -250,46 +327,3 @@ def _resolve(path: str | Path, required: tuple[str, ...]) -> str:
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         return text  # a hub id such as "stabilityai/stable-diffusion-3.5-medium"
     raise FileNotFoundError(f"model folder {p} does not exist (expected an HF-format folder with {list(required)})")
-
-
-def _read_directory(path: Path) -> dict[str, Tensor]:
-    latest = path / "latest"
-    tag_dir = path / latest.read_text().strip() if latest.is_file() else path
-    if (tag_dir / _DEEPSPEED_MODEL_FILE).is_file():
-        state = _torch_load_tensors(tag_dir / _DEEPSPEED_MODEL_FILE)
-        if any(t.numel() == 0 for t in state.values()):
-            raise ValueError(
-                f"{tag_dir} is a ZeRO-3 checkpoint (partitioned weights); consolidate it first with "
-                f"`python {path}/zero_to_fp32.py {path} OUT --safe_serialization` and pass OUT"
-            )
-        return state
-    shards = sorted(path.glob("*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(
-            f"checkpoint directory {path} has no {_DEEPSPEED_MODEL_FILE} (DeepSpeed, via a `latest` file or "
-            "directly) and no .safetensors files"
-        )
-    state: dict[str, Tensor] = {}
-    for shard in shards:
-        state.update(load_file(str(shard)))
-    return state
-
-
-def _torch_load_tensors(path: Path) -> dict[str, Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError or RuntimeError depending on the object
-        raise ValueError(
-            f"{path} holds pickled objects other than tensors and plain containers; refusing to unpickle it. "
-            "Re-save the state dict with safetensors or torch.save(state_dict)"
-        ) from exc
-    for wrapper in ("state_dict", "module", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-    if not tensors:
-        raise ValueError(f"{path} holds no tensors")
-    return tensors

@@ -161,6 +161,10 @@ class DeepGen(nn.Module):
                     if module is not None:
                         module.requires_grad_(False)
 
+    def deepgen_only_state(self) -> dict[str, Tensor]:
+        """The weights only a DeepGen checkpoint has (think tokens, projectors, connector), SFT key names."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(DEEPGEN_ONLY_PREFIXES)}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the RL optimizer updates: the DiT's."""
         return [p for p in self.transformer.parameters() if p.requires_grad]

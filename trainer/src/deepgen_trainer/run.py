@@ -1,5 +1,8 @@
 """What a training run is made of, built once before the loop: model, frozen reference, data,
-rewards, optimizer, trackers and evaluation client, resumed from the newest complete checkpoint."""
+rewards, optimizer, EMA, trackers and evaluation client, resumed from the newest checkpoint in the
+output folder: this trainer's (everything restored), or the original trainer's ``checkpoint-N/``
+(weights and step; its DeepSpeed optimizer state does not map onto this optimizer and is not
+restored). A folder holding other checkpoints is refused rather than written into."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import json
 import logging
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,14 +19,17 @@ import numpy as np
 import torch
 
 from deepgen_common.client import EvalClient
-from deepgen_trainer.checkpoint import apply_rng, latest_checkpoint, load_checkpoint
+from deepgen_trainer.checkpoint import DIT_PREFIX, apply_rng, latest_checkpoint, load_checkpoint
+from deepgen_trainer.checkpoint_formats import CheckpointReadError, read_checkpoint
 from deepgen_trainer.clip_reward import ClipSimReward, build_tiny_clip
 from deepgen_trainer.config import ConfigError, TrainConfig
 from deepgen_trainer.data import TrainData, load_eval_data, load_train_data
 from deepgen_trainer.distributed import World
-from deepgen_trainer.loading import load_deepgen
-from deepgen_trainer.model import NEGATIVE_PROMPT, Conditioning, DeepGen
+from deepgen_trainer.ema import DitEma
+from deepgen_trainer.loading import LoadReport, PartialCheckpointError, apply_checkpoint, check_complete, load_deepgen
+from deepgen_trainer.model import DEEPGEN_ONLY_PREFIXES, NEGATIVE_PROMPT, Conditioning, DeepGen
 from deepgen_trainer.optim import Updater, build_updater
+from deepgen_trainer.original_run import OriginalCheckpoint, scan_output_dir
 from deepgen_trainer.reward_outage import wait_for_reward_services
 from deepgen_trainer.rewards import REWARD_NAMES, REWARD_URL_ENV, RewardFn, RewardScorer, build_reward
 from deepgen_trainer.sampler import PromptSampler
@@ -49,10 +56,11 @@ class Run:
     updater: Updater
     tracker: Tracker
     eval_client: EvalClient | None
-    eval_plans: list[tuple[str, float, int]]  # (name, cfg_scale, num_inference_steps) per evaluation
+    eval_plans: list[tuple[str, float, int]]  # (name or "", cfg_scale, num_inference_steps) per evaluation
     start_step: int
     total_steps: int
     uncond: Conditioning | None
+    ema: DitEma | None = None
 
 
 def setup(cfg: TrainConfig, world: World) -> Run:
@@ -76,13 +84,34 @@ def setup(cfg: TrainConfig, world: World) -> Run:
         sftaux = SftAuxLoader(load_sftaux_data(cfg.sftaux_dataset_config), cfg.seed, world.rank)
     epochs_steps = math.ceil(cfg.num_train_epochs * sampler.batches_per_epoch)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else epochs_steps
+    resume, original = _resume_source(cfg.output_dir)
+    if original is not None:  # its weights go in before DeepSpeed wraps (and under ZeRO-3 partitions) the DiT
+        _load_original_weights(model, original)
     updater = build_updater(model.transformer, cfg, world, total_steps)
+    # Every rank keeps the EMA (evaluation runs on all of them); under ZeRO-3 its update gathers the DiT.
+    ema = DitEma(updater.trainable_state(is_main=True), cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     start_step = 0
-    resume = latest_checkpoint(cfg.output_dir)
-    if resume is not None:
+    if original is not None:
+        _fast_forward_schedule(updater, original.step * cfg.optimizer_steps(world.world_size))
+        start_step = original.step
+        log.warning(
+            "resumed from the original trainer's %s at step %d: the DiT and the DeepGen-only weights come from its "
+            "%s; its optimizer state (DeepSpeed shards) does not map onto this optimizer and is NOT restored "
+            "(AdamW moments restart from zero), the LR schedule is moved on to step %d, prompt order and RNG "
+            "restart from --seed%s",
+            original.path, start_step, "model.safetensors", start_step,
+            "; the EMA starts at the resumed DiT" if ema is not None else "",
+        )  # fmt: skip
+    elif resume is not None:
         ckpt = load_checkpoint(resume, map_location=world.device, rank=world.rank)
         updater.restore(ckpt)
+        if ema is not None:
+            if ckpt.ema is not None:
+                ema.load_state_dict(ckpt.ema)
+            else:
+                ema = DitEma(updater.trainable_state(is_main=True), cfg.ema_decay)
+                log.warning("%s has no EMA (saved without --ema_decay): the EMA starts at the resumed DiT", resume)
         if ckpt.sampler_state is not None:
             sampler.load_state_dict(ckpt.sampler_state["prompts"])
             if sftaux is not None:
@@ -103,7 +132,7 @@ def setup(cfg: TrainConfig, world: World) -> Run:
     if cfg.unigenbench_api_url and (cfg.eval_freq or cfg.eval_before_train):
         eval_client = EvalClient(cfg.unigenbench_api_url)
     # The eval service owns the prompts and duplicates; the eval YAML sets how each evaluation samples.
-    eval_plans = [("unigenbench", cfg.eval_cfg_scale, cfg.num_inference_steps)]
+    eval_plans = [("", cfg.eval_cfg_scale, cfg.num_inference_steps)]  # "": named after the service's set
     if cfg.eval_dataset_config:
         datasets = load_eval_data(cfg.eval_dataset_config).datasets
         eval_plans = [(d.name, d.cfg_scale, d.num_inference_steps) for d in datasets]
@@ -115,29 +144,88 @@ def setup(cfg: TrainConfig, world: World) -> Run:
     )  # fmt: skip
     return Run(
         cfg, world, model, reference, data, reward_names, sampler, sftaux, scorer, updater, tracker, eval_client,
-        eval_plans, start_step, total_steps, uncond,
+        eval_plans, start_step, total_steps, uncond, ema,
     )  # fmt: skip
 
 
 def build_model(cfg: TrainConfig) -> DeepGen:
-    if cfg.model == "tiny":
-        return build_tiny(seed=cfg.seed)
-    if not cfg.sd3_5_model_name_or_path or not cfg.qwen2_5_vl_model_name_or_path:
-        raise ConfigError(
-            "--model hf needs SD3_5_MODEL_NAME_OR_PATH and QWEN2_5_VL_MODEL_NAME_OR_PATH (flags or env); "
-            "or pass --model tiny for a random tiny model"
-        )
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model, report = load_deepgen(
-        cfg.sd3_5_model_name_or_path, cfg.qwen2_5_vl_model_name_or_path, cfg.checkpoint, dtype=dtype
-    )
-    log.info("model loaded: %s", report.summary())
+    """The tiny model or the HF folders, with `--checkpoint` applied; a checkpoint that would leave
+    weights at init is a ConfigError unless `--allow_partial_checkpoint` (no checkpoint at all, for
+    `--model tiny`, is its random init by design)."""
+    try:
+        if cfg.model == "tiny":
+            model = build_tiny(seed=cfg.seed)
+            if cfg.checkpoint is None:
+                return model
+            report = LoadReport(checkpoint=cfg.checkpoint)
+            apply_checkpoint(model, read_checkpoint(cfg.checkpoint), report, fallback="from the tiny build")
+        else:
+            if not cfg.sd3_5_model_name_or_path or not cfg.qwen2_5_vl_model_name_or_path:
+                raise ConfigError(
+                    "--model hf needs SD3_5_MODEL_NAME_OR_PATH and QWEN2_5_VL_MODEL_NAME_OR_PATH (flags or env); "
+                    "or pass --model tiny for a random tiny model"
+                )
+            dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+            model, report = load_deepgen(
+                cfg.sd3_5_model_name_or_path, cfg.qwen2_5_vl_model_name_or_path, cfg.checkpoint, dtype=dtype
+            )
+        log.info("model loaded: %s", report.summary())
+        check_complete(report, cfg.allow_partial_checkpoint)
+    except (PartialCheckpointError, CheckpointReadError, FileNotFoundError) as exc:
+        raise ConfigError(f"--checkpoint: {exc}") from exc
     return model
 
 
 def reward_url(cfg: TrainConfig, name: str) -> str | None:
     """The service URL of a remote reward (``OCR_URL`` / ``UNIFIEDREWARD_THINK_URL``)."""
     return {"ocr": cfg.ocr_url, "unifiedreward_think": cfg.unifiedreward_think_url}[name]
+
+
+def _resume_source(output_dir: str) -> tuple[Path | None, OriginalCheckpoint | None]:
+    """The newest checkpoint to resume from: this trainer's, or the original trainer's when it is newer.
+    Raises ConfigError when the folder holds ``checkpoint-N`` folders of neither kind."""
+    foreign = scan_output_dir(output_dir)
+    if foreign.unknown:
+        raise ConfigError(
+            f"--output_dir {output_dir} holds checkpoints this trainer did not write and cannot resume from: "
+            f"{[p.name for p in foreign.unknown]} (no 'complete' marker, no model.safetensors). Pass a fresh "
+            "--output_dir or move them away; they are never overwritten"
+        )
+    ours, original = latest_checkpoint(output_dir), foreign.latest_original
+    if original is not None and (ours is None or original.step > int(ours.name.rsplit("-", 1)[1])):
+        return None, original
+    return ours, None
+
+
+def _load_original_weights(model: DeepGen, original: OriginalCheckpoint) -> None:
+    """The original's ``model.safetensors`` into `model`: the whole DiT (required) and the DeepGen-only
+    modules it holds (the run trained with them, so they replace those of --checkpoint)."""
+    weights = original.weights()
+    dit = {k.removeprefix(DIT_PREFIX): v for k, v in weights.items() if k.startswith(DIT_PREFIX)}
+    own = model.transformer.state_dict()
+    missing, extra = sorted(own.keys() - dit.keys()), sorted(dit.keys() - own.keys())
+    if missing or extra:
+        raise ConfigError(
+            f"{original.path}/model.safetensors does not hold this DiT (missing {missing[:3]}, unexpected "
+            f"{extra[:3]}): check the SD3 folder, or pass a fresh --output_dir to start from --checkpoint"
+        )
+    model.transformer.load_state_dict(dit)
+    frozen = {k: v for k, v in weights.items() if k.startswith(DEEPGEN_ONLY_PREFIXES)}
+    current = model.deepgen_only_state()
+    changed = [k for k, v in frozen.items() if k in current and not torch.equal(v.to(current[k]), current[k])]
+    if changed:
+        log.warning("%s: %d DeepGen-only tensors differ from --checkpoint's; using the original run's", original.path,
+                    len(changed))  # fmt: skip
+    model.load_state_dict(frozen, strict=False)
+
+
+def _fast_forward_schedule(updater: Updater, steps: int) -> None:
+    """Tick the LR schedule `steps` times, as if the optimizer had stepped (no optimizer state to restore)."""
+    scheduler = updater.scheduler  # type: ignore[attr-defined]  # both updaters expose their LR scheduler
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            scheduler.step()
 
 
 def _reward(name: str, cfg: TrainConfig, world: World) -> RewardFn:

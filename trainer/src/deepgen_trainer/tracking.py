@@ -1,7 +1,8 @@
 """Step metrics of the trainer: wandb, swanlab and a Prometheus endpoint.
 
 `Tracker.log` takes one flat dict of scalars per step (``reward/ocr/mean``, ``time/step``, ``lr``…)
-and sends it to each configured backend:
+and sends it to each configured backend; `Tracker.log_images` sends image files (the evaluation's
+contact sheets) to wandb and swanlab as images (Prometheus has no images):
 - ``wandb`` / ``swanlab``: a run under ``output_dir``; offline by default (the caller's settings
   read ``WANDB_MODE`` / ``SWANLAB_MODE`` and pass the mode in). Both are optional dependencies,
   imported only when requested.
@@ -38,6 +39,8 @@ Scalar = float | int | Tensor
 
 class _Run(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_images(self, images: dict[str, Path], step: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -132,6 +135,14 @@ class Tracker:
         self._step.set(step)
         self._steps.inc()
 
+    def log_images(self, images: Mapping[str, str | Path], step: int) -> None:
+        """Record image files (PNG, JPEG) under their names, e.g. ``eval/en/contact_sheet``."""
+        if not self.enabled:
+            return
+        paths = {name: Path(path) for name, path in images.items()}
+        for run in self._runs:
+            run.log_images(paths, step)
+
     def close(self) -> None:
         """Finish the runs (flushing them to disk) and stop the endpoint. Idempotent."""
         runs, self._runs = self._runs, []
@@ -170,6 +181,11 @@ class _WandbRun:
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._run.log(metrics, step=step)
 
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        import wandb
+
+        self._run.log({name: wandb.Image(str(path)) for name, path in images.items()}, step=step)
+
     def close(self) -> None:
         self._run.finish()
 
@@ -199,6 +215,9 @@ class _SwanlabRun:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._swanlab.log(metrics, step=step)
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        self._swanlab.log({name: self._swanlab.Image(str(path)) for name, path in images.items()}, step=step)
 
     def close(self) -> None:
         self._swanlab.finish()

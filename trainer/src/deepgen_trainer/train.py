@@ -12,13 +12,16 @@ One step, on every rank, in the order of `train()`:
 5. SFT auxiliary loss on one image-caption batch (`--sftaux_dataset_config`), in the last backward;
 6. `--optimizer_steps_per_rollout` optimizer steps (1 by default) over consecutive chunks of the
    trained timesteps (`--step_per_backward` emulates the reference's step after every backward);
-7. evaluate every `--eval_freq`, log, checkpoint every `--save_steps`; stop with a checkpoint when a
-   reward has failed for all its samples `--reward_failure_patience` steps in a row.
-A run resumes from the newest complete checkpoint in `--output_dir`.
+7. evaluate every `--eval_freq` (the DiT's EMA with `--eval_with_ema`), log, checkpoint every
+   `--save_steps`; stop with a checkpoint when a reward has failed for all its samples
+   `--reward_failure_patience` steps in a row.
+With `--ema_decay` the EMA of the DiT moves after every optimizer step. A run resumes from the newest
+complete checkpoint in `--output_dir` (see `run.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -38,6 +41,7 @@ from deepgen_trainer.checkpoint import prune_checkpoints, save_checkpoint
 from deepgen_trainer.config import ConfigError, TrainConfig, parse_args
 from deepgen_trainer.data import DataConfigError
 from deepgen_trainer.distributed import World, close_world, init_world
+from deepgen_trainer.ema import ema_dit
 from deepgen_trainer.evaluation import evaluate
 from deepgen_trainer.model import Conditioning, DeepGen, to_uint8
 from deepgen_trainer.optim import Updater
@@ -249,7 +253,7 @@ def update_policy(run: Run, rollout: Rollout, advantages: torch.Tensor, step: in
             stats.add("sft/loss", sft_loss)
         updater.backward(total)
         if (i + 1) % per_step == 0:
-            grad_norm = updater.step()
+            grad_norm = optimizer_step(run)
         stats.add("policy/loss", loss.mean())
         stats.add("policy/clipfrac", clipped.float().mean())
         if cfg.optimizer_steps_per_rollout > 1:
@@ -309,6 +313,14 @@ def sft_auxiliary_loss(
     return flow_matching_loss(v, latents, noise).mean()
 
 
+def optimizer_step(run: Run) -> float:
+    """One optimizer step, then one EMA step (with `--ema_decay`); returns the gradient norm."""
+    grad_norm = run.updater.step()
+    if run.ema is not None:
+        run.ema.update(run.updater.trainable_state(is_main=True))
+    return grad_norm
+
+
 def checkpoint(run: Run, step: int) -> Path:
     cfg, world = run.cfg, run.world
     sampler_state = {"prompts": run.sampler.state_dict()}
@@ -318,6 +330,8 @@ def checkpoint(run: Run, step: int) -> Path:
         cfg.output_dir,
         step,
         trainable=run.updater.trainable_state(world.is_main),
+        deepgen_only=run.model.deepgen_only_state() if world.is_main else None,
+        ema=run.ema.state_dict() if run.ema is not None and world.is_main else None,
         sampler_state=sampler_state,
         config=cfg.to_dict(),
         rank=world.rank,
@@ -334,20 +348,23 @@ def checkpoint(run: Run, step: int) -> Path:
 
 
 def run_eval(run: Run, step: int) -> dict[str, float]:
-    """Every evaluation of the eval YAML (one by default); metrics under eval/ (eval/<name>/ for several)."""
+    """Every evaluation of the eval YAML (one by default, named after the service's set); metrics under
+    eval/<name>/, contact sheets to the trackers (rank 0)."""
     assert run.eval_client is not None
     cfg = run.cfg
     run.model.eval()
     metrics = {}
-    for name, cfg_scale, num_inference_steps in run.eval_plans:
-        result = evaluate(
-            run.model, run.eval_client, run.world, step,
-            height=cfg.image_height, width=cfg.image_width, num_inference_steps=num_inference_steps,
-            cfg_scale=cfg_scale, batch_size=cfg.rollout_micro_batch_size,
-        )  # fmt: skip
-        if len(run.eval_plans) > 1:
-            result = {k.replace("eval/", f"eval/{name}/", 1): v for k, v in result.items()}
-        metrics |= result
+    with ema_dit(run.model, run.ema) if cfg.eval_with_ema and run.ema is not None else contextlib.nullcontext():
+        for name, cfg_scale, num_inference_steps in run.eval_plans:
+            outcome = evaluate(
+                run.model, run.eval_client, run.world, step, output_dir=Path(cfg.output_dir), label=name,
+                height=cfg.image_height, width=cfg.image_width, num_inference_steps=num_inference_steps,
+                cfg_scale=cfg_scale, batch_size=cfg.rollout_micro_batch_size,
+            )  # fmt: skip
+            if outcome is not None:
+                metrics |= outcome.metrics
+                label = name or outcome.summary.benchmark
+                run.tracker.log_images({f"eval/{label}/contact_sheet": outcome.contact_sheet}, step=step)
     return metrics
 
 
@@ -373,8 +390,10 @@ def log_step(run: Run, step: int, metrics: dict[str, float]) -> None:
     run.tracker.log(metrics, step=step)
     with (Path(run.cfg.output_dir) / "metrics.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps({"step": step, **{k: _json_float(v) for k, v in metrics.items()}}) + "\n")
-    if "eval/overall_accuracy" in metrics:
-        log.info("step %d eval: overall accuracy %.4f", step, metrics["eval/overall_accuracy"])
+    for name, value in metrics.items():
+        if name.startswith("eval/") and name.endswith("/overall"):
+            pooled = metrics.get(name.removesuffix("overall") + "pooled", math.nan)
+            log.info("step %d %s: %.4f (mean of primary dimensions; pooled %.4f)", step, name, value, pooled)
     if "reward/total" in metrics:
         log.info(
             "step %d/%d: reward %.4f, loss %.3e, clipfrac %.3f, %.1f s (rollout %.1f, reward wait %.1f, update %.1f)",

@@ -13,7 +13,16 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from deepgen_common.client.breaker import CircuitBreaker
-from deepgen_common.client.transports import GrpcTransport, HttpTransport, TransientError, Transport
+from deepgen_common.client.credentials import ClientCredentials
+from deepgen_common.client.failover import FailoverTransport
+from deepgen_common.client.transports import (
+    GrpcTransport,
+    HttpTransport,
+    OverloadedError,
+    TransientError,
+    Transport,
+)
+from deepgen_common.client.urls import ServiceURL, parse_service_url
 from deepgen_common.types import Mode, Result, Sample, ServiceInfo
 
 log = logging.getLogger(__name__)
@@ -39,19 +48,29 @@ class RetryPolicy:
         return random.uniform(0.0, min(self.max_s, self.initial_s * 2**attempt))
 
 
-def make_transport(url: str, max_message_bytes: int = 256 * 1024 * 1024) -> Transport:
-    """`http(s)://host:port` -> HTTP/JSON; `grpc://host:port`, `dns:///host:port`, `ipv4:...` -> gRPC."""
-    if url.startswith(("http://", "https://")):
-        return HttpTransport(url)
-    if url.startswith(("grpc://", "dns:", "ipv4:", "ipv6:", "unix:")):
-        return GrpcTransport(url, max_message_bytes)
-    raise ValueError(
-        f"unsupported reward service URL {url!r}: use http://host:port (HTTP/JSON) or grpc://host:port (gRPC)"
-    )
+def make_transport(
+    url: str, credentials: ClientCredentials | None = None, max_message_bytes: int = 256 * 1024 * 1024
+) -> Transport:
+    """The transport for a service URL (forms in `deepgen_common.client.urls`): HTTP/JSON or gRPC,
+    TLS for `https://` / `grpcs://`; an address list gets round-robin with failover."""
+    credentials = credentials if credentials is not None else ClientCredentials.from_env()
+    parts = parse_service_url(url).split()
+
+    def one(part: ServiceURL) -> Transport:
+        if part.protocol == "http":
+            return HttpTransport(part, credentials)
+        return GrpcTransport(part, credentials, max_message_bytes)
+
+    if len(parts) == 1:
+        return one(parts[0])
+    return FailoverTransport([one(p) for p in parts], [str(p) for p in parts])
 
 
 class RewardClient:
     """Thread-safe, synchronous client of one reward service (all of its replicas).
+
+    `url` takes any form of `deepgen_common.client.urls` (several addresses included); the token and
+    TLS roots come from `credentials`, by default from the environment (`ClientCredentials.from_env`).
 
     `score` splits the samples into requests within the service's limits (never splitting a group),
     sends them concurrently, retries UNAVAILABLE / RESOURCE_EXHAUSTED / transport errors with
@@ -66,35 +85,53 @@ class RewardClient:
         retry: RetryPolicy | None = None,
         breaker: CircuitBreaker | None = None,
         max_concurrent_requests: int = 4,
+        credentials: ClientCredentials | None = None,
         transport: Transport | None = None,
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self.breaker = breaker or CircuitBreaker(url)
-        self._transport = transport or make_transport(url)
+        self._transport = transport or make_transport(url, credentials)
         self._pool = ThreadPoolExecutor(max_concurrent_requests, thread_name_prefix="reward-client")
         self._info: ServiceInfo | None = None
 
     def _with_retries(self, what: str, call: Callable[[], T]) -> T:
-        for attempt in range(self.retry.max_attempts):
+        """`call`, retried: an unreachable service up to `retry.max_attempts` times with backoff (each
+        failure counts towards the breaker); an overloaded one (429 / RESOURCE_EXHAUSTED: it answered,
+        so the breaker counts a success) for as long as `timeout_s` allows, waiting at least the
+        service's Retry-After."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
             self.breaker.before_call()
             try:
                 result = call()
+            except OverloadedError as exc:
+                error: Exception = exc
+                self.breaker.record_success()
+                delay = max(exc.retry_after_s or 0.0, self.retry.delay(attempt))
+                if time.monotonic() - started + delay > self.timeout_s:
+                    raise OverloadedError(
+                        f"{what} on {self.url} still refused after {time.monotonic() - started:.0f}s "
+                        f"(timeout_s={self.timeout_s:g}): {exc}",
+                        exc.retry_after_s,
+                    ) from None
             except TransientError as exc:
+                error = exc
                 self.breaker.record_failure()
-                if attempt + 1 == self.retry.max_attempts:
+                if attempt + 1 >= self.retry.max_attempts:
                     raise TransientError(f"{what} on {self.url} failed after {attempt + 1} attempts: {exc}") from None
                 delay = self.retry.delay(attempt)
-                log.warning("retrying %s on %s in %.2fs: %s", what, self.url, delay, exc)
-                time.sleep(delay)
             except BaseException:
                 self.breaker.record_success()  # the service answered; bad input is not an outage
                 raise
             else:
                 self.breaker.record_success()
                 return result
-        raise AssertionError("unreachable")
+            log.warning("retrying %s on %s in %.2fs: %s", what, self.url, delay, error)
+            time.sleep(delay)
+            attempt += 1
 
     def info(self, refresh: bool = False) -> ServiceInfo:
         """The service's name, limits and capabilities (cached after the first call)."""

@@ -13,19 +13,37 @@ import threading
 import time
 from collections.abc import Sequence
 from typing import Protocol
-from urllib.parse import urlsplit
 
 import grpc
 import httpx
 
 from deepgen.common.v1 import types_pb2
 from deepgen.reward.v1 import reward_pb2
+from deepgen_common.client.credentials import ClientCredentials
+from deepgen_common.client.urls import ServiceURL
 from deepgen_common.convert import info_from_pb, request_to_pb, results_from_pb
+from deepgen_common.deadline import DEADLINE_HEADER
 from deepgen_common.types import Limits, Mode, Outcome, Result, Sample, ServiceInfo
 
 
 class TransientError(ConnectionError):
     """A failure worth retrying: unreachable, overloaded or restarting service."""
+
+
+class OverloadedError(TransientError):
+    """The service is up but refused the request for now (RESOURCE_EXHAUSTED / 429); it suggests
+    retrying after `retry_after_s` seconds when it says so."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:  # an HTTP date or garbage: fall back to the client's own backoff
+        return None
 
 
 class RewardServiceError(RuntimeError):
@@ -43,21 +61,14 @@ class Transport(Protocol):
 
 
 _RETRYABLE_GRPC = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
-_RETRYABLE_HTTP = {429, 502, 503, 504}
+_RETRYABLE_HTTP = {408, 429, 502, 503, 504}  # 408: the service gave up reading a slow body
 _SCORE = f"/{reward_pb2.DESCRIPTOR.services_by_name['RewardService'].full_name}/Score"
 _INFO = f"/{reward_pb2.DESCRIPTOR.services_by_name['RewardService'].full_name}/GetInfo"
 
 
-def grpc_target(url: str) -> str:
-    """`grpc://host:port` -> `dns:///host:port` (every address the name resolves to); gRPC's own
-    target forms (`dns:///`, `ipv4:a:p,b:q`, `unix:`) pass through unchanged."""
-    if url.startswith("grpc://"):
-        return "dns:///" + url.removeprefix("grpc://").rstrip("/")
-    return url
-
-
-def grpc_channel(url: str, max_message_bytes: int) -> grpc.Channel:
-    """A channel with client-side round-robin load balancing over every resolved address."""
+def grpc_channel(url: ServiceURL, credentials: ClientCredentials, max_message_bytes: int) -> grpc.Channel:
+    """A channel to one gRPC URL (TLS for `grpcs://`) with client-side round-robin load balancing
+    over every address its name resolves to."""
     options = [
         ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -67,23 +78,29 @@ def grpc_channel(url: str, max_message_bytes: int) -> grpc.Channel:
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2000),
     ]
-    return grpc.insecure_channel(grpc_target(url), options=options)
+    if url.tls:
+        return grpc.secure_channel(url.grpc_target, credentials.grpc_channel_credentials(), options=options)
+    return grpc.insecure_channel(url.grpc_target, options=options)
 
 
 def rpc_error(exc: grpc.RpcError) -> TransientError | RewardServiceError:
     """The client error for a failed call: TransientError (worth retrying) or RewardServiceError."""
     code, details = exc.code(), exc.details() or ""
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        trailers = dict(exc.trailing_metadata() or ()) if isinstance(exc, grpc.Call) else {}
+        return OverloadedError(f"{code.name}: {details}", _retry_after(trailers.get("retry-after")))
     if code in _RETRYABLE_GRPC:
         return TransientError(f"{code.name}: {details}")
     return RewardServiceError(code.name, details)
 
 
 class GrpcTransport:
-    """gRPC with client-side round-robin load balancing over every resolved address."""
+    """gRPC to one URL, with client-side round-robin load balancing over every resolved address."""
 
-    def __init__(self, target: str, max_message_bytes: int) -> None:
-        self.target = grpc_target(target)
-        self._channel = grpc_channel(target, max_message_bytes)
+    def __init__(self, url: ServiceURL, credentials: ClientCredentials, max_message_bytes: int) -> None:
+        self.url = url
+        self._metadata = credentials.grpc_metadata
+        self._channel = grpc_channel(url, credentials, max_message_bytes)
         self._score = self._channel.unary_unary(
             _SCORE,
             request_serializer=reward_pb2.ScoreRequest.SerializeToString,
@@ -97,7 +114,7 @@ class GrpcTransport:
 
     def _call(self, stub: grpc.UnaryUnaryMultiCallable, request: object, timeout_s: float) -> object:
         try:
-            return stub(request, timeout=timeout_s)
+            return stub(request, timeout=timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
 
@@ -112,17 +129,15 @@ class GrpcTransport:
 
 
 class HttpTransport:
-    """HTTP/JSON. Spreads requests round-robin over every address the host name resolves to
-    (re-resolved every `resolve_every_s`), like gRPC's round_robin, so replicas behind one DNS
-    name share the load."""
+    """HTTP/JSON to one URL. Over plain HTTP, spreads requests round-robin over every address the
+    host name resolves to (re-resolved every `resolve_every_s`), like gRPC's round_robin, so
+    replicas behind one DNS name share the load; over HTTPS it dials the name (TLS checks it)."""
 
-    def __init__(self, base_url: str, resolve_every_s: float = 30.0) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s)://host:port URL: {base_url!r}")
-        self.base_url = base_url.rstrip("/")
-        self._scheme, self._host = parts.scheme, parts.hostname
-        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+    def __init__(self, url: ServiceURL, credentials: ClientCredentials, resolve_every_s: float = 30.0) -> None:
+        self.url = url
+        self.base_url = url.base_url
+        (address,) = url.addresses
+        self._tls, self._host, self._port = url.tls, address.host, address.port
         self._resolve_every_s = resolve_every_s
         self._lock = threading.Lock()
         self._addresses: list[str] = []
@@ -130,11 +145,12 @@ class HttpTransport:
         self._next = itertools.count()
         # TCP_NODELAY: h11 writes headers and body separately; with Nagle + delayed ACK every
         # request would wait ~40 ms for the server's ACK.
-        nodelay = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-        self._http = httpx.Client(transport=nodelay, headers={"host": parts.netloc})
+        verify = credentials.ssl_context if url.tls else True
+        nodelay = httpx.HTTPTransport(verify=verify, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self._http = httpx.Client(transport=nodelay, headers={"host": str(address), **credentials.http_headers})
 
     def _url(self, path: str) -> str:
-        if self._scheme == "https":  # TLS needs the name, not the address
+        if self._tls:  # TLS needs the name, not the address
             return f"{self.base_url}{path}"
         with self._lock:
             if time.monotonic() - self._resolved_at > self._resolve_every_s or not self._addresses:
@@ -149,11 +165,15 @@ class HttpTransport:
 
     def request(self, method: str, path: str, timeout_s: float, body: dict | None = None) -> dict:
         try:
-            response = self._http.request(method, self._url(path), json=body, timeout=timeout_s)
+            # The service admits a request only if it can answer within this deadline (else 429 at once).
+            deadline = {DEADLINE_HEADER: str(max(1, int(timeout_s * 1000)))}
+            response = self._http.request(method, self._url(path), json=body, timeout=timeout_s, headers=deadline)
         except httpx.TimeoutException as exc:
             raise RewardServiceError("DEADLINE_EXCEEDED", f"no answer within {timeout_s}s: {exc}") from None
         except httpx.TransportError as exc:
             raise TransientError(f"{type(exc).__name__}: {exc}") from None
+        if response.status_code == 429:
+            raise OverloadedError(f"HTTP 429: {response.text[:500]}", _retry_after(response.headers.get("retry-after")))
         if response.status_code in _RETRYABLE_HTTP:
             raise TransientError(f"HTTP {response.status_code}: {response.text[:500]}")
         if response.status_code != 200:

@@ -1,11 +1,15 @@
-"""Accuracies of an evaluation run, and its per-image CSV and summary JSON files.
+"""UniGenBench accuracies of an evaluation run, and its per-image CSV and summary JSON files.
+
+Shared by eval-unigenbench (which summarises each run) and the trainer's offline evaluation (which
+summarises the verdicts of several runs, after a resume).
 
 Definitions (testpoint = one (name, score) pair of a judged image; names such as "Attribute - Color"
 are the sub-dimensions):
 - sub-dimension accuracy = correct / total over the testpoints with that name;
 - primary dimension = `primary_dimension(name)` ("Attribute"); its accuracy pools its testpoints;
 - overall accuracy = Σcorrect / Σtotal over every testpoint (micro average);
-- primary mean accuracy = the unweighted mean of the primary-dimension accuracies (leaderboard style).
+- primary mean accuracy = the unweighted mean of the primary-dimension accuracies: the leaderboard's
+  Overall score.
 Images whose answer could not be parsed, and images whose judging failed, are counted separately and
 contribute nothing to the accuracies (never zeros). With no judged image the accuracies are NaN (in
 the JSON: null), not 0.0.
@@ -20,15 +24,24 @@ import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO
 
-from deepgen_common.types import DimensionScore, RunSummary
-from eval_unigenbench.benchmark import primary_dimension
+from deepgen_common.types import DimensionScore, ImageResult, RunSummary
 
-Status = Literal["ok", "parse_failure", "error"]
 RESULT_COLUMNS = ("prompt_id", "duplicate", "prompt", "testpoints", "scores", "analysis", "status", "detail")
+
+
+def primary_dimension(testpoint: str) -> str:
+    """The primary dimension of a sub-dimension name: the part before the first " - ", trimmed
+    ("Attribute - Color" -> "Attribute"). Chinese names join the parts with a bare hyphen
+    ("属性-颜色" -> "属性"), so without " - " the first "-" splits. A name without a hyphen
+    ("Style", "世界知识") is its own primary dimension."""
+    for separator in (" - ", "-"):
+        if separator in testpoint:
+            return testpoint.split(separator, 1)[0].strip()
+    return testpoint.strip()
 
 
 @dataclass(frozen=True)
@@ -48,21 +61,6 @@ class JudgedImage:
             )
         if any(score not in (0, 1) for score in self.scores):
             raise ValueError(f"prompt {self.prompt_id!r} duplicate {self.duplicate}: scores must be 0/1: {self.scores}")
-
-
-@dataclass(frozen=True)
-class ImageResult:
-    """One row of the per-image results CSV. `scores` is set only when `status` is "ok";
-    `detail` says why a parse failure or error happened."""
-
-    prompt_id: str
-    duplicate: int
-    prompt: str
-    testpoints: list[str]
-    scores: list[int] | None
-    analysis: str | None
-    status: Status
-    detail: str = ""
 
 
 def summarize(
@@ -99,8 +97,12 @@ def summarize(
     )
 
 
-def summarize_results(run_id: str, step: int, results: Iterable[ImageResult]) -> RunSummary:
-    """`summarize` over per-image results, counting the non-"ok" ones by status."""
+def summarize_results(
+    run_id: str, step: int, results: Iterable[ImageResult], *, answer_rules: str = "", benchmark: str = ""
+) -> RunSummary:
+    """`summarize` over per-image results, counting the non-"ok" ones by status; the summary keeps the
+    results (`images`), the answer rules they were read with and the benchmark set."""
+    results = list(results)
     judged: list[JudgedImage] = []
     counts = {"parse_failure": 0, "error": 0}
     for result in results:
@@ -112,7 +114,8 @@ def summarize_results(run_id: str, step: int, results: Iterable[ImageResult]) ->
             counts[result.status] += 1
         else:
             raise ValueError(f"unknown status {result.status!r}; valid: ok, {', '.join(counts)}")
-    return summarize(run_id, step, judged, counts["parse_failure"], counts["error"])
+    summary = summarize(run_id, step, judged, counts["parse_failure"], counts["error"])
+    return replace(summary, answer_rules=answer_rules, benchmark=benchmark, images=results)
 
 
 def write_results_csv(path: Path | str, rows: Iterable[ImageResult]) -> None:
@@ -140,9 +143,21 @@ def write_results_csv(path: Path | str, rows: Iterable[ImageResult]) -> None:
 
 
 def write_summary_json(path: Path | str, summary: RunSummary) -> None:
-    """Write `summary.to_dict()` as JSON atomically (UTF-8, indented; strictly valid JSON, no NaN)."""
-    text = json.dumps(summary.to_dict(), ensure_ascii=False, indent=2, allow_nan=False) + "\n"
+    """Write `summary.to_dict(images=False)` as JSON atomically (UTF-8, indented; strictly valid JSON, no
+    NaN); the per-image verdicts belong in the results CSV."""
+    text = json.dumps(summary.to_dict(images=False), ensure_ascii=False, indent=2, allow_nan=False) + "\n"
     _atomic_write(Path(path), lambda file: file.write(text))
+
+
+def read_summary_json(path: Path | str) -> RunSummary:
+    """A summary written by `write_summary_json` (without its per-image verdicts); null accuracies are NaN."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    for key in ("overall_accuracy", "primary_mean_accuracy"):
+        if data[key] is None:
+            data[key] = math.nan
+    for key in ("sub_dimensions", "primary_dimensions"):
+        data[key] = [DimensionScore(**d) for d in data[key]]
+    return RunSummary(**data)
 
 
 def _dimension_scores(counts: dict[str, list[int]]) -> list[DimensionScore]:

@@ -6,12 +6,13 @@ import csv
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from deepgen.eval.v1 import eval_pb2
-from eval_unigenbench.summary import (
+from deepgen_common.eval_results import (
     RESULT_COLUMNS,
     DimensionScore,
     ImageResult,
@@ -70,7 +71,9 @@ def test_hand_computed_summary():
     judged = [JudgedImage(r.prompt_id, r.duplicate, r.testpoints, r.scores) for r in RESULTS if r.scores is not None]
     summary = summarize("run-7", 30, judged, parse_failures=1, errors=1)
     assert summary == EXPECTED
-    assert summarize_results("run-7", 30, RESULTS) == EXPECTED
+    assert summarize_results("run-7", 30, RESULTS, answer_rules="official", benchmark="en") == replace(
+        EXPECTED, answer_rules="official", benchmark="en", images=RESULTS
+    )
 
 
 def test_chinese_primary_dimensions_split_on_the_bare_hyphen():
@@ -161,3 +164,16 @@ def test_a_failed_write_keeps_the_old_file(tmp_path: Path):
 def test_summary_fields_mirror_the_proto():
     assert [f.name for f in eval_pb2.RunSummary.DESCRIPTOR.fields] == list(RunSummary.__dataclass_fields__)
     assert [f.name for f in eval_pb2.DimensionScore.DESCRIPTOR.fields] == list(DimensionScore.__dataclass_fields__)
+    assert [f.name for f in eval_pb2.ImageVerdict.DESCRIPTOR.fields] == [
+        "prompt_id", "duplicate", "prompt", "testpoints", "status", "scores", "analysis", "detail"
+    ]  # fmt: skip
+    assert set(ImageResult.__dataclass_fields__) == {f.name for f in eval_pb2.ImageVerdict.DESCRIPTOR.fields}
+
+
+def test_summary_json_records_the_rules_and_leaves_the_images_to_the_csv(tmp_path: Path):
+    summary = summarize_results("run-7", 30, RESULTS, answer_rules="tolerant", benchmark="zh")
+    write_summary_json(tmp_path / "summary.json", summary)
+    data = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert (data["answer_rules"], data["benchmark"]) == ("tolerant", "zh")
+    assert "images" not in data
+    assert summary.to_dict()["images"][3]["status"] == "parse_failure"

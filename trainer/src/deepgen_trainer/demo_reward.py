@@ -16,6 +16,7 @@ which makes it the slow reward of `make bench-train`) and the kit's shared ones.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Literal
 
@@ -56,7 +57,10 @@ class BrightnessBackend:
 
     def __init__(self, settings: DemoRewardSettings, metrics: ServiceMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.description = f"mean brightness ({settings.demo_reward_objective})"
+        # Requests wait on a timer, not on a worker: every queued sample is in work at once.
+        self.workers = settings.max_queued_samples
         self._ready = False
 
     async def load(self) -> None:
@@ -68,7 +72,13 @@ class BrightnessBackend:
     async def score(self, samples: Sequence[Sample], mode: Mode) -> list[Result]:
         if self.settings.demo_reward_latency_s:
             await asyncio.sleep(self.settings.demo_reward_latency_s)
-        return [self._score_one(s) for s in samples]
+        results = []
+        for sample in samples:
+            start = time.perf_counter()
+            results.append(self._score_one(sample))
+            if self.metrics is not None:
+                self.metrics.observe_sample_seconds(time.perf_counter() - start)
+        return results
 
     def _score_one(self, sample: Sample) -> Result:
         limits = self.settings

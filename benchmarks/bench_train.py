@@ -9,10 +9,13 @@ reward adds, the rollout sampler's overhead over plain Euler sampling, and peak 
    as a share of an Euler rollout step.
 2. The real loop (`deepgen_trainer.train.train`, in process) with the default step shape (4 prompts
    × 8 images, 50 SDE steps, 30 trained, KL reference, SFT-aux batch, gradient checkpointing) on
-   64×64 images, twice: the baseline with the in-process clip_sim reward only, then with the real
-   reward-ocr service (`python -m reward_ocr`, one OCR worker process per core, over gRPC) scoring
-   the OCR prompts as well. Medians of the per-step `time/*` metrics after a warm-up step, with ratios
-   to the baseline's step time; DESIGN §7 asks for reward waiting ≤ 10% of the step.
+   64×64 images: the baseline with the in-process clip_sim reward only; then every image also scored
+   by a reward service of fixed latency L per request (`deepgen_trainer.demo_reward` with
+   DEMO_REWARD_LATENCY_S, L = 1.2 × the baseline's step unless --latency), synchronous and with
+   --one_step_off_policy; then the real reward-ocr service (`python -m reward_ocr`, one OCR worker
+   process per core, over gRPC) scoring the OCR prompts as well, synchronous and one-step-off.
+   Medians of the per-step `time/*` metrics after a warm-up step, with ratios to the baseline's
+   step time; DESIGN §7 asks for reward waiting ≤ 10% of the step.
 3. Peak resident memory (VmHWM, reset before each phase through /proc/self/clear_refs) of each
    phase. tracemalloc does not see tensor storage and torch keeps no allocator statistics on CPU,
    so RSS is the meaningful number here.
@@ -20,7 +23,7 @@ reward adds, the rollout sampler's overhead over plain Euler sampling, and peak 
 The tiny DiT is small next to the per-step Python and sampler work, so the sampler overhead here is
 an upper bound of the GPU one, where a step is a 2 TFLOP DiT forward per image (benchmarks/flops.py).
 
-Usage: `make bench-train` (or `python benchmarks/bench_train.py --steps 5 --rounds 5 --no-ocr`).
+Usage: `make bench-train` (or `python benchmarks/bench_train.py --steps 5 --rounds 5 --no-ocr --no-latency`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,19 +88,20 @@ def peak_rss_mib() -> float:
 # ------------------------------------------------------------------------------------------- training
 
 
-def write_inputs(root: Path, with_ocr: bool) -> tuple[Path, Path]:
+def write_inputs(root: Path, with_ocr: bool, remote_everywhere: bool = False) -> tuple[Path, Path]:
     """A train YAML (UniGenBench general prompts with clip_sim; with OCR, the OCR prompts with clip_sim +
-    ocr as a second dataset) and an SFT-aux YAML over a few generated images."""
+    ocr as a second dataset; with ``remote_everywhere``, the general prompts with clip_sim + the remote
+    reward, so that every image goes to the service) and an SFT-aux YAML over a few generated images."""
+    rewards = "{clip_sim: 1.0, ocr: 1.0}" if remote_everywhere else "{clip_sim: 1.0}"
     datasets = (
-        f"  - name: general\n    path: {PROMPTS / 'general.txt'}\n"
-        "    sample_weight: 1.0\n    rewards: {clip_sim: 1.0}\n"
+        f"  - name: general\n    path: {PROMPTS / 'general.txt'}\n    sample_weight: 1.0\n    rewards: {rewards}\n"
     )
-    if with_ocr:
+    if with_ocr and not remote_everywhere:
         datasets += (
             f"  - name: ocr\n    path: {PROMPTS / 'ocr.txt'}\n"
             "    sample_weight: 1.0\n    rewards: {clip_sim: 1.0, ocr: 1.0}\n"
         )
-    train_yaml = root / ("train_ocr.yaml" if with_ocr else "train.yaml")
+    train_yaml = root / ("train_remote.yaml" if remote_everywhere else "train_ocr.yaml" if with_ocr else "train.yaml")
     train_yaml.write_text(f"sampling_mode: weight_only\ndatasets:\n{datasets}")
     sft = root / "sft"
     if not sft.exists():
@@ -119,9 +123,12 @@ class TrainRun:
     wall_s: float  # the whole run: setup, warm-up step, measured steps
 
 
-def run_training(root: Path, name: str, steps: int, ocr_url: str | None) -> TrainRun:
-    """Train `steps` + 1 steps with the default step shape and read its metrics."""
-    train_yaml, sft_yaml = write_inputs(root, with_ocr=ocr_url is not None)
+def run_training(
+    root: Path, name: str, steps: int, ocr_url: str | None, extra: Sequence[str] = (), remote_everywhere: bool = False
+) -> TrainRun:
+    """Train `steps` + 1 steps with the default step shape (plus `extra` flags) and read its metrics;
+    `ocr_url` is the remote reward's service (reward-ocr, or the fixed-latency reward)."""
+    train_yaml, sft_yaml = write_inputs(root, with_ocr=ocr_url is not None, remote_everywhere=remote_everywhere)
     out = root / name
     argv = [
         "--model", "tiny", "--deepspeed", "none", "--report_to", "none", "--no-bf16",
@@ -131,7 +138,7 @@ def run_training(root: Path, name: str, steps: int, ocr_url: str | None) -> Trai
     ]  # fmt: skip
     if ocr_url is not None:
         argv += ["--ocr_url", ocr_url]
-    cfg = parse_args(argv, environ={})
+    cfg = parse_args([*argv, *extra], environ={})
     reset_peak_rss()
     start = time.perf_counter()
     # The loop's progress bar and the libraries' warnings go to stderr; keep the report readable.
@@ -148,27 +155,37 @@ def run_training(root: Path, name: str, steps: int, ocr_url: str | None) -> Trai
 
 
 @contextlib.contextmanager
-def ocr_service() -> Iterator[str | None]:
-    """The real reward-ocr service as deployed (`python -m reward_ocr`, one OCR worker process per
-    core) on free ports; yields its gRPC URL, or None (with the reason printed) when it does not start."""
+def reward_service(module: str, env: dict[str, str] | None = None) -> Iterator[str | None]:
+    """A reward service as deployed (`python -m <module>`) on free ports; yields its gRPC URL, or None
+    (with the reason printed) when it does not start."""
     ports = []
     for _ in range(2):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
-    env = {**os.environ, "HOST": "127.0.0.1", "HTTP_PORT": str(ports[0]), "GRPC_PORT": str(ports[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "reward_ocr"], env={**env, "LOG_LEVEL": "WARNING"})
+    env = {**os.environ, **(env or {}), "HOST": "127.0.0.1", "HTTP_PORT": str(ports[0]), "GRPC_PORT": str(ports[1])}
+    proc = subprocess.Popen([sys.executable, "-m", module], env={**env, "LOG_LEVEL": "WARNING"})
     try:
         try:
             wait_ready(f"http://127.0.0.1:{ports[0]}", timeout_s=60.0, alive=lambda: proc.poll() is None)
         except (RuntimeError, TimeoutError) as exc:
-            print(f"reward-ocr service not started ({exc}); skipping the remote-reward run")
+            print(f"{module} service not started ({exc}); skipping its runs")
             yield None
         else:
             yield f"grpc://127.0.0.1:{ports[1]}"
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def ocr_service() -> contextlib.AbstractContextManager[str | None]:
+    """The real reward-ocr service (one OCR worker process per core)."""
+    return reward_service("reward_ocr")
+
+
+def fixed_latency_service(latency_s: float) -> contextlib.AbstractContextManager[str | None]:
+    """The demo reward (`deepgen_trainer.demo_reward`) answering every request after `latency_s`."""
+    return reward_service("deepgen_trainer.demo_reward", {"DEMO_REWARD_LATENCY_S": f"{latency_s:.3f}"})
 
 
 def print_training(results: dict[str, TrainRun]) -> None:
@@ -271,7 +288,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="measured training steps per run (after 1 warm-up)")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds of the sampler comparison")
     parser.add_argument("--sampler_steps", type=int, default=50, help="SDE steps per rollout in the comparison")
-    parser.add_argument("--no-ocr", dest="ocr", action="store_false", help="skip the run with the reward-ocr service")
+    parser.add_argument("--no-ocr", dest="ocr", action="store_false", help="skip the runs with the reward-ocr service")
+    parser.add_argument(
+        "--no-latency", dest="latency_service", action="store_false", help="skip the runs with the fixed-latency reward"
+    )
+    parser.add_argument(
+        "--latency", type=float, default=0.0, help="seconds per request of the fixed-latency reward (0: 1.2 x a step)"
+    )
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
 
@@ -292,21 +315,37 @@ def main() -> None:
     print("   DESIGN §7: SDE sampling (with log-probs and stored latents) <= 5% over plain Euler\n")
 
     results: dict[str, TrainRun] = {}
+    off = ["--one_step_off_policy"]
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         root = Path(tmp)
-        results["clip_sim in process (baseline)"] = run_training(root, "base", args.steps, None)
+        results["clip_sim in process (baseline)"] = base = run_training(root, "base", args.steps, None)
+        # A reward service of fixed latency L per request, L >= a step's compute (one request per step:
+        # the rank's 32 images are one generation micro-batch).
+        latency = args.latency if args.latency > 0 else 1.2 * statistics.median(base.times["step"])
+        if args.latency_service:
+            with fixed_latency_service(latency) as url:
+                if url is not None:
+                    for label, extra in (("synchronous", []), ("--one_step_off_policy", off)):
+                        results[f"+ fixed latency {latency:.2f} s, {label}"] = run_training(
+                            root, f"latency{len(extra)}", args.steps, url, extra, remote_everywhere=True
+                        )
         if args.ocr:
             with ocr_service() as url:
                 if url is not None:
                     results["+ reward-ocr over gRPC"] = run_training(root, "ocr", args.steps, url)
+                    results["+ reward-ocr over gRPC, --one_step_off_policy"] = run_training(
+                        root, "ocr_off", args.steps, url, off
+                    )
     print(
         "2. training step: median time/* metrics of the loop (clip_sim runs in process, inside rollout; reward = "
-        "waiting for remote scores after the rollout). The default --rollout_micro_batch_size 32 makes the 32 images "
-        "of a rank one generation pass: nothing is left to overlap the scoring with. (Smaller passes do not help on "
-        "this CPU either: the OCR workers and the trainer share its cores.)"
+        "time blocked waiting for remote scores). The default --rollout_micro_batch_size 32 makes the 32 images "
+        "of a rank one generation pass: nothing is left to overlap the scoring with in the synchronous step. With "
+        "--one_step_off_policy the next step's rollout is generated while this step's images are scored (rollout = "
+        "that generation), so a step takes about max(compute, L) instead of compute + L. (On this CPU the OCR "
+        "workers and the trainer share the cores, so reward-ocr also slows the compute it overlaps.)"
     )
     print_training(results)
-    print("   DESIGN §7: reward wait <= 10% of the step when the services keep up\n")
+    print("   DESIGN §7: reward wait <= 10% of the step when the services keep up (<= 5% one-step-off)\n")
 
     print("3. peak resident memory of this process (VmHWM per phase; OCR workers are other processes)")
     print(f"   tiny model built: {idle_rss:.0f} MiB, sampler comparison: {sampler_rss:.0f} MiB, training: see above")

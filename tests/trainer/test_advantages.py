@@ -66,7 +66,17 @@ def naive_advantages(
         mean, std = _mean_std([mixed[i] for i in range(n) if scored[i]])
         adv = [(mixed[i] - mean) / (std + eps) for i in range(n)]
     else:
-        total = [weighted(r, i) for i in range(n)]
+        # A missing entry counts as its column's mean over the valid entries of the group (the batch
+        # for reinforcepp); a column with no valid entry there stays out.
+        sets = [range(n)] if adv_type == "reinforcepp" else groups
+        filled = [row[:] for row in r]
+        for members in sets:
+            for k in range(k_count):
+                vals = [r[i][k] for i in members if valid[i][k]]
+                for i in members:
+                    if not valid[i][k] and vals:
+                        filled[i][k] = sum(vals) / len(vals)
+        total = [sum(w[i][k] * filled[i][k] for k in range(k_count) if not math.isnan(filled[i][k])) for i in range(n)]
         if adv_type == "grpo":
             adv = group_normalised(total, scored)
         elif adv_type == "grpo_global_std":
@@ -173,6 +183,73 @@ def test_parity_with_clamp_engaged(adv_type: str) -> None:
     adv = compute_advantages(adv_type, rewards, weights, group_size=4, clip=1.0)
     assert_close(adv, naive_advantages(adv_type, rewards, weights, group_size=4, clip=1.0).float())
     assert adv.abs().max() <= 1.0
+
+
+# --- missing rewards are neutral ---
+
+
+def test_grpo_failed_call_is_neutral_not_a_zero() -> None:
+    # The issue's case: one group, clip_sim 0.5 for everyone, OCR [0.9, 0.5, 0.1, failed]. The failed
+    # entry counts as the group's OCR mean 0.5, so S = [1.4, 1.0, 0.6, 1.0]: mean 1.0, and the sample
+    # whose call failed sits exactly at the mean (advantage 0), not at the bottom of its group.
+    rewards = torch.tensor([[0.5, 0.9], [0.5, 0.5], [0.5, 0.1], [0.5, NAN]])
+    adv = compute_advantages("grpo", rewards, torch.ones(4, 2), group_size=4)
+    std = math.sqrt((0.4**2 + 0 + 0.4**2 + 0) / 3)
+    assert_close(adv, torch.tensor([0.4, 0.0, -0.4, 0.0]) / (std + EPS))
+
+
+def test_reinforcepp_prompt_without_quoted_text_is_neutral() -> None:
+    # OCR is N/A for the whole of group 1 (no quoted text): its OCR counts as the batch's OCR mean,
+    # 0.5, so group 1 is compared on clip_sim alone instead of all sitting ~1 std below group 0.
+    rewards = torch.tensor([[0.5, 0.2], [0.5, 0.8], [0.4, NAN], [0.6, NAN]])
+    adv = compute_advantages("reinforcepp", rewards, torch.ones(4, 2), group_size=2)
+    totals = [0.7, 1.3, 0.9, 1.1]  # mean 1.0
+    std = math.sqrt(sum((t - 1.0) ** 2 for t in totals) / 3)
+    assert_close(adv, torch.tensor([t - 1.0 for t in totals]) / (std + EPS))
+
+
+@pytest.mark.parametrize("adv_type", ADVANTAGE_TYPES)
+@pytest.mark.parametrize("case", ["failed call", "n/a prompt", "whole group n/a"])
+def test_missing_entries_give_the_neutral_advantage(adv_type: str, case: str) -> None:
+    # Two rewards, two groups of 3; clip_sim (column 0) is the same within group 0. In the S-based
+    # types the advantages with NaN entries equal those of the same batch with each NaN replaced by
+    # the mean it stands for (the group's valid entries of that reward; the batch's for
+    # reinforcepp). gdpo leaves a missing entry out of its column's group statistics and gives it
+    # the per-reward advantage 0 (the parity test checks it against the naive loop).
+    rewards = torch.tensor([[0.2, 0.1], [0.2, 0.5], [0.2, 0.9], [0.6, 0.3], [0.4, 0.4], [0.8, 0.8]])
+    missing = {"failed call": [(1, 1)], "n/a prompt": [(1, 1), (4, 1)], "whole group n/a": [(3, 1), (4, 1), (5, 1)]}
+    with_nan = rewards.clone()
+    for i, k in missing[case]:
+        with_nan[i, k] = NAN
+    weights = torch.tensor([[1.0, 2.0]] * 6)
+    adv = compute_advantages(adv_type, with_nan, weights, group_size=3)
+    assert torch.isfinite(adv).all()
+    if case == "failed call" and adv_type != "reinforcepp":
+        # Sample 1: clip_sim equal to its group mates', OCR missing → exactly the group's mean.
+        assert adv[1].abs() < 1e-6
+    if adv_type == "gdpo":
+        assert_close(adv, naive_advantages(adv_type, with_nan, weights, group_size=3).float())
+        return
+    expected_input = with_nan.clone()
+    for i, k in missing[case]:
+        members = range(6) if adv_type == "reinforcepp" else range(3 * (i // 3), 3 * (i // 3) + 3)
+        vals = [with_nan[j, k].item() for j in members if not math.isnan(with_nan[j, k].item())]
+        # A group with no OCR at all: nothing to compare with, the column stays out of its sums alike.
+        expected_input[i, k] = sum(vals) / len(vals) if vals else 0.0
+    assert_close(adv, compute_advantages(adv_type, expected_input, weights, group_size=3))
+
+
+def test_all_gather_fills_reinforcepp_with_the_global_means() -> None:
+    rewards = torch.tensor([[0.5, 0.2], [0.5, 0.8], [0.4, NAN], [0.6, NAN]])
+    world = FakeProcessGroup(2)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [
+            pool.submit(compute_advantages, "reinforcepp", rewards[2 * r : 2 * r + 2], torch.ones(2, 2), 2,
+                        all_gather=world.all_gather(r))
+            for r in range(2)
+        ]  # fmt: skip
+        per_rank = [f.result(timeout=20) for f in futures]
+    assert_close(torch.cat(per_rank), compute_advantages("reinforcepp", rewards, torch.ones(4, 2), group_size=2))
 
 
 # --- masking and edge cases ---

@@ -145,6 +145,12 @@ BAD_FLAGS = [
     (["--unigenbench_api_url", "grpc://h"], "(UNIGENBENCH_API_URL): service URL 'grpc://h': address 'h' needs a port"),
     (["--rollout_nn", "8"], "unrecognized arguments: --rollout_nn 8; see --help"),
     (["--rollout_n", "eight"], "invalid int value"),
+    (["--optimizer_steps_per_rollout", "0"], "--optimizer_steps_per_rollout must be >= 1"),
+    (["--optimizer_steps_per_rollout", "4"], "must divide the trained timesteps (30 = int(--num_inference_steps 50"),
+    (["--optimizer_steps_per_rollout", "2", "--step_per_backward"], "drop --optimizer_steps_per_rollout 2 or"),
+    (["--logprob_min_std=-0.1"], "--logprob_min_std must be a finite number >= 0 (0: no floor)"),
+    (["--reward_ready_timeout", "inf"], "--reward_ready_timeout must be a finite number of seconds >= 0"),
+    (["--reward_failure_patience", "0"], "--reward_failure_patience must be >= 1"),
 ]
 
 
@@ -178,6 +184,10 @@ def test_gradient_accumulation_counts_backward_passes() -> None:
     cfg = parse("--prompts_per_rank", "8", "--atrain_micro_batch_size", "16")
     assert cfg.gradient_accumulation_steps(world_size=2) == 64 // 16 * 30
     assert parse("--step_per_backward").gradient_accumulation_steps(world_size=2) == 1
+    # K optimizer steps per rollout split the passes evenly; --step_per_backward is K = every pass.
+    two = parse("--prompts_per_rank", "8", "--atrain_micro_batch_size", "16", "--optimizer_steps_per_rollout", "2")
+    assert (two.optimizer_steps(2), two.gradient_accumulation_steps(world_size=2)) == (2, 64 // 16 * 15)
+    assert parse("--step_per_backward").optimizer_steps(world_size=2) == 32 // 32 * 30
 
 
 # ------------------------------------------------------------------------------------------------- DeepSpeed

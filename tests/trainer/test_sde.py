@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from deepgen_trainer.sde import SAMPLERS, ode_step, sde_step_with_logprob
+from deepgen_trainer.policy_loss import kl_penalty
+from deepgen_trainer.sde import LOGPROB_MIN_STD, SAMPLERS, ode_step, sde_step_with_logprob
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -366,3 +367,67 @@ def test_invalid_inputs_are_rejected(kwargs: dict[str, object], message: str) ->
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         sde_step_with_logprob(**args)  # type: ignore[arg-type]
+
+
+# --- small noise: the step to σ' ≈ 0 stays well scaled with a floor on the scoring std ---
+
+# The tail of the tiny model's 8-step grid (FlowMatchEulerDiscreteScheduler, shift 3): 0.548, 0.338,
+# 0.0089, 0; cps_sde's std is σ', so the step 0.338 → 0.0089 has std 0.0089.
+MID_STEP, SMALL_STEP = (0.548, 0.338), (0.338, 0.0089)
+
+
+def _grad_and_kl(step: tuple[float, float], min_std: float, sigma_next: float | None = None) -> tuple[float, float]:
+    """|∂ log p/∂v| (exact cps log-prob of a sampled transition) and the v-based KL for the same
+    velocity error, at one step."""
+    sigma, s_next = step[0], step[1] if sigma_next is None else sigma_next
+    g = torch.Generator().manual_seed(0)
+    x, v0 = torch.randn(8, 4, 8, 8, generator=g), torch.randn(8, 4, 8, 8, generator=g)
+    x_next, *_ = sde_step_with_logprob("cps_sde", v0, x, sigma, s_next, 1.0, generator=g)
+    v = (v0 + 0.01 * torch.randn(v0.shape, generator=g)).requires_grad_()
+    _, log_prob, _, std = sde_step_with_logprob(
+        "cps_sde", v, x, sigma, s_next, 1.0, prev_sample=x_next, exact_logprob=True, min_std=min_std
+    )
+    log_prob.sum().backward()
+    assert torch.isfinite(log_prob).all()
+    kl = kl_penalty("v-based", v.detach(), v0, std)
+    return v.grad.norm().item(), kl.mean().item()
+
+
+def test_without_a_floor_the_small_noise_step_dominates() -> None:
+    grad_mid, kl_mid = _grad_and_kl(MID_STEP, 0.0)
+    grad_small, kl_small = _grad_and_kl(SMALL_STEP, 0.0)
+    assert grad_small > 30 * grad_mid  # ∝ 1/std: 0.338 / 0.0089 ≈ 38
+    assert kl_small > 1000 * kl_mid  # ∝ 1/std²
+
+
+@pytest.mark.parametrize("sigma_next", [0.0089, 1e-3, 1e-6])
+def test_floor_keeps_log_prob_gradient_and_kl_of_the_order_of_the_other_steps(sigma_next: float) -> None:
+    grad_mid, kl_mid = _grad_and_kl(MID_STEP, LOGPROB_MIN_STD)
+    grad_small, kl_small = _grad_and_kl(SMALL_STEP, LOGPROB_MIN_STD, sigma_next)
+    # The floored step's gradient is std·ε/min_std² ≤ ε/min_std: at most that of a step with std min_std.
+    assert grad_small <= grad_mid
+    # KL ∝ 1/max(std, min_std)²: (0.338 / 0.1)² ≈ 11× the step to 0.338, instead of (0.338 / σ')².
+    assert kl_small <= 12 * kl_mid
+    assert math.isfinite(kl_small)
+
+
+def test_floor_changes_neither_sampling_nor_steps_with_larger_noise() -> None:
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    x, v = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    for sigma, s_next in (MID_STEP, SMALL_STEP, (0.338, 0.0)):
+        plain = sde_step_with_logprob("cps_sde", v, x, sigma, s_next, 1.0, generator=g1, exact_logprob=True)
+        floored = sde_step_with_logprob(
+            "cps_sde", v, x, sigma, s_next, 1.0, generator=g2, exact_logprob=True, min_std=LOGPROB_MIN_STD
+        )
+        assert torch.equal(plain[0], floored[0])  # the same sample
+        assert torch.equal(plain[2], floored[2])  # the same mean
+        if s_next >= LOGPROB_MIN_STD or s_next == 0:
+            assert torch.equal(plain[1], floored[1])
+            assert torch.equal(plain[3], floored[3])
+        else:
+            assert torch.equal(floored[3], torch.full((4,), LOGPROB_MIN_STD, dtype=floored[3].dtype))
+
+
+def test_negative_min_std_is_rejected() -> None:
+    with pytest.raises(ValueError, match="min_std must be a finite number >= 0"):
+        sde_step_with_logprob("cps_sde", torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), 0.5, 0.4, 1.0, min_std=-1.0)

@@ -118,6 +118,21 @@ def test_step_per_backward_emulates_the_reference(tmp_path: Path):
     assert metrics(out)[1]["optim/steps"] == 4
 
 
+def test_two_optimizer_steps_per_rollout_clip_from_the_second(tmp_path: Path):
+    out = tmp_path / "run"
+    argv = [*SMALL, "--dataset_config", str(train_yaml(tmp_path, "{clip_sim: 1.0}")), "--output_dir", str(out),
+            "--sftaux_dataset_config", str(sftaux_yaml(tmp_path)), "--sftaux_coef", "0.1",
+            "--max_steps", "2", "--optimizer_steps_per_rollout", "2"]  # fmt: skip
+    train(parse_args(argv, environ={}))
+    for step, row in metrics(out).items():
+        assert row["optim/steps"] == 2 * step
+        # The first optimizer step trains on the rollout's own policy: every ratio is exactly 1. The
+        # second trains after an update, so ratios move past the 1e-4 clip range and clipping acts.
+        assert row["policy/clipfrac/opt_step1"] == 0.0
+        assert row["policy/clipfrac/opt_step2"] > 0.0
+        assert math.isfinite(row["sft/loss"])
+
+
 def run_trainer(args: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
@@ -127,9 +142,12 @@ def run_trainer(args: list[str], **kwargs) -> subprocess.Popen:
 
 
 @pytest.mark.integration
-def test_killed_run_resumes_at_its_last_checkpoint_with_the_same_stream(tmp_path: Path):
+@pytest.mark.parametrize("extra", [[], ["--one_step_off_policy"]], ids=["sync", "one-step-off-policy"])
+def test_killed_run_resumes_at_its_last_checkpoint_with_the_same_stream(tmp_path: Path, extra: list[str]):
+    # With --one_step_off_policy the pipeline drains at save steps (--save_steps 3: steps 1-2 and 4-5
+    # generate the next rollout ahead), so a resumed run regenerates the next batch exactly.
     yaml = train_yaml(tmp_path, "{clip_sim: 1.0}")
-    args = [*SMALL, "--dataset_config", str(yaml), "--max_steps", "12", "--save_steps", "2"]
+    args = [*SMALL, "--dataset_config", str(yaml), "--max_steps", "12", "--save_steps", "3", *extra]
     reference, resumed = tmp_path / "unbroken", tmp_path / "killed"
 
     unbroken = run_trainer([*args, "--output_dir", str(reference)])
@@ -155,6 +173,8 @@ def test_killed_run_resumes_at_its_last_checkpoint_with_the_same_stream(tmp_path
     for step in range(1, 13):
         assert b[step]["reward/total"] == pytest.approx(a[step]["reward/total"], abs=1e-6), step
         assert b[step]["policy/loss"] == pytest.approx(a[step]["policy/loss"], abs=1e-7), step
+    if extra:  # generated one update before training on it, except right after a checkpoint
+        assert [a[step]["policy/lag"] for step in range(1, 13)] == [0.0, 1.0, 1.0] * 4
     final_a = load_file(reference / "checkpoint-12" / "transformer.safetensors")
     final_b = load_file(resumed / "checkpoint-12" / "transformer.safetensors")
     for name in final_a:

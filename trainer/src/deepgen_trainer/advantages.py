@@ -2,9 +2,11 @@
 
 Rewards arrive as an (N, K) matrix, one column per reward model, with NaN where a reward is missing
 (the service said *not applicable*, or scoring failed, or the sample's dataset does not use that
-reward). Missing entries are masked everywhere, never imputed: a NaN never becomes a 0.0 reward and
-never enters a mean or a standard deviation. Groups are consecutive blocks of ``group_size`` rows
-(the ``rollout_n`` images of one prompt), so a group never straddles two ranks.
+reward). A missing entry is never a 0.0 reward and never enters a mean or a standard deviation: it is
+*neutral*, it counts as the mean of that reward over the entries the advantage type compares it with
+(its group, or the batch for reinforcepp), so a failed call neither rewards nor punishes a sample.
+Groups are consecutive blocks of ``group_size`` rows (the ``rollout_n`` images of one prompt), so a
+group never straddles two ranks.
 
 Batch-level statistics (gdpo's final normalisation, grpo_global_std's std, reinforcepp's mean and
 std) can span every rank through an ``all_gather`` callable supplied by the caller; this module never
@@ -29,7 +31,7 @@ ADVANTAGE_TYPES: tuple[str, ...] = get_args(AdvantageType)
 GROUP_NORMALISING_TYPES: tuple[str, ...] = ("gdpo", "grpo", "grpo_global_std")
 
 AllGather = Callable[[Tensor], Tensor]
-"""Concatenates a tensor over all ranks along dim 0, in rank order: (1, 3) → (world_size, 3)."""
+"""Concatenates a tensor over all ranks along dim 0, in rank order: (1, m) → (world_size, m)."""
 
 
 def compute_advantages(
@@ -61,9 +63,13 @@ def compute_advantages(
     - ``"grpo_global_std"``: (S − group mean of S)/(batch std of S + eps).
     - ``"reinforcepp"``: (S − batch mean of S)/(batch std of S + eps); groups are not used.
 
-    In the three S-based types a sample that misses a reward its group mates have (a failed call)
-    is compared on a sum over fewer rewards; gdpo, which normalises each reward separately, does not
-    have this bias and is the default for that reason.
+    Missing entries are neutral in every type. In the three S-based types a sample's missing R_ik is
+    replaced, before S is formed, by the mean of column k over the valid entries of its group (grpo,
+    grpo_global_std) or of the batch (reinforcepp; over every rank with ``all_gather``); a column with
+    no valid entry there stays out of S for all of them alike. Summing only the valid rewards instead
+    would compare a sample whose OCR call failed on fewer rewards than its group mates and give it a
+    negative advantage. gdpo needs no replacement: its per-reward advantage of a missing entry is
+    already 0, the value of an entry equal to the group mean.
 
     Zero advantages, by construction (never NaN):
     - a group in which reward k has fewer than 2 valid entries, or identical values (zero spread),
@@ -81,8 +87,9 @@ def compute_advantages(
         eps: added to every std before dividing (> 0).
         clip: the advantages are clamped to [−clip, clip] (> 0; ``math.inf`` disables).
         all_gather: optional; makes the batch statistics global (see `AllGather`); None = this
-            rank's batch only. Called once per call for gdpo, grpo_global_std and reinforcepp,
-            never for grpo, so every rank must use the same ``adv_type``.
+            rank's batch only. Called once per call for gdpo and grpo_global_std, twice for
+            reinforcepp (the per-reward means, then the statistics of S), never for grpo, so every
+            rank must use the same ``adv_type``.
 
     Returns:
         (N,) float32 on ``rewards``' device.
@@ -101,7 +108,11 @@ def compute_advantages(
         mean, std = _batch_mean_std(mixed, scored, all_gather)
         adv = (mixed - mean) / (std + eps)
     else:
-        total = _weighted_sum(r, w, valid)
+        if adv_type == "reinforcepp":
+            filled = _fill_with_batch_means(r, valid, all_gather)
+        else:
+            filled = _fill_with_group_means(r, valid, group_size)
+        total = _weighted_sum(filled, w, ~torch.isnan(filled))
         if adv_type == "grpo":
             adv = _group_normalise(total, scored, group_size, eps)
         elif adv_type == "grpo_global_std":
@@ -140,6 +151,31 @@ def _weighted_sum(values: Tensor, weights: Tensor, valid: Tensor) -> Tensor:
     """(N, K) → (N,): Σ_k w_ik·x_ik over the valid entries (where, not multiplication by a mask,
     so that the NaNs of invalid entries never propagate)."""
     return torch.where(valid, weights * values, 0.0).sum(dim=1)
+
+
+def _fill_with_group_means(values: Tensor, valid: Tensor, group_size: int) -> Tensor:
+    """(N, K) → (N, K): each missing entry replaced by its column's mean over the group's valid
+    entries; NaN stays where the group has no valid entry in that column."""
+    x = values.view(values.shape[0] // group_size, group_size, values.shape[1])
+    mask = valid.view_as(x)
+    count = mask.sum(dim=1, keepdim=True)
+    mean = torch.where(mask, x, 0.0).sum(dim=1, keepdim=True) / count.clamp_min(1)
+    mean = torch.where(count > 0, mean, torch.nan)
+    return torch.where(mask, x, mean).view_as(values)
+
+
+def _fill_with_batch_means(values: Tensor, valid: Tensor, all_gather: AllGather | None) -> Tensor:
+    """(N, K) → (N, K): each missing entry replaced by its column's mean over the batch's valid
+    entries (every rank's with all_gather); NaN stays in a column with no valid entry."""
+    count = valid.sum(dim=0).to(torch.float64)
+    total = torch.where(valid, values, 0.0).sum(dim=0)
+    if all_gather is not None:
+        parts = all_gather(torch.cat([count, total]).view(1, -1))
+        if parts.ndim != 2 or parts.shape[1] != 2 * values.shape[1]:
+            raise ValueError(f"all_gather must return (world_size, {2 * values.shape[1]}), got {tuple(parts.shape)}")
+        count, total = parts.to(device=values.device, dtype=torch.float64).sum(dim=0).chunk(2)
+    mean = torch.where(count > 0, total / count.clamp_min(1), torch.nan)
+    return torch.where(valid, values, mean.expand_as(values))
 
 
 def _group_normalise(values: Tensor, valid: Tensor, group_size: int, eps: float) -> Tensor:

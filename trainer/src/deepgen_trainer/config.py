@@ -28,7 +28,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from deepgen_common.client.urls import parse_service_url
 from deepgen_trainer.advantages import ADVANTAGE_TYPES, GROUP_NORMALISING_TYPES, AdvantageType
 from deepgen_trainer.policy_loss import KL_TYPES, KLType
-from deepgen_trainer.sde import SAMPLERS, Sampler
+from deepgen_trainer.sde import LOGPROB_MIN_STD, SAMPLERS, Sampler
 
 ModelKind = Literal["hf", "tiny"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
@@ -127,6 +127,10 @@ class TrainConfig:
     # Policy update.
     atrain_sde_sampler: Sampler = field(default="cps_sde", metadata=_help(f"one of {', '.join(SAMPLERS)}"))
     exact_logprob: bool = field(default=False, metadata=_help("cps_sde: exact Gaussian log-prob"))
+    logprob_min_std: float = field(
+        default=LOGPROB_MIN_STD,
+        metadata=_help("floor on the SDE noise std in the log-prob and the KL (keeps the step to σ' ≈ 0 well scaled)"),
+    )
     atrain_adv_type: AdvantageType = field(default="gdpo", metadata=_help(f"one of {', '.join(ADVANTAGE_TYPES)}"))
     adv_eps: float = 1e-4
     adv_clip: float = 5.0
@@ -144,14 +148,29 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping (0: off)"))
     num_train_epochs: float = 1.0
     max_steps: int = field(default=-1, metadata=_help("steps to train; -1: --num_train_epochs of the prompts"))
+    optimizer_steps_per_rollout: int = field(
+        default=1, metadata=_help("optimizer steps per rollout batch, over consecutive chunks of the trained steps")
+    )
     step_per_backward: bool = field(
-        default=False, metadata=_help("emulate the reference: an optimizer step after every backward")
+        default=False,
+        metadata=_help("emulate the reference: an optimizer step after every backward (--optimizer_steps_per_rollout "
+                       "= the backward passes)"),
+    )  # fmt: skip
+    one_step_off_policy: bool = field(
+        default=False, metadata=_help("generate step t+1's rollout while step t's images are scored, then update")
     )
     gradient_checkpointing: bool = True
     bf16: bool = field(default=True, metadata=_help("bf16 mixed precision (--no-bf16: fp32)"))
     deepspeed: str = field(
         default="zero2",
         metadata=_help(f"a config name ({', '.join(DEEPSPEED_CONFIG_NAMES)}), a .json path, or none (plain DDP)"),
+    )
+    # Reward services.
+    reward_ready_timeout: float = field(
+        default=600.0, metadata=_help("seconds to wait at start for each reward service to be ready (0: no check)")
+    )
+    reward_failure_patience: int = field(
+        default=3, metadata=_help("consecutive steps a reward may fail for every sample before the run stops")
     )
     # Run.
     seed: int = 42
@@ -197,13 +216,20 @@ class TrainConfig:
         """The SFT auxiliary loss is on: a dataset is configured and its coefficient is > 0."""
         return self.sftaux_dataset_config is not None and self.sftaux_coef > 0
 
+    def grpo_passes(self, world_size: int) -> int:
+        """Backward passes of the policy loss per rollout batch: one per (trained timestep, training
+        micro-batch). The SFT auxiliary loss shares the last one's backward."""
+        return self.images_per_rank(world_size) // self.atrain_micro_batch_size * self.num_train_timesteps
+
+    def optimizer_steps(self, world_size: int) -> int:
+        """Optimizer steps per rollout batch: ``--optimizer_steps_per_rollout``, or every backward pass
+        with ``--step_per_backward``."""
+        return self.grpo_passes(world_size) if self.step_per_backward else self.optimizer_steps_per_rollout
+
     def gradient_accumulation_steps(self, world_size: int) -> int:
-        """Backward passes per optimizer step: one per (trained timestep, training micro-batch), plus
-        one for the SFT auxiliary batch; 1 in the reference-emulation mode ``--step_per_backward``."""
-        if self.step_per_backward:
-            return 1
-        grpo = self.images_per_rank(world_size) // self.atrain_micro_batch_size * self.num_train_timesteps
-        return grpo + int(self.uses_sftaux)
+        """Backward passes per optimizer step: the policy-loss passes of a rollout batch split evenly
+        over its optimizer steps (1 with ``--step_per_backward``)."""
+        return self.grpo_passes(world_size) // self.optimizer_steps(world_size)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as JSON-ready values (saved in the run folder and in checkpoints)."""
@@ -301,6 +327,32 @@ def _validate(cfg: TrainConfig) -> None:
         "--eval_with_ema evaluates the DiT's EMA, which needs --ema_decay > 0 (e.g. --ema_decay 0.999)",
     )
     _require(0 <= cfg.sftaux_coef <= 1, f"--sftaux_coef must be in [0, 1] (0: no SFT loss), got {cfg.sftaux_coef}")
+    _require(
+        cfg.optimizer_steps_per_rollout >= 1,
+        f"--optimizer_steps_per_rollout must be >= 1, got {cfg.optimizer_steps_per_rollout}",
+    )
+    _require(
+        cfg.optimizer_steps_per_rollout == 1 or not cfg.step_per_backward,
+        "--step_per_backward sets the optimizer steps per rollout to the backward passes; drop "
+        f"--optimizer_steps_per_rollout {cfg.optimizer_steps_per_rollout} or --step_per_backward",
+    )
+    _require(
+        cfg.num_train_timesteps % cfg.optimizer_steps_per_rollout == 0,
+        f"--optimizer_steps_per_rollout {cfg.optimizer_steps_per_rollout} must divide the trained timesteps "
+        f"({cfg.num_train_timesteps} = int(--num_inference_steps {cfg.num_inference_steps} × --timestep_fraction "
+        f"{cfg.timestep_fraction})): each optimizer step trains on as many timesteps; change either flag",
+    )
+    _require(
+        math.isfinite(cfg.logprob_min_std) and cfg.logprob_min_std >= 0,
+        f"--logprob_min_std must be a finite number >= 0 (0: no floor), got {cfg.logprob_min_std}",
+    )
+    _require(
+        math.isfinite(cfg.reward_ready_timeout) and cfg.reward_ready_timeout >= 0,
+        f"--reward_ready_timeout must be a finite number of seconds >= 0 (0: no check), got {cfg.reward_ready_timeout}",
+    )
+    _require(
+        cfg.reward_failure_patience >= 1, f"--reward_failure_patience must be >= 1, got {cfg.reward_failure_patience}"
+    )
     for flag in ("warmup_steps", "eval_freq", "seed"):
         value = getattr(cfg, flag)
         _require(value >= 0, f"--{flag} must be >= 0, got {value}")

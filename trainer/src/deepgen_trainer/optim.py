@@ -1,13 +1,14 @@
 """The DiT's optimizer step, with DeepSpeed ZeRO or plain PyTorch data parallelism behind one interface.
 
 The training loop calls `backward(loss)` once per micro-batch (losses already averaged over the
-step's passes) and `step()` once per rollout batch; `step()` averages gradients over ranks, clips,
-takes one AdamW step and one LR-schedule tick.
+passes of one optimizer step) and `step()` once per optimizer step (`--optimizer_steps_per_rollout`
+per rollout batch, 1 by default); `step()` averages gradients over ranks, clips, takes one AdamW
+step and one LR-schedule tick.
 
 - `DeepSpeedUpdater`: `deepspeed.initialize` with a torch AdamW (DeepSpeed's fused Adam JIT-compiles
   for minutes on CPU) and the resolved ZeRO config; gradient accumulation is DeepSpeed's, with
-  `gradient_accumulation_steps` equal to the backward passes of one step, so its update lands on
-  the step's last backward and `step()` only checks that it did.
+  `gradient_accumulation_steps` equal to the backward passes of one optimizer step, so its update
+  lands on that step's last backward and `step()` only checks that it did.
 - `TorchUpdater` (``--deepspeed none``): gradients accumulate locally and are averaged over ranks with
   one all-reduce per step (DDP would all-reduce after every backward unless told not to; the loop
   does ~30 backward passes per step).
@@ -64,20 +65,16 @@ def build_updater(dit: nn.Module, cfg: TrainConfig, world: World, total_steps: i
     params = [p for p in dit.parameters() if p.requires_grad]
     # AdamW as DESIGN §4: β (0.9, 0.999), eps 1e-8, no weight decay.
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    # With --step_per_backward the schedule ticks once per backward, as in the reference.
-    ticks = total_steps * (_passes_per_step(cfg, world) if cfg.step_per_backward else 1)
-    warmup = cfg.warmup_steps * (_passes_per_step(cfg, world) if cfg.step_per_backward else 1)
+    # The schedule ticks once per optimizer step (once per backward with --step_per_backward, as in the
+    # reference); --warmup_steps counts rollout steps.
+    per_step = cfg.optimizer_steps(world.world_size)
+    ticks, warmup = total_steps * per_step, cfg.warmup_steps * per_step
     scheduler = get_scheduler(
         cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max(ticks, 1)
     )
     if cfg.deepspeed == "none":
         return TorchUpdater(dit, params, optimizer, scheduler, world, cfg.max_grad_norm)
     return DeepSpeedUpdater(dit, optimizer, scheduler, cfg, world)
-
-
-def _passes_per_step(cfg: TrainConfig, world: World) -> int:
-    images = cfg.images_per_rank(world.world_size)
-    return images // cfg.atrain_micro_batch_size * cfg.num_train_timesteps + int(cfg.uses_sftaux)
 
 
 class TorchUpdater:

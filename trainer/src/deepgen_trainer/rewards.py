@@ -149,7 +149,8 @@ class RewardScorer:
     ``rewards`` maps each reward name to its function; its order is the column order of the
     ``weights`` passed in and of the matrix returned. Remote rewards of a micro-batch run
     concurrently with each other and with the caller; ``call_failures`` counts, per reward, the
-    calls that failed entirely since construction.
+    calls that failed entirely since construction, and ``last_errors`` keeps, per reward, the
+    message of its latest failed call or per-sample error.
     """
 
     def __init__(self, rewards: Mapping[str, RewardFn], max_workers: int = 4, png_compress_level: int = 1) -> None:
@@ -162,6 +163,7 @@ class RewardScorer:
         self.names = tuple(rewards)
         self.png_compress_level = png_compress_level
         self.call_failures = dict.fromkeys(self.names, 0)
+        self.last_errors: dict[str, str] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="reward-scorer")
 
@@ -295,10 +297,15 @@ class RewardScorer:
         except _CALL_FAILURES as exc:
             with self._lock:
                 self.call_failures[name] += 1
+                self.last_errors[name] = f"{type(exc).__name__}: {exc}"
             log.warning("reward %s failed for %d samples, their scores are NaN: %s", name, len(rows), exc)
             return rows, None
         if len(results) != len(samples):
             raise RuntimeError(f"reward {name} returned {len(results)} results for {len(samples)} samples")
+        errors = [r.error for r in results if r.outcome is Outcome.ERROR]
+        if errors:
+            with self._lock:
+                self.last_errors[name] = errors[-1]
         by_row = dict(zip(sent, results, strict=True))
         return rows, [by_row[i] for i in rows]
 

@@ -43,16 +43,19 @@ def sde_rollout(
     uncond: Conditioning | None = None,
     generator: torch.Generator | None = None,
     exact_logprob: bool = False,
+    min_std: float = 0.0,
 ) -> Trajectory:
     """Sample x from `noise` (B, C, h, w) down the `sigmas` grid with the SDE `sampler`, recording the
-    latents and log-probs in float32 (old log-probs must not be rounded: see policy_loss)."""
+    latents and log-probs in float32 (old log-probs must not be rounded: see policy_loss).
+    `exact_logprob` and `min_std` as in `sde_step_with_logprob`; the update must pass the same."""
     x = noise.float()
     latents, log_probs = [x], []
     for i in range(len(sigmas) - 1):
         v = model.velocity(x, sigmas[i].item(), cond, cfg_scale, uncond)
         x, log_prob, _, _ = sde_step_with_logprob(
-            sampler, v, x, sigmas[i].item(), sigmas[i + 1].item(), eta, generator=generator, exact_logprob=exact_logprob
-        )
+            sampler, v, x, sigmas[i].item(), sigmas[i + 1].item(), eta, generator=generator,
+            exact_logprob=exact_logprob, min_std=min_std,
+        )  # fmt: skip
         latents.append(x)
         log_probs.append(log_prob)
     return Trajectory(torch.stack(latents), torch.stack(log_probs), sigmas)

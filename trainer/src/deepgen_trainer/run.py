@@ -30,7 +30,8 @@ from deepgen_trainer.loading import LoadReport, PartialCheckpointError, apply_ch
 from deepgen_trainer.model import DEEPGEN_ONLY_PREFIXES, NEGATIVE_PROMPT, Conditioning, DeepGen
 from deepgen_trainer.optim import Updater, build_updater
 from deepgen_trainer.original_run import OriginalCheckpoint, scan_output_dir
-from deepgen_trainer.rewards import REWARD_NAMES, RewardFn, RewardScorer, build_reward
+from deepgen_trainer.reward_outage import wait_for_reward_services
+from deepgen_trainer.rewards import REWARD_NAMES, REWARD_URL_ENV, RewardFn, RewardScorer, build_reward
 from deepgen_trainer.sampler import PromptSampler
 from deepgen_trainer.sftaux_data import SftAuxLoader, load_sftaux_data
 from deepgen_trainer.tiny import build_tiny
@@ -75,6 +76,8 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     reference = None
     if cfg.beta > 0:  # the KL reference: a frozen copy of the initial DiT
         reference = copy.deepcopy(model.transformer).requires_grad_(False).eval()
+    remote = {name: reward_url(cfg, name) for name in reward_names if name in REWARD_URL_ENV}
+    wait_for_reward_services({n: u for n, u in remote.items() if u}, cfg.reward_ready_timeout)
     scorer = RewardScorer({name: _reward(name, cfg, world) for name in reward_names})
     sampler = PromptSampler(data, cfg.prompts_per_rank_for(world.world_size), cfg.seed, world.rank, world.world_size)
     sftaux = None
@@ -91,7 +94,7 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
 
     start_step = 0
     if original is not None:
-        _fast_forward_schedule(updater, original.step)
+        _fast_forward_schedule(updater, original.step * cfg.optimizer_steps(world.world_size))
         start_step = original.step
         log.warning(
             "resumed from the original trainer's %s at step %d: the DiT and the DeepGen-only weights come from its "
@@ -174,6 +177,11 @@ def build_model(cfg: TrainConfig) -> DeepGen:
     return model
 
 
+def reward_url(cfg: TrainConfig, name: str) -> str | None:
+    """The service URL of a remote reward (``OCR_URL`` / ``UNIFIEDREWARD_THINK_URL``)."""
+    return {"ocr": cfg.ocr_url, "unifiedreward_think": cfg.unifiedreward_think_url}[name]
+
+
 def _resume_source(output_dir: str) -> tuple[Path | None, OriginalCheckpoint | None]:
     """The newest checkpoint to resume from: this trainer's, or the original trainer's when it is newer.
     Raises ConfigError when the folder holds ``checkpoint-N`` folders of neither kind."""
@@ -230,7 +238,7 @@ def _reward(name: str, cfg: TrainConfig, world: World) -> RewardFn:
         else:
             raise ConfigError("reward clip_sim needs CLIP_MODEL_NAME_OR_PATH (or --clip_model_name_or_path)")
         return build_reward(name, clip=clip)
-    url = {"ocr": cfg.ocr_url, "unifiedreward_think": cfg.unifiedreward_think_url}[name]
+    url = reward_url(cfg, name)
     try:
         return build_reward(name, url=url)
     except ValueError as exc:  # a missing URL

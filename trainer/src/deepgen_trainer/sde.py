@@ -31,6 +31,13 @@ Sampler = Literal["cps_sde", "flowgrpo_sde", "dance_sde"]
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+# The trainer's default floor on the std that scores a transition (see "Small noise" in
+# `sde_step_with_logprob`). Measured with benchmarks/bench_logprob_scale.py (exact log-prob, η = 1):
+# cps_sde's step to σ' = 0.0089 takes 94% of the summed per-step gradient norms at 8 steps (an even
+# share is 14%) and 30% at 50 (even 2%), and its v-based KL is ~6,000× the median step's; with the
+# floor at 0.1: 11% and 0.4%, KL 48×. 0.05 leaves it at 33% at 8 steps. dance_sde never reaches the
+# floor on these grids; flowgrpo_sde does on its last steps at 50 (their share 14% → 6%).
+LOGPROB_MIN_STD = 0.1
 # flowgrpo_sde divides by 1 − σ (σ' on the first step, where σ = 1). A zero-length first step
 # (σ = σ' = 1) would divide by 0; flooring the denominator keeps it finite, and dt = 0 then makes the
 # step the identity with std 0.
@@ -47,6 +54,7 @@ def sde_step_with_logprob(
     prev_sample: Tensor | None = None,
     generator: torch.Generator | None = None,
     exact_logprob: bool = False,
+    min_std: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Take (or score) one SDE step σ → σ' and return the transition's log-probability.
 
@@ -75,6 +83,14 @@ def sde_step_with_logprob(
     noise of std η·σ/√(1 − σ) or η·√σ to the final latent, which then stays in the decoded image;
     the policy update never trains on the last step, so its log-prob is not needed.
 
+    Small noise. The exact log-prob's gradient with respect to μ is (x' − μ)/std² = ε/std, so a step
+    with a tiny but non-zero std dominates the policy gradient, and the KL penalty divides by 2·std²
+    too. cps_sde has one such step: the grid's last positive σ' is the scheduler's smallest sigma
+    (e.g. ..., 0.34, 0.0089, 0 for 8 steps), so the step before the last has std ≈ 0.009 while it
+    hardly changes the image. ``min_std`` scores every stochastic step with max(std, min_std):
+    x' − μ = std·ε stays small, so that step's gradient shrinks to std·ε/min_std² instead of ε/std.
+    The trainer passes ``LOGPROB_MIN_STD`` by default (``--logprob_min_std``).
+
     Args:
         sampler: one of ``SAMPLERS``.
         velocity: v predicted by the model, (B, C, H, W), any float dtype.
@@ -88,18 +104,22 @@ def sde_step_with_logprob(
             is drawn on the generator's device and moved), so CPU generators give the same noise on
             every device.
         exact_logprob: cps_sde only: exact Gaussian log-density instead of the simplified score.
+        min_std: floor on the std that scores the transition (log-prob and returned std), on
+            stochastic steps only; sampling keeps the true std. See "Small noise" above.
 
     Returns:
         prev_sample: x_{σ'}, (B, C, H, W), compute dtype (sampled, or the given one cast).
         log_prob: (B,), compute dtype, the per-element log-density averaged over C·H·W.
         prev_sample_mean: μ, (B, C, H, W), compute dtype (carries the gradient of ``velocity``).
-        std: (B,), compute dtype, the transition's standard deviation (the noise scale s of the
-            KL penalty); 0 on deterministic steps.
+        std: (B,), compute dtype, the transition's standard deviation floored at ``min_std`` (the
+            noise scale s of the log-prob and of the KL penalty); 0 on deterministic steps.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
     if not (math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+    if not (math.isfinite(min_std) and min_std >= 0):
+        raise ValueError(f"min_std must be a finite number >= 0, got {min_std}")
     _check_tensors(velocity, sample, prev_sample)
     dtype = _compute_dtype(sample)
     x = sample.to(dtype)
@@ -129,8 +149,9 @@ def sde_step_with_logprob(
     else:
         prev_sample = prev_sample.to(dtype)
     simplified = sampler == "cps_sde" and not exact_logprob
-    log_prob = _log_prob(prev_sample.detach(), mean, std, simplified)
-    return prev_sample, log_prob, mean, std
+    score_std = torch.where(std > 0, std.clamp_min(min_std), 0.0)
+    log_prob = _log_prob(prev_sample.detach(), mean, score_std, simplified)
+    return prev_sample, log_prob, mean, score_std
 
 
 def ode_step(velocity: Tensor, sample: Tensor, sigma: float | Tensor, sigma_next: float | Tensor) -> Tensor:

@@ -1,18 +1,20 @@
 """`python -m deepgen_trainer.train` (under `torchrun` for several GPUs): MR-GRPO training of DeepGen.
 
 One step, on every rank, in the order of `train()`:
-1. rollout: `rollout_n` images per prompt from one shared initial noise, SDE sampling with the
-   log-prob of every transition kept in float32; each generation micro-batch is decoded and sent to
-   the reward models at once, so scoring overlaps the next micro-batch's generation;
+1. rollout (`generate`): `rollout_n` images per prompt from one shared initial noise, SDE sampling
+   with the log-prob of every transition kept in float32; each generation micro-batch is decoded and
+   sent to the reward models at once, so scoring overlaps the next micro-batch's generation. With
+   `--one_step_off_policy` the next step's rollout is generated while this step's images are scored;
 2. rewards: wait for the scores, an (N, K) matrix with NaN for failed / not-applicable entries;
-3. advantages (`--atrain_adv_type`, per-dataset reward weights);
-4. policy update: `num_train_timesteps` random SDE steps (never the last), every training
-   micro-batch: clipped ratio loss + β·KL against the frozen initial DiT, one backward each;
-5. SFT auxiliary loss on one image-caption batch (`--sftaux_dataset_config`);
-6. one optimizer step for the whole rollout batch (`--step_per_backward` emulates the reference's
-   step after every backward instead);
+3. advantages (`--atrain_adv_type`, per-dataset reward weights; missing rewards are neutral);
+4. policy update (`update_policy`): `num_train_timesteps` random SDE steps (never the last), every
+   training micro-batch: clipped ratio loss + β·KL against the frozen initial DiT, one backward each;
+5. SFT auxiliary loss on one image-caption batch (`--sftaux_dataset_config`), in the last backward;
+6. `--optimizer_steps_per_rollout` optimizer steps (1 by default) over consecutive chunks of the
+   trained timesteps (`--step_per_backward` emulates the reference's step after every backward);
 7. evaluate every `--eval_freq` (the DiT's EMA with `--eval_with_ema`), log, checkpoint every
-   `--save_steps`.
+   `--save_steps`; stop with a checkpoint when a reward has failed for all its samples
+   `--reward_failure_patience` steps in a row.
 With `--ema_decay` the EMA of the DiT moves after every optimizer step. A run resumes from the newest
 complete checkpoint in `--output_dir` (see `run.py`).
 """
@@ -26,7 +28,10 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -47,9 +52,10 @@ from deepgen_trainer.policy_loss import (
     flow_matching_loss,
     kl_penalty,
 )
+from deepgen_trainer.reward_outage import FailureWatch, RewardOutage
 from deepgen_trainer.rewards import RewardBatch, reward_metrics
 from deepgen_trainer.rollout import sde_rollout
-from deepgen_trainer.run import Run, setup
+from deepgen_trainer.run import Run, reward_url, setup
 from deepgen_trainer.sde import sde_step_with_logprob
 from deepgen_trainer.sftaux_data import SftAuxLoader
 
@@ -62,116 +68,58 @@ def train(cfg: TrainConfig, world: World | None = None, model: DeepGen | None = 
     world = world or init_world()
     run = setup(cfg, world, model)
     model, updater = run.model, run.updater
-    n = cfg.rollout_n
+    watch = FailureWatch(run.reward_names, cfg.reward_failure_patience)
     progress = tqdm(total=run.total_steps, initial=run.start_step, desc="train", disable=not world.is_main)
+    ahead: Rollout | None = None  # --one_step_off_policy: the next step's rollout, generated one update ago
     try:
         if cfg.eval_before_train and run.start_step == 0:
             log_step(run, 0, run_eval(run, 0))
         for step in range(run.start_step + 1, run.total_steps + 1):
             t_step = time.perf_counter()
-            batch = next(run.sampler)
-            prompts = [p for p in batch.prompts for _ in range(n)]
-            weights = run.data.reward_weight_matrix(batch.dataset_indices, run.reward_names).repeat_interleave(n, 0)
-            group_ids = [f"s{step}-r{world.rank}-p{i // n}" for i in range(len(prompts))]
-            g = torch.Generator(world.device).manual_seed(_step_seed(cfg.seed, step, world.rank))
 
-            # 1. rollout; rewards of each micro-batch are requested as soon as it is decoded
-            t0 = time.perf_counter()
-            cond = model.encode_prompts(list(batch.prompts)).repeat_interleave(n)
-            noise = initial_noise(model, cfg, len(batch.prompts), g)
-            trajectories, pending = [], []
-            mb = cfg.rollout_micro_batch_size
-            for s in range(0, len(prompts), mb):
-                trajectory = sde_rollout(
-                    model, noise[s : s + mb], cond[s : s + mb], model.sigmas(cfg.num_inference_steps),
-                    cfg.atrain_sde_sampler, cfg.sde_eta, cfg_scale=cfg.cfg_scale, uncond=run.uncond, generator=g,
-                    exact_logprob=cfg.exact_logprob,
-                )  # fmt: skip
-                trajectories.append(trajectory)
-                images = to_uint8(model.decode(trajectory.final))
-                sl = slice(s, s + mb)
-                pending.append(run.scorer.submit(images, prompts[sl], group_ids[sl], weights[sl]))
-            latents = torch.cat([t.latents for t in trajectories], dim=1)  # (T + 1, N, C, h, w)
-            old_log_probs = torch.cat([t.log_probs for t in trajectories], dim=1)  # (T, N) float32
-            sigmas = trajectories[0].sigmas
-            t_rollout = time.perf_counter() - t0
+            # 1. rollout; rewards of each micro-batch are requested as soon as it is decoded. With
+            # --one_step_off_policy this step's rollout was generated during the previous step, and the
+            # next one is generated now, while this one is scored (never across a checkpoint: the
+            # pipeline drains at save steps, so a resumed run regenerates the next batch exactly).
+            rollout = ahead if ahead is not None else generate(run, step)
+            t_rollout = rollout.seconds if ahead is None else 0.0
+            ahead = None
+            if cfg.one_step_off_policy and step < run.total_steps and not _saves(run, step):
+                ahead = generate(run, step + 1)
+                t_rollout += ahead.seconds
 
             # 2. rewards
-            rewards: RewardBatch = run.scorer.gather(pending)
+            rewards: RewardBatch = run.scorer.gather(rollout.pending)
 
             # 3. advantages
             advantages = compute_advantages(
-                cfg.atrain_adv_type, rewards.rewards, weights, n, eps=cfg.adv_eps, clip=cfg.adv_clip,
-                all_gather=world.all_gather_cat if cfg.global_adv_stats else None,
+                cfg.atrain_adv_type, rewards.rewards, rollout.weights, cfg.rollout_n, eps=cfg.adv_eps,
+                clip=cfg.adv_clip, all_gather=world.all_gather_cat if cfg.global_adv_stats else None,
             ).to(world.device)  # fmt: skip
 
-            # 4. policy update over a random subset of the SDE steps (the last one is deterministic)
+            # 4.-6. policy update (+ SFT auxiliary loss), --optimizer_steps_per_rollout optimizer steps
             t0 = time.perf_counter()
-            model.train()
-            chosen = torch.randperm(
-                len(sigmas) - 2, generator=torch.Generator().manual_seed(_step_seed(cfg.seed, step, 0))
-            )
-            chosen = chosen[: cfg.num_train_timesteps].tolist()
-            micro = cfg.atrain_micro_batch_size
-            grpo_passes = len(chosen) * math.ceil(len(prompts) / micro)
-            # (1 − λ)·mean over passes; in the emulation mode every backward is its own optimizer step.
-            grpo_scale = (1.0 - _sft_coef(cfg, run)) / (1 if cfg.step_per_backward else grpo_passes)
-            stats = _Mean()
-            grad_norm = math.nan
-            for j in chosen:
-                for s in range(0, len(prompts), micro):
-                    sl = slice(s, s + micro)
-                    x, x_next = latents[j, sl], latents[j + 1, sl]
-                    v = model.velocity(x, sigmas[j].item(), cond[sl], cfg.cfg_scale, run.uncond)
-                    _, log_prob, mean, std = sde_step_with_logprob(
-                        cfg.atrain_sde_sampler, v, x, sigmas[j].item(), sigmas[j + 1].item(), cfg.sde_eta,
-                        prev_sample=x_next, exact_logprob=cfg.exact_logprob,
-                    )  # fmt: skip
-                    loss, ratio, clipped = clipped_policy_loss(
-                        log_prob, old_log_probs[j, sl], advantages[sl], cfg.clip_range
-                    )
-                    if run.reference is not None:
-                        kl = kl_to_reference(
-                            run, x, x_next, v, mean, std, sigmas[j].item(), sigmas[j + 1].item(), cond[sl]
-                        )
-                        loss = loss + cfg.beta * kl
-                        stats.add("policy/kl", kl.mean())
-                    updater.backward(loss.mean() * grpo_scale)
-                    if cfg.step_per_backward:
-                        grad_norm = optimizer_step(run)
-                    stats.add("policy/loss", loss.mean())
-                    stats.add("policy/clipfrac", clipped.float().mean())
-                    stats.add("policy/ratio_mean", ratio.mean())
-                    stats.add("policy/approx_kl", approx_kl(log_prob, old_log_probs[j, sl]))
-
-            # 5. SFT auxiliary loss on real image-caption pairs
-            if run.sftaux is not None:
-                sft_loss = sft_auxiliary_loss(model, run.sftaux, micro, g)
-                updater.backward(sft_loss * cfg.sftaux_coef)
-                if cfg.step_per_backward:
-                    grad_norm = optimizer_step(run)
-                stats.add("sft/loss", sft_loss)
-
-            # 6. one optimizer step per rollout batch
-            if not cfg.step_per_backward:
-                grad_norm = optimizer_step(run)
+            lag = updater.optimizer_steps - rollout.policy_version
+            stats, grad_norm = update_policy(run, rollout, advantages, step)
             t_update = time.perf_counter() - t0
 
             # 7. evaluate, log, checkpoint
             t_step_total = time.perf_counter() - t_step
+            n_images = len(rollout.prompts)
             metrics = {
                 **reward_metrics(run.reward_names, rewards.rewards, rewards.status),
-                "reward/total": _nanmean(weighted_reward_sum(rewards.rewards, weights)),
+                "reward/total": _nanmean(weighted_reward_sum(rewards.rewards, rollout.weights)),
                 "adv/mean": advantages.mean().item(),
                 "adv/std": advantages.std().item() if len(advantages) > 1 else 0.0,
                 "adv/clamp_frac": clamp_fraction(advantages, cfg.adv_clip).item(),
                 **stats.means(),
+                "policy/lag": float(lag),
                 "time/rollout": t_rollout,
                 "time/reward": rewards.wait_s,
                 "time/update": t_update,
                 "time/step": t_step_total,
-                "perf/images_per_sec_per_gpu": len(prompts) / t_step_total,
-                "perf/images_per_sec": len(prompts) * world.world_size / t_step_total,
+                "perf/images_per_sec_per_gpu": n_images / t_step_total,
+                "perf/images_per_sec": n_images * world.world_size / t_step_total,
                 "lr": updater.lr,
                 "grad_norm": grad_norm,
                 "optim/steps": float(updater.optimizer_steps),
@@ -181,7 +129,14 @@ def train(cfg: TrainConfig, world: World | None = None, model: DeepGen | None = 
                 metrics |= run_eval(run, step)
                 metrics["time/eval"] = time.perf_counter() - t0
             log_step(run, step, metrics)  # before the checkpoint: a resumed run never misses a step's metrics
-            if step % cfg.save_steps == 0 or step == run.total_steps:
+            failing = watch.update(_all_ranks(world, rewards.status))  # every rank takes the same decision
+            if failing is not None:
+                if ahead is not None:  # the next batch is dropped: resume draws its prompts again
+                    run.sampler.load_state_dict(ahead.sampler_state)
+                path = checkpoint(run, step)
+                url = reward_url(cfg, failing)
+                raise RewardOutage(watch.message(failing, url, run.scorer.last_errors.get(failing), str(path)))
+            if _saves(run, step):
                 checkpoint(run, step)
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", loss=f"{metrics.get('policy/loss', 0):.2e}")
@@ -196,6 +151,117 @@ def train(cfg: TrainConfig, world: World | None = None, model: DeepGen | None = 
 
 
 # ------------------------------------------------------------------------------------------- the phases
+
+
+@dataclass
+class Rollout:
+    """One step's rollout on this rank, its rewards requested.
+
+    prompts: N = prompts × rollout_n prompts, one per image; weights: (N, K) dataset weight per reward;
+    cond: the N conditionings; latents: (T + 1, N, C, h, w) float32; old_log_probs: (T, N) float32
+    under the generating policy; sigmas: (T + 1,) grid; pending: the reward micro-batches in flight;
+    generator: the step's RNG, which continues into the update (SFT noise); policy_version: optimizer
+    steps taken when it was generated; sampler_state: the prompt sampler before this batch was drawn.
+    """
+
+    prompts: list[str]
+    weights: torch.Tensor
+    cond: Conditioning
+    latents: torch.Tensor
+    old_log_probs: torch.Tensor
+    sigmas: torch.Tensor
+    pending: list[Future[RewardBatch]]
+    generator: torch.Generator
+    policy_version: int
+    sampler_state: dict[str, Any]
+    seconds: float
+
+
+def generate(run: Run, step: int) -> Rollout:
+    """Draw the step's prompts, sample `rollout_n` SDE trajectories per prompt and send every decoded
+    generation micro-batch to the reward models at once."""
+    cfg, model, world = run.cfg, run.model, run.world
+    t0 = time.perf_counter()
+    n = cfg.rollout_n
+    sampler_state = run.sampler.state_dict()
+    batch = next(run.sampler)
+    prompts = [p for p in batch.prompts for _ in range(n)]
+    weights = run.data.reward_weight_matrix(batch.dataset_indices, run.reward_names).repeat_interleave(n, 0)
+    group_ids = [f"s{step}-r{world.rank}-p{i // n}" for i in range(len(prompts))]
+    g = torch.Generator(world.device).manual_seed(_step_seed(cfg.seed, step, world.rank))
+    model.eval()
+    cond = model.encode_prompts(list(batch.prompts)).repeat_interleave(n)
+    noise = initial_noise(model, cfg, len(batch.prompts), g)
+    trajectories, pending = [], []
+    mb = cfg.rollout_micro_batch_size
+    for s in range(0, len(prompts), mb):
+        trajectory = sde_rollout(
+            model, noise[s : s + mb], cond[s : s + mb], model.sigmas(cfg.num_inference_steps),
+            cfg.atrain_sde_sampler, cfg.sde_eta, cfg_scale=cfg.cfg_scale, uncond=run.uncond, generator=g,
+            exact_logprob=cfg.exact_logprob, min_std=cfg.logprob_min_std,
+        )  # fmt: skip
+        trajectories.append(trajectory)
+        images = to_uint8(model.decode(trajectory.final))
+        sl = slice(s, s + mb)
+        pending.append(run.scorer.submit(images, prompts[sl], group_ids[sl], weights[sl]))
+    return Rollout(
+        prompts, weights, cond,
+        latents=torch.cat([t.latents for t in trajectories], dim=1),
+        old_log_probs=torch.cat([t.log_probs for t in trajectories], dim=1),
+        sigmas=trajectories[0].sigmas, pending=pending, generator=g,
+        policy_version=run.updater.optimizer_steps, sampler_state=sampler_state,
+        seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def update_policy(run: Run, rollout: Rollout, advantages: torch.Tensor, step: int) -> tuple[_Mean, float]:
+    """Clipped policy loss (+ β·KL) on `num_train_timesteps` random SDE steps (never the last,
+    deterministic one), every training micro-batch, one backward each; the SFT auxiliary loss joins
+    the last backward. The chosen timesteps are split into `optimizer_steps` consecutive chunks with
+    one optimizer step each (Flow-GRPO uses 2), so from the second on the ratios move off 1 and
+    clipping acts. Returns the pass statistics and the last gradient norm."""
+    cfg, model, updater = run.cfg, run.model, run.updater
+    model.train()
+    sigmas, latents, cond = rollout.sigmas, rollout.latents, rollout.cond
+    chosen = torch.randperm(len(sigmas) - 2, generator=torch.Generator().manual_seed(_step_seed(cfg.seed, step, 0)))
+    chosen = chosen[: cfg.num_train_timesteps].tolist()
+    micro = cfg.atrain_micro_batch_size
+    passes = [(j, s) for j in chosen for s in range(0, len(rollout.prompts), micro)]
+    n_steps = cfg.optimizer_steps(run.world.world_size)
+    per_step = len(passes) // n_steps
+    # (1 − λ)·mean over the passes of one optimizer step; + λ·L_sft once per rollout batch.
+    grpo_scale = (1.0 - _sft_coef(cfg, run)) / per_step
+    stats = _Mean()
+    grad_norm = math.nan
+    for i, (j, s) in enumerate(passes):
+        sl = slice(s, s + micro)
+        x, x_next = latents[j, sl], latents[j + 1, sl]
+        v = model.velocity(x, sigmas[j].item(), cond[sl], cfg.cfg_scale, run.uncond)
+        _, log_prob, mean, std = sde_step_with_logprob(
+            cfg.atrain_sde_sampler, v, x, sigmas[j].item(), sigmas[j + 1].item(), cfg.sde_eta,
+            prev_sample=x_next, exact_logprob=cfg.exact_logprob, min_std=cfg.logprob_min_std,
+        )  # fmt: skip
+        old = rollout.old_log_probs[j, sl]
+        loss, ratio, clipped = clipped_policy_loss(log_prob, old, advantages[sl], cfg.clip_range)
+        if run.reference is not None:
+            kl = kl_to_reference(run, x, x_next, v, mean, std, sigmas[j].item(), sigmas[j + 1].item(), cond[sl])
+            loss = loss + cfg.beta * kl
+            stats.add("policy/kl", kl.mean())
+        total = loss.mean() * grpo_scale
+        if run.sftaux is not None and i == len(passes) - 1:
+            sft_loss = sft_auxiliary_loss(model, run.sftaux, micro, rollout.generator)
+            total = total + cfg.sftaux_coef * sft_loss
+            stats.add("sft/loss", sft_loss)
+        updater.backward(total)
+        if (i + 1) % per_step == 0:
+            grad_norm = optimizer_step(run)
+        stats.add("policy/loss", loss.mean())
+        stats.add("policy/clipfrac", clipped.float().mean())
+        if cfg.optimizer_steps_per_rollout > 1:
+            stats.add(f"policy/clipfrac/opt_step{i // per_step + 1}", clipped.float().mean())
+        stats.add("policy/ratio_mean", ratio.mean())
+        stats.add("policy/approx_kl", approx_kl(log_prob, old))
+    return stats, grad_norm
 
 
 def initial_noise(model: DeepGen, cfg: TrainConfig, n_prompts: int, generator: torch.Generator) -> torch.Tensor:
@@ -256,7 +322,7 @@ def optimizer_step(run: Run) -> float:
     return grad_norm
 
 
-def checkpoint(run: Run, step: int) -> None:
+def checkpoint(run: Run, step: int) -> Path:
     cfg, world = run.cfg, run.world
     sampler_state = {"prompts": run.sampler.state_dict()}
     if run.sftaux is not None:
@@ -279,6 +345,7 @@ def checkpoint(run: Run, step: int) -> None:
         if cfg.save_total_limit is not None:
             prune_checkpoints(cfg.output_dir, cfg.save_total_limit)
     world.barrier()
+    return path
 
 
 def run_eval(run: Run, step: int) -> dict[str, float]:
@@ -356,6 +423,18 @@ class _Mean:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
+def _all_ranks(world: World, status: torch.Tensor) -> torch.Tensor:
+    """The (N, K) reward status codes of every rank, concatenated (this rank's alone when not distributed)."""
+    if not world.distributed:
+        return status
+    return world.all_gather_cat(status.to(world.device, torch.float32)).to("cpu", torch.int8)
+
+
+def _saves(run: Run, step: int) -> bool:
+    """A checkpoint is written after this step."""
+    return step % run.cfg.save_steps == 0 or step == run.total_steps
+
+
 def _sft_coef(cfg: TrainConfig, run: Run) -> float:
     return cfg.sftaux_coef if run.sftaux is not None else 0.0
 
@@ -387,6 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataConfigError) as exc:
         log.error("%s", exc)
         return 2
+    except RewardOutage as exc:
+        log.error("%s", exc)
+        return 3
     finally:
         close_world(world)
     return 0

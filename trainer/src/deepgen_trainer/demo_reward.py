@@ -69,6 +69,9 @@ class BrightnessBackend:
     def ready(self) -> bool:
         return self._ready
 
+    def waiting_for(self) -> dict[str, str]:
+        return {} if self._ready else {"demo_reward": "starting"}
+
     async def score(self, samples: Sequence[Sample], mode: Mode) -> list[Result]:
         if self.settings.demo_reward_latency_s:
             await asyncio.sleep(self.settings.demo_reward_latency_s)

@@ -89,8 +89,11 @@ FROM python AS runtime
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/deepgen /opt/deepgen
 # Folders the trainer writes, owned by its user: a named volume mounted there starts writable (Docker
-# copies the folder's owner into a new volume).
+# copies the folder's owner into a new volume). A CJK font, so contact sheets show Chinese prompts.
 RUN set -eu; \
+    apt-get update; \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends fonts-wqy-microhei; \
+    apt-get clean; rm -rf /var/lib/apt/lists/*; \
     useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin trainer; \
     install -d -o trainer -g trainer /outputs /home/trainer/.cache /home/trainer/.cache/huggingface
 USER trainer

@@ -6,7 +6,6 @@ and stopping them takes about a second.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -19,6 +18,7 @@ from deepgen_common.client.transports import TransientError
 from deepgen_common.reward_api import reward_component
 from deepgen_common.types import Sample
 from reward_ocr.backend import OcrBackend
+from tests.common.test_client_units import closed_port
 from tests.conftest import ocr_settings
 from tests.helpers import ServiceThread, render_text
 
@@ -87,12 +87,6 @@ def test_load_is_spread_over_replicas_and_one_dying_loses_nothing():
     finally:
         client.close()
         b.stop()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])

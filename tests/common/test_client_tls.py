@@ -33,19 +33,28 @@ def certs(tmp_path_factory: pytest.TempPathFactory):
     return load_make_certs().make_certs(tmp_path_factory.mktemp("certs"), ["reward-host.test"])
 
 
-@pytest.fixture(scope="module")
-def secure_service(certs):
-    """Token + TLS + mutual TLS: every client needs the CA, a client certificate and the token."""
+def start_secure_ocr(certs, token: str) -> ServiceThread:
+    """reward-ocr with token + TLS + mutual TLS (every client needs the CA, a client certificate and the
+    token), once ready; the readiness probe goes over TLS with a client certificate and no token."""
     settings = ocr_settings(
         ocr_executor="thread",
         ocr_workers=1,
-        api_token=TOKEN,
+        api_token=token,
         tls_cert_file=certs.server_cert,
         tls_key_file=certs.server_key,
         tls_client_ca_file=certs.ca_cert,
     )
     service = ServiceThread(settings, reward_component(OcrBackend)).start(wait_ready=False)
-    wait_ready(f"https://localhost:{service.http_port}", credentials=full(certs))  # the probe goes over TLS
+    probe = ClientCredentials(
+        ca_file=str(certs.ca_cert), cert_file=str(certs.client_cert), key_file=str(certs.client_key)
+    )
+    wait_ready(f"https://localhost:{service.http_port}", credentials=probe)
+    return service
+
+
+@pytest.fixture(scope="module")
+def secure_service(certs):
+    service = start_secure_ocr(certs, TOKEN)
     yield service
     service.stop()
 

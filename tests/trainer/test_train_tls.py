@@ -8,14 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from deepgen_common.client import wait_ready
-from deepgen_common.reward_api import reward_component
 from deepgen_trainer.config import parse_args
 from deepgen_trainer.train import train
-from reward_ocr.backend import OcrBackend
 from tests.common.test_auth_tls import load_make_certs
-from tests.conftest import ocr_settings
-from tests.helpers import ServiceThread
+from tests.common.test_client_tls import start_secure_ocr
 from tests.trainer.test_train import SMALL, metrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -25,15 +21,7 @@ TOKEN = "trainer-token"
 
 def test_trainer_scores_ocr_over_mutual_tls_with_a_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     certs = load_make_certs().make_certs(tmp_path / "certs", ["reward-ocr"])
-    settings = ocr_settings(
-        ocr_executor="thread",
-        ocr_workers=1,
-        api_token=TOKEN,
-        tls_cert_file=certs.server_cert,
-        tls_key_file=certs.server_key,
-        tls_client_ca_file=certs.ca_cert,
-    )
-    service = ServiceThread(settings, reward_component(OcrBackend)).start(wait_ready=False)
+    service = start_secure_ocr(certs, TOKEN)
     for name, value in {
         "API_TOKEN": TOKEN,
         "TLS_CA_FILE": certs.ca_cert,
@@ -46,7 +34,6 @@ def test_trainer_scores_ocr_over_mutual_tls_with_a_token(tmp_path: Path, monkeyp
     dataset = tmp_path / "train.yaml"
     dataset.write_text(f"datasets:\n  - path: {prompts}\n    rewards: {{ocr: 1.0}}\n")
     try:
-        wait_ready(f"https://localhost:{service.http_port}")
         cfg = parse_args(
             [*SMALL, "--dataset_config", str(dataset), "--ocr_url", f"grpcs://localhost:{service.grpc_port}",
              "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--save_steps", "1"],

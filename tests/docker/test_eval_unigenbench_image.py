@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
+from eval_unigenbench.benchmark import load_benchmark
 from tests.docker.dockerutil import (
     BASE_IMAGE,
     PASSED_ENV,
@@ -90,7 +91,12 @@ def service(image: str) -> Iterator[Service]:
     seconds; the probe command, timeout and retries stay the image's own."""
     http_port = free_port()
     name = f"deepgen-test-eval-{uuid.uuid4().hex[:8]}"
-    env = {"JUDGE_URL": "http://127.0.0.1:9/v1", "JUDGE_HEALTH_POLL_S": "0.5", "LOG_FORMAT": "text"}
+    env = {
+        "JUDGE_URL": "http://127.0.0.1:9/v1",
+        "JUDGE_HEALTH_POLL_S": "0.5",
+        "LOG_FORMAT": "text",
+        "HOST": "0.0.0.0",  # the container's interface (HOST defaults to loopback); -p publishes it on 127.0.0.1
+    }
     try:
         check(
             [
@@ -147,8 +153,8 @@ def test_serves_the_benchmark_prompts_without_a_judge(service: Service) -> None:
         body = json.loads(response.read())
     assert body["benchmark"] == "unigenbench-en"  # BENCHMARK=test_prompts_en, the default
     assert body["duplicates"] == 1
-    assert len(body["prompts"]) == 20  # the fixture benchmark
-    assert body["prompts"][0]["prompt"].startswith("In the style of classical ink painting")
+    served = load_benchmark(JUDGE_FIXTURES / "unigenbench" / "test_prompts_en.csv")  # the mounted fixture
+    assert [(p["prompt_id"], p["prompt"]) for p in body["prompts"]] == [(i.prompt_id, i.prompt) for i in served.items]
 
 
 def test_image_runs_unprivileged_without_torch_and_can_write_results(service: Service) -> None:

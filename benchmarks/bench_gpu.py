@@ -162,19 +162,7 @@ def build_deepgen(shape: DeepGenShape, depth: int | None, device: torch.device, 
     with building_on(device, dtype):
         lmm = Qwen2_5_VLForConditionalGeneration(lmm_config).eval()
         transformer = SD3Transformer2DModel(**shape.dit.kwargs())
-        autoencoder = AutoencoderKL(
-            in_channels=vae.in_channels,
-            out_channels=vae.out_channels,
-            down_block_types=("DownEncoderBlock2D",) * len(vae.block_out_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(vae.block_out_channels),
-            block_out_channels=vae.block_out_channels,
-            layers_per_block=vae.layers_per_block,
-            latent_channels=vae.latent_channels,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-            use_quant_conv=vae.use_quant_conv,
-            use_post_quant_conv=vae.use_post_quant_conv,
-        ).eval()
+        autoencoder = AutoencoderKL(**vae.kwargs(), scaling_factor=1.5305, shift_factor=0.0609).eval()
         return DeepGen(
             lmm,
             transformer,

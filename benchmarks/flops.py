@@ -28,6 +28,7 @@ import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -97,6 +98,21 @@ class VaeShape:
     @property
     def factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
+
+    def kwargs(self) -> dict[str, Any]:
+        """`AutoencoderKL` arguments of this shape (group norms sized to fit narrow test widths)."""
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "down_block_types": ("DownEncoderBlock2D",) * len(self.block_out_channels),
+            "up_block_types": ("UpDecoderBlock2D",) * len(self.block_out_channels),
+            "block_out_channels": self.block_out_channels,
+            "layers_per_block": self.layers_per_block,
+            "latent_channels": self.latent_channels,
+            "norm_num_groups": math.gcd(32, *self.block_out_channels),
+            "use_quant_conv": self.use_quant_conv,
+            "use_post_quant_conv": self.use_post_quant_conv,
+        }
 
 
 @dataclass(frozen=True)
@@ -407,18 +423,7 @@ def _count_connector(model: DeepGenShape, n_txt: int) -> int:
 def _count_vae(vae: VaeShape, height: int, width: int, encode: bool) -> int:
     from diffusers import AutoencoderKL
 
-    autoencoder = AutoencoderKL(
-        in_channels=vae.in_channels,
-        out_channels=vae.out_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(vae.block_out_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae.block_out_channels),
-        block_out_channels=vae.block_out_channels,
-        layers_per_block=vae.layers_per_block,
-        latent_channels=vae.latent_channels,
-        norm_num_groups=math.gcd(32, *vae.block_out_channels),
-        use_quant_conv=vae.use_quant_conv,
-        use_post_quant_conv=vae.use_post_quant_conv,
-    )
+    autoencoder = AutoencoderKL(**vae.kwargs())
     if encode:
         image = torch.randn(1, vae.in_channels, height, width)
         return counted_flops(lambda: autoencoder.encode(image))

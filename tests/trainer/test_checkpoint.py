@@ -23,14 +23,13 @@ from deepgen_trainer import checkpoint as ckpt_mod
 from deepgen_trainer.checkpoint import (
     COMPLETE_MARKER,
     CheckpointError,
-    apply_rng,
-    capture_rng,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
 )
+from deepgen_trainer.rng_state import apply_rng, capture_rng
 from tests.trainer.tiny_dit import tiny_dit
 
 

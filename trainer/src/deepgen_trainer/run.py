@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from deepgen_common.client import EvalClient
-from deepgen_trainer.checkpoint import DIT_PREFIX, apply_rng, latest_checkpoint, load_checkpoint
+from deepgen_trainer.checkpoint import DIT_PREFIX, latest_checkpoint, load_checkpoint
 from deepgen_trainer.checkpoint_formats import CheckpointReadError, read_checkpoint
 from deepgen_trainer.clip_reward import ClipSimReward, build_tiny_clip
 from deepgen_trainer.config import ConfigError, TrainConfig
@@ -32,6 +32,7 @@ from deepgen_trainer.optim import Updater, build_updater
 from deepgen_trainer.original_run import OriginalCheckpoint, scan_output_dir
 from deepgen_trainer.reward_outage import wait_for_reward_services
 from deepgen_trainer.rewards import REWARD_NAMES, REWARD_URL_ENV, RewardFn, RewardScorer, build_reward
+from deepgen_trainer.rng_state import apply_rng
 from deepgen_trainer.sampler import PromptSampler
 from deepgen_trainer.sftaux_data import SftAuxLoader, load_sftaux_data
 from deepgen_trainer.tiny import build_tiny

@@ -43,7 +43,7 @@ def service():
         ocr_executor="thread",
         ocr_workers=1,
         max_request_bytes=1 << 20,
-        max_image_bytes=1 << 20,
+        max_image_bytes=1 << 19,
         header_read_timeout_s=2.0,
         body_read_timeout_s=2.0,
     )

@@ -32,6 +32,10 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch):
         ({"HTTP_PORT": "70000"}, "http_port"),
         ({"MAX_QUEUED_SAMPLES": "8", "MAX_BATCH_SIZE": "16"}, "MAX_QUEUED_SAMPLES .8. must be >= MAX_BATCH_SIZE"),
         ({"OCR_MIN_CONF": "1.5"}, "ocr_min_conf"),
+        (
+            {"MAX_REQUEST_BYTES": str(16 << 20), "MAX_IMAGE_BYTES": str(13 << 20)},
+            "MAX_IMAGE_BYTES .13631488. must be <= 3/4 of MAX_REQUEST_BYTES",
+        ),
     ],
 )
 def test_bad_values_name_the_setting(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str):

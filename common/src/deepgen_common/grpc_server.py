@@ -100,34 +100,31 @@ class _Call:
 def _unary(metrics: ServiceMetrics, guards: Guards, method: str, handler: RawUnary) -> grpc.RpcMethodHandler:
     """A unary method served as client-streaming (the same on the wire), so the request message is taken
     only when `_read_one` asks for it: after the guards (drain, token, early admission), one at a time,
-    and then held in the byte budget while it is parsed and scored. Until it is asked for, HTTP/2 flow
-    control (no BDP probing, see `create_grpc_server`) keeps its bytes on the client; once the call ends
-    the freed heap goes back to the OS. So concurrent calls cost about what one does, and one call about
-    twice its message: the handler holds the only reference to the bytes and drops them once parsed,
-    then the parsed request once its samples are built."""
+    and only once the byte budget has room for a message of the largest size (gRPC does not say a
+    message's size before it is read); the hold shrinks to the real size once it is read. Until it is
+    asked for, HTTP/2 flow control (no BDP probing, see `create_grpc_server`) keeps the message's bytes
+    on the client.
+
+    Reading a message costs about three times its size for a moment (the core's slices, grpcio's
+    bytearray and the bytes it returns); the freed heap goes back to the OS right after, and the handler
+    holds the only reference to the bytes, dropping them once parsed. So concurrent calls cost about what
+    one does: at most MAX_INFLIGHT_BYTES held plus two more largest messages while one is read."""
     observed = _Call(metrics, guards, method)
     settings = guards.settings
 
     async def call(_: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
-        size = 0
-
         async def work() -> bytes:
-            nonlocal size
             async with contextlib.AsyncExitStack() as held:
-                # The next message is read only once this one holds its bytes in the budget, so at most
-                # one message waits outside it.
                 async with guards.reading:
-                    message = [await _read_one(context, settings)]
-                    size = len(message[0])
                     wait_s = min(settings.max_queue_wait_s, remaining_s())
-                    await held.enter_async_context(guards.budget.hold(size, wait_s))
+                    hold = await held.enter_async_context(guards.budget.hold(settings.max_grpc_message_bytes, wait_s))
+                    message = [await _read_one(context, settings)]
+                    hold.shrink(len(message[0]))
+                release_after(hold.n)  # the read copies
                 # The handler gets the only reference, so the bytes go as soon as it has parsed them.
                 return await handler(message.pop())
 
-        try:
-            return await observed.run(context, work)
-        finally:
-            release_after(size)
+        return await observed.run(context, work)
 
     # No request deserializer: `handler` parses the raw bytes itself.
     return grpc.stream_unary_rpc_method_handler(call)
@@ -179,11 +176,10 @@ def create_grpc_server(
     servicer, which starts NOT_SERVING. TLS only when TLS_CERT_FILE is set (mutual with
     TLS_CLIENT_CA_FILE); health and reflection need no token."""
     settings = guards.settings
-    limit = settings.max_request_bytes
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", settings.max_grpc_message_bytes),
+            ("grpc.max_send_message_length", settings.max_request_bytes),
             ("grpc.so_reuseport", 0),
             # Without BDP probing a stream's window stays at 64 KiB until its handler reads the message,
             # so the core does not pull the bodies of calls still waiting for `_read_one`.

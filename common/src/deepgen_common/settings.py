@@ -31,7 +31,12 @@ class ServiceSettings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, description="Most samples in one request.")
     max_image_bytes: int = Field(16 * MiB, ge=1, description="Most encoded bytes of one image.")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Most pixels of one decoded image.")
-    max_request_bytes: int = Field(64 * MiB, ge=1024, description="Most bytes of one gRPC message or HTTP body.")
+    max_request_bytes: int = Field(
+        64 * MiB,
+        ge=1024,
+        description="Most bytes of one HTTP body; a gRPC message, which carries the same images without base64, "
+        "may have 3/4 of it.",
+    )
     max_inflight_bytes: int = Field(
         0,
         ge=0,
@@ -68,9 +73,11 @@ class ServiceSettings(BaseSettings):
                 f"MAX_QUEUED_SAMPLES ({self.max_queued_samples}) must be >= MAX_BATCH_SIZE ({self.max_batch_size}), "
                 "or a full-size request could never be admitted"
             )
-        if self.max_image_bytes > self.max_request_bytes:
+        if self.max_image_bytes > self.max_grpc_message_bytes:
             raise ValueError(
-                f"MAX_IMAGE_BYTES ({self.max_image_bytes}) must be <= MAX_REQUEST_BYTES ({self.max_request_bytes})"
+                f"MAX_IMAGE_BYTES ({self.max_image_bytes}) must be <= 3/4 of MAX_REQUEST_BYTES "
+                f"({self.max_request_bytes}), so that a largest image fits a request as base64 over HTTP and in a "
+                "gRPC message"
             )
         if 0 < self.max_inflight_bytes < self.max_request_bytes:
             raise ValueError(
@@ -93,6 +100,13 @@ class ServiceSettings(BaseSettings):
     def inflight_bytes(self) -> int:
         """MAX_INFLIGHT_BYTES with its default resolved."""
         return self.max_inflight_bytes or self.max_request_bytes
+
+    @property
+    def max_grpc_message_bytes(self) -> int:
+        """The largest gRPC request message: the images of the largest HTTP body, without base64's 4/3.
+        grpcio holds a message about three times while it reads it, so this also keeps a largest message
+        within about twice MAX_REQUEST_BYTES."""
+        return self.max_request_bytes * 3 // 4
 
     @property
     def tls(self) -> bool:

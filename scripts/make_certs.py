@@ -6,10 +6,14 @@ writes into DEST:
 - `ca.pem` (the CA certificate: give it to clients as TLS_CA_FILE and to servers as TLS_CLIENT_CA_FILE
   for mutual TLS) and `ca.key` (keep it off the service hosts; only this script needs it),
 - `server.pem` + `server.key` (TLS_CERT_FILE / TLS_KEY_FILE of every service; valid for every name and
-  IP in --hosts, plus localhost and 127.0.0.1),
-- `client.pem` + `client.key` (a client certificate for mutual TLS).
-Keys are written with mode 0600: for the compose stack, give server.key to the services' user
-(`sudo chown 10001 certs/server.key`). Existing files are replaced only with --force.
+  IP in --hosts, plus the services' names on the compose network, localhost and 127.0.0.1),
+- `client.pem` + `client.key` (a client certificate for mutual TLS: the trainer's),
+- `prometheus.pem` + `prometheus.key` (the client certificate of the compose stack's Prometheus,
+  monitoring/prometheus-tls.yml).
+Keys are written with mode 0600: for the compose stack, give each key to the user that reads it
+(`sudo chown 10001 certs/server.key certs/client.key`: the services and the trainer;
+`sudo chown 65534 certs/prometheus.key`: Prometheus runs as nobody). Existing files are replaced
+only with --force.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+# The services' names on the compose network (the trainer's grpcs://reward-ocr:50051, the `server_name`
+# Prometheus checks, monitoring/prometheus-tls.yml), then the loopback names.
+COMPOSE_HOSTS = ("reward-ocr", "reward-unified", "eval-unigenbench")
+DEFAULT_HOSTS = (*COMPOSE_HOSTS, "localhost", "127.0.0.1")
 log = logging.getLogger("make_certs")
 
 
@@ -42,6 +49,8 @@ class CertFiles:
     server_key: Path
     client_cert: Path
     client_key: Path
+    prometheus_cert: Path
+    prometheus_key: Path
 
 
 def _name(common_name: str) -> x509.Name:
@@ -100,10 +109,11 @@ def _issue(
 
 
 def make_certs(dest: Path, hosts: Sequence[str], days: int = 825, force: bool = False) -> CertFiles:
-    """Write a new CA, a server certificate for `hosts` (plus localhost and 127.0.0.1) and a client
-    certificate into `dest`; returns their paths."""
+    """Write a new CA, a server certificate for `hosts` (plus DEFAULT_HOSTS) and the client certificates
+    of the trainer and of Prometheus into `dest`; returns their paths."""
     dest.mkdir(parents=True, exist_ok=True)
-    files = CertFiles(*(dest / n for n in ("ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key")))
+    stems = ("ca", "server", "client", "prometheus")
+    files = CertFiles(*(dest / f"{stem}.{ext}" for stem in stems for ext in ("pem", "key")))
     existing = [str(p) for p in vars(files).values() if p.exists()]
     if existing and not force:
         raise FileExistsError(
@@ -131,7 +141,9 @@ def make_certs(dest: Path, hosts: Sequence[str], days: int = 825, force: bool = 
     # its own server under mutual TLS.
     server_usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     server_cert, server_key = _issue(names[0], ca_cert, ca_key, server_usage, days, names)
-    client_cert, client_key = _issue("deepgen-client", ca_cert, ca_key, [ExtendedKeyUsageOID.CLIENT_AUTH], days)
+    client_usage = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    client_cert, client_key = _issue("deepgen-client", ca_cert, ca_key, client_usage, days)
+    prometheus_cert, prometheus_key = _issue("deepgen-prometheus", ca_cert, ca_key, client_usage, days)
     pem = serialization.Encoding.PEM
     _write(files.ca_cert, ca_cert.public_bytes(pem), private=False)
     _write(files.ca_key, _key_pem(ca_key), private=True)
@@ -139,6 +151,8 @@ def make_certs(dest: Path, hosts: Sequence[str], days: int = 825, force: bool = 
     _write(files.server_key, _key_pem(server_key), private=True)
     _write(files.client_cert, client_cert.public_bytes(pem), private=False)
     _write(files.client_key, _key_pem(client_key), private=True)
+    _write(files.prometheus_cert, prometheus_cert.public_bytes(pem), private=False)
+    _write(files.prometheus_key, _key_pem(prometheus_key), private=True)
     return files
 
 
@@ -148,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--hosts",
         default="",
-        help="comma-separated DNS names and IPs the services are reached at (localhost and 127.0.0.1 are always added)",
+        help="comma-separated DNS names and IPs the services are reached at (the compose names, localhost and "
+        "127.0.0.1 are always added)",
     )
     parser.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
     parser.add_argument("--force", action="store_true", help="replace existing files")
@@ -160,11 +175,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except FileExistsError as exc:
         raise SystemExit(str(exc)) from None
     log.info(
-        "wrote %s, %s (SANs: %s), %s",
+        "wrote %s, %s (SANs: %s), %s, %s",
         files.ca_cert,
         files.server_cert,
-        ", ".join([*hosts, *DEFAULT_HOSTS]),
+        ", ".join(dict.fromkeys([*hosts, *DEFAULT_HOSTS])),
         files.client_cert,
+        files.prometheus_cert,
     )
     log.info(
         "servers: TLS_CERT_FILE=%s TLS_KEY_FILE=%s [TLS_CLIENT_CA_FILE=%s]",
@@ -173,6 +189,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         files.ca_cert,
     )
     log.info("clients: TLS_CA_FILE=%s; keep %s off the service hosts", files.ca_cert, files.ca_key)
+    log.info(
+        "compose: sudo chown 10001 %s %s; sudo chown 65534 %s (Prometheus; PROMETHEUS_CONFIG=prometheus-tls.yml)",
+        files.server_key,
+        files.client_key,
+        files.prometheus_key,
+    )
 
 
 if __name__ == "__main__":

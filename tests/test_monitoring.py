@@ -1,8 +1,11 @@
 """The monitoring configuration: monitoring/prometheus.yml scrapes every service of docker-compose.yml
-(and the trainer) through DNS service discovery, and the Grafana dashboard and provisioning parse and
-query metric names the services and the trainer really export (their real Prometheus registries).
+(and the trainer) through DNS service discovery, monitoring/prometheus-tls.yml scrapes the same jobs with
+the services that serve TLS over HTTPS (the CA and client certificate that compose mounts and
+`make certs` writes), and the Grafana dashboard and provisioning parse and query metric names the
+services and the trainer really export (their real Prometheus registries).
 
-No Docker here: docker-compose resolving the `monitoring` profile is in tests/docker/test_trainer_compose.py.
+No Docker here: docker-compose resolving the `monitoring` profile is in tests/docker/test_trainer_compose.py,
+Prometheus scraping reward-ocr under mutual TLS in tests/docker/test_prometheus_tls.py.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from deepgen_common.metrics import ServiceMetrics
 from deepgen_trainer.tracking import Tracker
@@ -20,9 +25,11 @@ from eval_unigenbench.runs import UniGenBenchEval
 from eval_unigenbench.settings import EvalSettings
 from reward_unified.backend import UnifiedBackend
 from reward_unified.settings import UnifiedSettings
+from tests.common.test_auth_tls import load_make_certs
 from tests.helpers import REPO
 
 MONITORING = REPO / "monitoring"
+PLAIN_CONFIG, TLS_CONFIG = "prometheus.yml", "prometheus-tls.yml"  # the values of PROMETHEUS_CONFIG
 # Step metrics of the trainer (DESIGN §4), the `name` label of deepgen_trainer_metric; `<r>` stands for a
 # reward name (or an evaluated set).
 TRAINER_METRIC_NAMES = [
@@ -46,8 +53,12 @@ def compose() -> dict[str, Any]:
     return yaml.safe_load((REPO / "docker-compose.yml").read_text())
 
 
-def prometheus_jobs() -> dict[str, dict[str, Any]]:
-    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+def prometheus_config(name: str = PLAIN_CONFIG) -> dict[str, Any]:
+    return yaml.safe_load((MONITORING / name).read_text())
+
+
+def prometheus_jobs(name: str = PLAIN_CONFIG) -> dict[str, dict[str, Any]]:
+    config = prometheus_config(name)
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert len(jobs) == len(config["scrape_configs"]), "duplicate job names"
     return jobs
@@ -69,8 +80,9 @@ def metrics_port(name: str, service: dict[str, Any]) -> int:
     return int(service["environment"]["HTTP_PORT"])  # the reward/eval services: /metrics on HTTP
 
 
-def test_every_compose_service_has_a_dns_discovered_job():
-    jobs = prometheus_jobs()
+@pytest.mark.parametrize("config_name", [PLAIN_CONFIG, TLS_CONFIG])
+def test_every_compose_service_has_a_dns_discovered_job(config_name: str):
+    jobs = prometheus_jobs(config_name)
     services = compose()["services"]
     scraped = set(services) - NOT_SCRAPED - {"reward-ocr-replica"}
     assert set(jobs) == scraped, set(jobs) ^ scraped
@@ -81,6 +93,72 @@ def test_every_compose_service_has_a_dns_discovered_job():
         assert sd["port"] == metrics_port(name, services[name]), name
     assert jobs["trainer"]["dns_sd_configs"][0]["port"] == 9400
     assert jobs["reward-ocr"]["dns_sd_configs"][0]["port"] == 18082
+
+
+def volume_mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> source of each of `service`'s volumes (a source may be a `${VAR:-default}`)."""
+    mounts = {}
+    for volume in service["volumes"]:
+        match = re.fullmatch(r"(.+):(/[^:]*)(?::ro|:rw)?", volume)
+        assert match, f"unparsed volume {volume!r}"
+        mounts[match.group(2)] = match.group(1)
+    return mounts
+
+
+def tls_services() -> set[str]:
+    """Compose services that serve TLS when TLS_CERT_FILE is set in .env."""
+    return {name for name, s in compose()["services"].items() if "TLS_CERT_FILE" in s.get("environment", {})}
+
+
+def test_tls_config_is_the_plain_config_over_https(tmp_path):
+    """prometheus-tls.yml = prometheus.yml, except that every job of a service with TLS has scheme https
+    and a tls_config: the CA and Prometheus' client certificate at the paths where compose mounts
+    CERTS_DIR and under the names `make certs` writes, and the compose name the server certificate holds."""
+    plain, tls = prometheus_config(PLAIN_CONFIG), prometheus_config(TLS_CONFIG)
+    assert {k: v for k, v in tls.items() if k != "scrape_configs"} == {
+        k: v for k, v in plain.items() if k != "scrape_configs"
+    }
+    plain_jobs, tls_jobs = prometheus_jobs(PLAIN_CONFIG), prometheus_jobs(TLS_CONFIG)
+    assert list(tls_jobs) == list(plain_jobs)
+    secured = tls_services() & set(plain_jobs)
+    assert secured == {"reward-ocr", "reward-unified", "eval-unigenbench"}
+
+    services = compose()["services"]
+    # The same CERTS_DIR as the services', at the folder the tls_config paths name.
+    assert volume_mounts(services["prometheus"])["/certs"] == volume_mounts(services["reward-ocr"])["/certs"]
+    certs = load_make_certs().make_certs(tmp_path, [])
+    for name, job in tls_jobs.items():
+        expected = plain_jobs[name]
+        if name in secured:
+            tls_config = {
+                "ca_file": f"/certs/{certs.ca_cert.name}",
+                "cert_file": f"/certs/{certs.prometheus_cert.name}",
+                "key_file": f"/certs/{certs.prometheus_key.name}",
+                "server_name": name,
+            }
+            expected = {**expected, "scheme": "https", "tls_config": tls_config}
+        assert job == expected, name
+
+    ca = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(certs.server_cert.read_bytes())
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert secured <= set(san.get_values_for_type(x509.DNSName))  # each job's server_name
+    client = x509.load_pem_x509_certificate(certs.prometheus_cert.read_bytes())
+    client.verify_directly_issued_by(ca)
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+
+
+def test_compose_mounts_the_config_that_prometheus_config_names():
+    prometheus = compose()["services"]["prometheus"]
+    (flag,) = [c for c in prometheus["command"] if c.startswith("--config.file=")]
+    folder, _, choice = flag.removeprefix("--config.file=").rpartition("/")
+    assert volume_mounts(prometheus)[folder] == "./monitoring"
+    assert choice == "${PROMETHEUS_CONFIG:-prometheus.yml}"
+    assert default_of(choice) == PLAIN_CONFIG
+    env_example = (REPO / ".env.example").read_text()
+    assert re.search(rf"^PROMETHEUS_CONFIG={re.escape(PLAIN_CONFIG)}$", env_example, flags=re.MULTILINE)
+    for name in (PLAIN_CONFIG, TLS_CONFIG):
+        assert (MONITORING / name).is_file(), name
 
 
 def test_ocr_replicas_are_covered_by_the_reward_ocr_job():

@@ -56,9 +56,11 @@ def test_certificates_name_every_host(certs):
 
     cert = x509.load_pem_x509_certificate(certs.server_cert.read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert set(san.get_values_for_type(x509.DNSName)) == {"reward-host.test", "localhost"}
+    compose_names = {"reward-ocr", "reward-unified", "eval-unigenbench"}
+    assert set(san.get_values_for_type(x509.DNSName)) == {"reward-host.test", *compose_names, "localhost"}
     assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"10.9.8.7", "127.0.0.1"}
-    assert certs.ca_key.stat().st_mode & 0o077 == 0  # private keys are not world-readable
+    for key in (certs.ca_key, certs.server_key, certs.client_key, certs.prometheus_key):
+        assert key.stat().st_mode & 0o077 == 0, key  # private keys are not world-readable
     with pytest.raises(FileExistsError, match="--force"):
         load_make_certs().make_certs(certs.ca_cert.parent, ["x"])
 

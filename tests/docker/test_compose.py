@@ -111,7 +111,8 @@ def started_stack(**settings: str) -> Iterator[Stack]:
             log.info("healthy after %.1f s", s.wait_healthy(s.container))
             yield s
         finally:
-            s.compose("--profile", "scale", "down", "-v", "--remove-orphans", timeout=180, check=False)
+            profiles = ("--profile", "scale", "--profile", "monitoring")
+            s.compose(*profiles, "down", "-v", "--remove-orphans", timeout=180, check=False)
 
 
 @pytest.fixture(scope="module")

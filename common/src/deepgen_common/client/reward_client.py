@@ -202,7 +202,8 @@ def _chunk(
     indices: list[int], samples: Sequence[Sample], mode: Mode, max_batch: int, max_bytes: int
 ) -> list[list[int]]:
     """Split sample indices into requests of at most `max_batch` samples and about `max_bytes`
-    bytes (base64-encoded, so the same split works for HTTP). In group mode a group is never split;
+    bytes base64-encoded: the same split fits an HTTP body and, without base64, a gRPC message (whose
+    limit is 3/4 of `max_bytes`). In group mode a group is never split;
     its samples are gathered into one request even when not adjacent."""
     if mode is Mode.GROUP:
         by_group: dict[str, list[int]] = {}

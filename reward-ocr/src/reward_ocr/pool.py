@@ -271,7 +271,6 @@ class WorkerPool:
     def _start_failed(self, index: int, attempt: int, delay_s: float, exc: Exception) -> None:
         """Count worker `index` out of the live ones and, when none is left, end the queued samples."""
         self.start_error = f"{type(exc).__name__}: {exc}"
-        newly_out = index not in self._failing
         self._failing.add(index)
         fields = {
             "worker": index,
@@ -283,7 +282,7 @@ class WorkerPool:
         }
         # The traceback once per outage; later attempts name the error only.
         log.error("OCR worker failed to start", exc_info=exc if attempt == 1 else None, extra={"fields": fields})
-        if self.live == 0 and newly_out:
+        if self.live == 0 and attempt == 1:  # this worker was the last live one
             failed = 0
             while not self._queue.empty():
                 item = self._queue.get_nowait()

@@ -17,6 +17,7 @@ import pytest
 
 from deepgen_common.reward_api import reward_component
 from reward_ocr.backend import OcrBackend
+from reward_ocr.settings import OcrSettings
 from tests.conftest import ocr_settings
 from tests.helpers import ServiceThread, render_text
 
@@ -26,6 +27,12 @@ MiB = 1 << 20
 LIMIT = 16 * MiB  # MAX_REQUEST_BYTES and the in-flight budget: one such body fills it
 CHUNK = 64 * 1024
 OCR = reward_component(OcrBackend)
+
+
+def settings(**overrides: object) -> OcrSettings:
+    return ocr_settings(
+        ocr_executor="thread", ocr_workers=1, max_request_bytes=LIMIT, max_image_bytes=1 * MiB, **overrides
+    )
 
 
 def padded_body() -> bytes:
@@ -80,7 +87,7 @@ def wait_until(condition: Callable[[], bool], message: str) -> None:
 
 
 def test_concurrent_chunked_bodies_wait_unread_until_the_one_read_holds_its_budget():
-    service = ServiceThread(ocr_settings(ocr_executor="thread", ocr_workers=1, max_request_bytes=LIMIT), OCR).start()
+    service = ServiceThread(settings(), OCR).start()
     body = padded_body()
     try:
         holder, release, held = hold_the_budget(service, body)
@@ -99,8 +106,7 @@ def test_concurrent_chunked_bodies_wait_unread_until_the_one_read_holds_its_budg
 
 
 def test_chunked_bodies_waiting_for_their_turn_are_refused_after_max_queue_wait():
-    settings = ocr_settings(ocr_executor="thread", ocr_workers=1, max_request_bytes=LIMIT, max_queue_wait_s=1.0)
-    service = ServiceThread(settings, OCR).start()
+    service = ServiceThread(settings(max_queue_wait_s=1.0), OCR).start()
     body = padded_body()
     try:
         holder, release, held = hold_the_budget(service, body)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import importlib.util
 import json
 import os
 import signal
@@ -10,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import grpc
 import httpx
@@ -21,6 +24,7 @@ from deepgen_common.client import RewardClient, wait_ready
 from deepgen_common.reward_api import reward_component
 from deepgen_common.types import Sample
 from reward_ocr.backend import OcrBackend
+from tests.common.test_overload import metric
 from tests.conftest import ocr_settings
 from tests.helpers import REPO, ServiceThread, render_text
 
@@ -78,6 +82,69 @@ def test_full_queue_answers_resource_exhausted_and_429():
             assert response.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
             assert len(reward_pb2.ScoreResponse.FromString(first.result()).results) == 4
             score(one.SerializeToString(), timeout=60)  # drained: admitted again
+    finally:
+        service.stop()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("paddleocr") is not None, reason="paddleocr would load")
+def test_readiness_admission_info_and_metrics_count_only_live_workers():
+    # Worker processes killed as the OOM killer would, whose replacements cannot load their engine:
+    # the pool is switched to an engine whose package is missing here (as in tests/reward_ocr/test_pool.py).
+    service = ServiceThread(ocr_settings(ocr_workers=2), reward_component(OcrBackend)).start()
+    pool = service.running.service.backend.pool
+    working = pool.config
+    sample = {"image": {"data": base64.b64encode(IMAGE).decode()}, "prompt": '"QUEUE"'}
+
+    def score(n: int) -> httpx.Response:
+        return httpx.post(f"{service.http_url}/v1/score", json={"samples": [sample] * n}, timeout=60)
+
+    def wait_until(condition) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.05)
+
+    def described() -> str:
+        with RewardClient(service.grpc_url) as c:
+            return c.info().backend
+
+    try:
+        assert described() == "rapidocr (2 process workers x 1 threads)"
+        assert metric(service, "deepgen_workers_live") == 2
+        pool.config = replace(working, engine="paddleocr")
+        pool.restart_delay_s, pool.max_restart_delay_s = 0.1, 0.5
+
+        os.kill(pool._running[0].process.pid, signal.SIGKILL)
+        outcomes = sorted(r["outcome"] for r in score(2).json()["results"])  # one sample on each worker
+        assert outcomes == ["ERROR", "OK"]
+        wait_until(lambda: pool.live == 1)
+        assert score(1).json()["results"][0]["outcome"] == "OK"  # the live worker serves
+        assert httpx.get(f"{service.http_url}/readyz").status_code == 200
+        assert service.running.service.admission.workers == 1
+        assert metric(service, "deepgen_workers_live") == 1
+        assert described() == "rapidocr (1 of 2 live process workers x 1 threads)"
+
+        [worker] = pool._running.values()
+        os.kill(worker.process.pid, signal.SIGKILL)
+        assert score(1).json()["results"][0]["outcome"] == "ERROR"
+        wait_until(lambda: pool.live == 0)
+        time.sleep(1.0)  # readiness is published on the next poll
+        assert health(service.grpc_port) == health_pb2.HealthCheckResponse.NOT_SERVING
+        readyz = httpx.get(f"{service.http_url}/readyz")
+        assert readyz.status_code == 503
+        assert "no worker is live: all 2 fail to start (WorkerDied" in readyz.json()["waiting_for"]["ocr_workers"]
+        refused = score(1)
+        assert refused.status_code == 503  # clients retry UNAVAILABLE on another replica
+        assert "No module named 'paddleocr'" in refused.json()["error"]["message"]
+        assert metric(service, "deepgen_workers_live") == 0
+        assert described() == "rapidocr (0 of 2 live process workers x 1 threads)"
+
+        pool.config = working  # the engine loads again: the workers come back, and readiness with them
+        wait_until(lambda: pool.live == 2)
+        time.sleep(1.0)
+        assert health(service.grpc_port) == health_pb2.HealthCheckResponse.SERVING
+        assert [r["outcome"] for r in score(2).json()["results"]] == ["OK", "OK"]
+        assert metric(service, "deepgen_workers_live") == 2
     finally:
         service.stop()
 

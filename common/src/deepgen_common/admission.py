@@ -1,9 +1,10 @@
 """Admission by time: a request is refused at once when it cannot be answered before its deadline.
 
 The service knows how many samples are admitted and not answered (`pending`), how many its backend
-works on at once (`workers`) and the recent per-sample service time (`ServiceMetrics.sample_seconds`,
-which the backend reports). A new request of n samples would start after about
-`(pending - workers + 1) * t / workers` seconds and finish after `ceil((pending + n) / workers) * t`.
+works on at once now (`workers`, asked at every check: an OCR worker that cannot start drops out) and
+the recent per-sample service time (`ServiceMetrics.sample_seconds`, which the backend reports). A new
+request of n samples would start after about `(pending - workers + 1) * t / workers` seconds and
+finish after `ceil((pending + n) / workers) * t`.
 It is refused (RESOURCE_EXHAUSTED / 429 with a retry-after) when it would finish after its deadline
 (keeping `HEADROOM`), start later than MAX_QUEUE_WAIT_S, or push `pending` over MAX_QUEUED_SAMPLES.
 The transports run the same check for one sample before they read a body, so refusals under
@@ -20,7 +21,7 @@ import asyncio
 import contextlib
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from deepgen_common.errors import Overloaded
 from deepgen_common.metrics import ServiceMetrics
@@ -37,12 +38,20 @@ class Admission:
     All transports run on one event loop, so plain counters are race-free.
     """
 
-    def __init__(self, workers: int, max_queued: int, max_queue_wait_s: float, metrics: ServiceMetrics) -> None:
-        self.workers = workers
+    def __init__(
+        self, workers: Callable[[], int], max_queued: int, max_queue_wait_s: float, metrics: ServiceMetrics
+    ) -> None:
+        self._workers = workers
         self.max_queued = max_queued
         self.max_queue_wait_s = max_queue_wait_s
         self.pending = 0
         self._metrics = metrics
+
+    @property
+    def workers(self) -> int:
+        """Samples the backend works on at once now; at least 1 (a backend with none is not ready and
+        its requests are refused before admission)."""
+        return max(1, self._workers())
 
     def predict(self, n: int) -> tuple[float, float]:
         """(seconds until the first of n new samples starts, seconds until the last one is done), from
@@ -50,8 +59,9 @@ class Admission:
         t = self._metrics.sample_seconds
         if t is None:
             return 0.0, 0.0
-        start = max(0, self.pending - self.workers + 1) * t / self.workers
-        done = math.ceil((self.pending + n) / self.workers) * t
+        workers = self.workers
+        start = max(0, self.pending - workers + 1) * t / workers
+        done = math.ceil((self.pending + n) / workers) * t
         return start, done
 
     def check(self, n: int, remaining_s: float) -> None:

@@ -22,9 +22,8 @@ class Guards:
     drain: Drain
     token: TokenCheck
     budget: ByteBudget
-    # Bodies of unknown size (chunked HTTP, gRPC messages) are taken one at a time; a gRPC message keeps
-    # the lock until its bytes are in the budget, so at most one message is in memory beyond what the
-    # budget counts.
+    # Bodies of unknown size (chunked HTTP, gRPC messages) are taken one at a time, each keeping the lock
+    # until its bytes are in the budget, so at most one body is in memory beyond what the budget counts.
     reading: asyncio.Lock = field(default_factory=asyncio.Lock)
     precheck: Callable[[float], None] | None = None  # Component.precheck
 

@@ -1,8 +1,9 @@
 """The ASGI layer in front of a service's HTTP API: every API request is refused, read and answered here.
 
 In order: draining (503), bearer token (401), deadline from `x-request-timeout-ms` (400 if malformed),
-declared size (413), room in the in-flight byte budget before the body is read (429 with Retry-After),
-the body read with a size cap (413, chunked bodies too) and a time limit (408, connection closed). The
+declared size (413), room in the in-flight byte budget before the body is read (429 with Retry-After;
+a body of unknown size is read first, one at a time, keeping its turn until it holds its budget), the
+body read with a size cap (413, chunked bodies too) and a time limit (408, connection closed). The
 handler then runs as its own task, cancelled when the client disconnects (counted as 499), when the
 deadline passes (504) or when the drain gives up on it (503). Each request is counted once in
 `deepgen_requests_total` with the status it really ended with, labelled by its route template.
@@ -16,7 +17,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -121,11 +122,15 @@ class HttpGate:
                 async with self.guards.budget.hold(int(declared), wait_s):
                     box = await self._read(receive, response)
                     return box if isinstance(box, int) else await self._run(scope, box, receive, response)
-            async with self.guards.reading:  # unknown size (chunked): one such body read at a time
-                box = await self._read(receive, response)
-            if isinstance(box, int):
-                return box
-            async with self.guards.budget.hold(len(box[0]), wait_s):
+            # Unknown size (chunked): one such body is read at a time, and the next only once this one
+            # holds its bytes in the budget, so at most one body waits in memory outside it.
+            async with contextlib.AsyncExitStack() as held:
+                async with self._reading(wait_s):
+                    box = await self._read(receive, response)
+                    if isinstance(box, int):
+                        return box
+                    wait_s = min(settings.max_queue_wait_s, remaining_s())
+                    await held.enter_async_context(self.guards.budget.hold(len(box[0]), wait_s))
                 return await self._run(scope, box, receive, response)
         except ServiceError as exc:
             extra = [(b"retry-after", str(exc.retry_after_s).encode())] if isinstance(exc, Overloaded) else []
@@ -135,6 +140,24 @@ class HttpGate:
                 extra.append((b"www-authenticate", b"Bearer"))
             log.info("request rejected", extra={"fields": {"code": exc.grpc_code, "reason": str(exc)}})
             return await _reply(response, exc.http_status, exc.grpc_code, str(exc), extra)
+
+    @contextlib.asynccontextmanager
+    async def _reading(self, wait_s: float) -> AsyncIterator[None]:
+        """Hold the lock for reading a body of unknown size; wait up to `wait_s` for it, then raise
+        Overloaded (the body before it is waiting for room in the budget)."""
+        try:
+            async with asyncio.timeout(max(wait_s, 0.0)):
+                await self.guards.reading.acquire()
+        except TimeoutError:
+            raise Overloaded(
+                "another request body is being read or waits for room in the in-flight budget "
+                "(MAX_INFLIGHT_BYTES); retry later",
+                retry_after_s=1,
+            ) from None
+        try:
+            yield
+        finally:
+            self.guards.reading.release()
 
     async def _read(self, receive: Receive, response: _Response) -> list[bytes] | int:
         """The body in a one-item list (so only the app keeps it alive once it takes it), or the status

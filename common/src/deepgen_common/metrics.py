@@ -50,6 +50,12 @@ class ServiceMetrics:
             registry=r,
         )
         self.sample_seconds: float | None = None  # None until the backend reported a sample
+        self.workers = Gauge(
+            "deepgen_workers_live",
+            "Samples the backend works on at once now (live OCR workers, judge calls in flight); "
+            "admission divides the queue by it.",
+            registry=r,
+        )
         self.items = Counter("deepgen_items", "Samples answered, by outcome.", ["outcome"], registry=r)
         self.queue_depth = Gauge("deepgen_queue_depth", "Samples admitted and not yet answered.", registry=r)
         self.in_flight = Gauge("deepgen_in_flight_requests", "Requests being processed.", registry=r)

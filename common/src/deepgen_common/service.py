@@ -26,8 +26,9 @@ REWARD_API = "deepgen.reward.v1"
 class Backend(Lifecycle, Protocol):
     """What a reward service implements; everything else comes from the kit.
 
-    For admission by time a backend states `workers` (samples it works on at once: pool size, judge
-    calls in flight) and reports each sample's worker time with `metrics.observe_sample_seconds`.
+    For admission by time a backend states `workers` (samples it works on at once now: live pool
+    workers, judge calls in flight; read at every admission check) and reports each sample's worker
+    time with `metrics.observe_sample_seconds`.
     `score` runs in the request's task: when the client leaves (cancelled, deadline passed, connection
     closed) that task is cancelled, so work the backend awaits (executor futures, HTTP calls) and has
     not started is dropped; `deepgen_common.deadline.remaining_s()` gives the time left.
@@ -55,7 +56,10 @@ class RewardService:
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
-        self.admission = Admission(backend.workers, settings.max_queued_samples, settings.max_queue_wait_s, metrics)
+        self.admission = Admission(
+            lambda: backend.workers, settings.max_queued_samples, settings.max_queue_wait_s, metrics
+        )
+        metrics.workers.set_function(lambda: backend.workers)
         self.name, self.version, self.description = backend.name, backend.version, backend.description
         metrics.info.info({"name": backend.name, "version": backend.version, "backend": backend.description})
 
@@ -91,10 +95,16 @@ class RewardService:
             if missing:
                 raise InvalidInput(f"mode 'group' needs a group_id on every sample; missing on samples {missing[:10]}")
 
+    def _check_ready(self) -> None:
+        if not self.backend.ready():
+            waiting = "; ".join(f"{k}: {v}" for k, v in self.backend.waiting_for().items())
+            raise NotReady(
+                f"{self.backend.name} is not ready ({waiting or 'loading'}); retry later or on another replica"
+            )
+
     async def score(self, samples: Sequence[Sample], mode: Mode) -> list[Result]:
         self.validate(samples, mode)
-        if not self.backend.ready():
-            raise NotReady(f"{self.backend.name} is not ready (model loading or upstream down); retry later")
+        self._check_ready()
         with self.admission.admit(len(samples), remaining_s()):
             results = await self.backend.score(samples, mode)
         if len(results) != len(samples):  # a backend bug; never answer with misaligned scores

@@ -31,10 +31,6 @@ class OcrBackend:
     def __init__(self, settings: OcrSettings, metrics: ServiceMetrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.description = (
-            f"{settings.ocr_backend} ({settings.ocr_workers} {settings.ocr_executor} workers "
-            f"x {settings.ocr_threads} threads)"
-        )
         config = WorkerConfig(
             settings.ocr_backend,
             settings.ocr_threads,
@@ -44,8 +40,19 @@ class OcrBackend:
             settings.max_image_pixels,
         )
         self.pool = WorkerPool(config, settings.ocr_executor, settings.ocr_workers, settings.ocr_sample_timeout_s)
-        self.workers = settings.ocr_workers
         self._ready = False
+
+    @property
+    def description(self) -> str:
+        """The engine and the pool, with how many workers are live when some fail to start."""
+        s, live = self.settings, self.pool.live
+        workers = f"{s.ocr_workers}" if live == s.ocr_workers else f"{live} of {s.ocr_workers} live"
+        return f"{s.ocr_backend} ({workers} {s.ocr_executor} workers x {s.ocr_threads} threads)"
+
+    @property
+    def workers(self) -> int:
+        """Samples scored at once: the live workers (admission divides the queue by them)."""
+        return self.pool.live
 
     async def load(self) -> None:
         await self.pool.start()
@@ -56,12 +63,18 @@ class OcrBackend:
         self._ready = True
 
     def ready(self) -> bool:
-        return self._ready
+        """Loaded, and at least one worker live."""
+        return self._ready and self.pool.live > 0
 
     def waiting_for(self) -> dict[str, str]:
-        if self._ready:
-            return {}
-        return {"ocr_workers": f"starting {self.settings.ocr_workers} {self.settings.ocr_backend} workers"}
+        if not self._ready:
+            return {"ocr_workers": f"starting {self.settings.ocr_workers} {self.settings.ocr_backend} workers"}
+        if self.pool.live == 0:
+            return {
+                "ocr_workers": f"no worker is live: all {self.settings.ocr_workers} fail to start "
+                f"({self.pool.start_error}); retrying with back-off"
+            }
+        return {}
 
     async def score(self, samples: Sequence[Sample], mode: Mode) -> list[Result]:
         return list(await asyncio.gather(*(self._score_one(s) for s in samples)))

@@ -6,6 +6,14 @@ spread over all workers, and samples of concurrent requests interleave. A sample
 is killed; a worker thread cannot be, so it is abandoned to finish on its own and a fresh thread with
 a fresh engine takes its place). A worker process that dies fails only the sample it was scoring.
 A sample whose caller has gone (its request cancelled) is dropped from the queue before it starts.
+
+A worker whose replacement cannot start (its engine fails to load) is retried with exponential
+back-off (1 s doubling up to 60 s; the next failure after a successful start begins at 1 s again) and
+stops counting as live until a start succeeds. A worker being replaced after a crash or a timeout
+still counts: its replacement normally loads within seconds. While no worker is live the samples
+still queued, and any queued afterwards, end at once as ERROR results that say so, instead of waiting
+for a worker that may never come; the backend reports not ready meanwhile, so new requests are
+refused with UNAVAILABLE and clients go to another replica.
 """
 
 from __future__ import annotations
@@ -22,12 +30,13 @@ from multiprocessing.connection import Connection
 from typing import Literal, Protocol
 
 from deepgen_common.types import Result
-from reward_ocr.worker import READY, OcrWorker, Scored, Task, WorkerConfig, serve
+from reward_ocr.worker import READY, LoadFailed, OcrWorker, Scored, Task, WorkerConfig, serve
 
 log = logging.getLogger(__name__)
 
 Executor = Literal["process", "thread"]
-_RESTART_DELAY_S = 1.0  # between attempts to start a worker whose engine failed to load
+RESTART_DELAY_S = 1.0  # wait after the first failed start of a worker; doubles after each further failure
+MAX_RESTART_DELAY_S = 60.0  # the longest wait between two attempts to start a worker
 
 
 class WorkerDied(Exception):
@@ -62,8 +71,11 @@ class _ProcessWorker:
         self.process.start()
         theirs.close()  # so that our end sees EOF when the process dies
         self.conn = ours
-        # Loading the models takes seconds; a worker that cannot load them at all dies (EOF).
-        if await self._receive(timeout_s=None) != READY:
+        # Loading the models takes seconds; a worker that cannot load them says why and exits.
+        reply = await self._receive(timeout_s=None)
+        if isinstance(reply, LoadFailed):
+            raise WorkerDied(f"{self.name} could not load its engine: {reply.error}")
+        if reply != READY:
             raise WorkerDied(f"{self.name} did not report ready")
 
     async def run(self, task: Task, timeout_s: float) -> Scored:
@@ -149,16 +161,33 @@ class PoolResult:
 class WorkerPool:
     """`workers` OCR workers (processes or threads) serving one queue of samples."""
 
-    def __init__(self, config: WorkerConfig, executor: Executor, workers: int, sample_timeout_s: float) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        executor: Executor,
+        workers: int,
+        sample_timeout_s: float,
+        restart_delay_s: float = RESTART_DELAY_S,
+        max_restart_delay_s: float = MAX_RESTART_DELAY_S,
+    ) -> None:
         self.config = config
         self.executor = executor
         self.workers = workers
         self.sample_timeout_s = sample_timeout_s
+        self.restart_delay_s = restart_delay_s
+        self.max_restart_delay_s = max_restart_delay_s
         self.started = 0  # samples handed to a worker, since start
         self.replaced = 0  # workers replaced after a timeout or a crash, since start
+        self.start_error: str | None = None  # why the last failed start failed
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue()
         self._loops: list[asyncio.Task[None]] = []
-        self._live: dict[int, _Worker] = {}
+        self._running: dict[int, _Worker] = {}  # the workers started and not stopped, by index
+        self._failing: set[int] = set()  # indices whose last start failed (waiting to try again)
+
+    @property
+    def live(self) -> int:
+        """Workers that serve the queue or will shortly: all but those whose last start failed."""
+        return self.workers - len(self._failing)
 
     def _new_worker(self, index: int) -> _Worker:
         kind = _ProcessWorker if self.executor == "process" else _ThreadWorker
@@ -168,12 +197,15 @@ class WorkerPool:
         """Start every worker and wait until all have loaded their engines."""
         workers = [self._new_worker(i) for i in range(self.workers)]
         await asyncio.gather(*(w.start() for w in workers))
-        self._live = dict(enumerate(workers))
+        self._running = dict(enumerate(workers))
         self._loops = [asyncio.create_task(self._serve(i), name=f"ocr-{i}") for i in range(self.workers)]
 
     async def score(self, task: Task) -> PoolResult:
-        """Queue one sample and wait for its result. Cancelling the wait drops a sample that has not
-        started; one that has started finishes and its result is discarded."""
+        """Queue one sample and wait for its result (an ERROR at once while no worker is live).
+        Cancelling the wait drops a sample that has not started; one that has started finishes and its
+        result is discarded."""
+        if self.live == 0:
+            return PoolResult(Scored(Result.failed(self._no_worker_reason()), {}), 0.0)
         queued = _Queued(task, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(queued)
         return await queued.future
@@ -181,7 +213,7 @@ class WorkerPool:
     async def _serve(self, index: int) -> None:
         """Worker `index`'s loop: take the next live sample, score it, replace the worker if it
         got stuck or died."""
-        worker = self._live[index]
+        worker = self._running[index]
         while True:
             item = await self._queue.get()
             if item.future.done():  # its request was cancelled while it waited
@@ -204,6 +236,7 @@ class WorkerPool:
                 log.error("replacing OCR worker", extra={"fields": {"worker": index, "reason": reason}})
                 if not item.future.done():
                     item.future.set_result(PoolResult(Scored(Result.failed(reason), {}), started - item.queued_at))
+                del self._running[index]
                 await worker.stop(kill=True)
                 worker = await self._restart(index)
                 continue
@@ -211,18 +244,61 @@ class WorkerPool:
                 item.future.set_result(PoolResult(scored, started - item.queued_at))
 
     async def _restart(self, index: int) -> _Worker:
+        """A fresh worker for slot `index`: tried at once, then after waits that double from
+        `restart_delay_s` up to `max_restart_delay_s` while its start fails."""
+        delay_s = self.restart_delay_s
+        attempt = 1
         while True:
             worker = self._new_worker(index)
             try:
                 await worker.start()
-            except Exception:  # an engine that cannot load now may load later (e.g. memory pressure)
-                log.exception("OCR worker failed to start; retrying", extra={"fields": {"worker": index}})
+            except BaseException as exc:  # an engine that cannot load now may load later (e.g. memory pressure)
                 await worker.stop(kill=True)
-                await asyncio.sleep(_RESTART_DELAY_S)
+                if not isinstance(exc, Exception):  # cancelled (the pool is closing)
+                    raise
+                self._start_failed(index, attempt, delay_s, exc)
+                await asyncio.sleep(delay_s)
+                delay_s = min(2 * delay_s, self.max_restart_delay_s)
+                attempt += 1
                 continue
-            self._live[index] = worker
+            self._running[index] = worker
+            self._failing.discard(index)
             self.replaced += 1
+            fields = {"worker": index, "attempts": attempt, "live": self.live, "workers": self.workers}
+            log.log(logging.INFO if attempt == 1 else logging.WARNING, "OCR worker started", extra={"fields": fields})
             return worker
+
+    def _start_failed(self, index: int, attempt: int, delay_s: float, exc: Exception) -> None:
+        """Count worker `index` out of the live ones and, when none is left, end the queued samples."""
+        self.start_error = f"{type(exc).__name__}: {exc}"
+        self._failing.add(index)
+        fields = {
+            "worker": index,
+            "attempt": attempt,
+            "retry_in_s": delay_s,
+            "error": self.start_error,
+            "live": self.live,
+            "workers": self.workers,
+        }
+        # The traceback once per outage; later attempts name the error only.
+        log.error("OCR worker failed to start", exc_info=exc if attempt == 1 else None, extra={"fields": fields})
+        if self.live == 0 and attempt == 1:  # this worker was the last live one
+            failed = 0
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if not item.future.done():
+                    item.future.set_result(PoolResult(Scored(Result.failed(self._no_worker_reason()), {}), 0.0))
+                    failed += 1
+            log.error(
+                "no OCR worker is live: not ready until one starts",
+                extra={"fields": {"queued_samples_failed": failed, "error": self.start_error}},
+            )
+
+    def _no_worker_reason(self) -> str:
+        return (
+            f"no OCR worker is running: all {self.workers} fail to start ({self.start_error}); "
+            "retry later or on another replica"
+        )
 
     async def close(self) -> None:
         """Stop the loops and the workers; samples still queued are cancelled."""
@@ -233,5 +309,5 @@ class WorkerPool:
                 await loop
         while not self._queue.empty():
             self._queue.get_nowait().future.cancel()
-        await asyncio.gather(*(w.stop(kill=False) for w in self._live.values()))
-        self._live.clear()
+        await asyncio.gather(*(w.stop(kill=False) for w in self._running.values()))
+        self._running.clear()

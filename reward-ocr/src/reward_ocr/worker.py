@@ -37,6 +37,13 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class LoadFailed:
+    """A worker process's first message when its engine could not load, before it exits."""
+
+    error: str  # the exception's type and text
+
+
+@dataclass(frozen=True)
 class Task:
     """One sample to score: encoded image, its declared format and the prompt."""
 
@@ -87,12 +94,16 @@ class OcrWorker:
 
 
 def serve(conn: Connection, config: WorkerConfig) -> None:
-    """Main loop of a worker process: load the engine, say READY, then answer each Task with a
-    Scored until the service closes its end of the pipe."""
+    """Main loop of a worker process: load the engine, say READY (or LoadFailed, and exit), then answer
+    each Task with a Scored until the service closes its end of the pipe."""
     import cv2
 
     cv2.setNumThreads(1)  # parallelism comes from the pool; OpenCV threads would oversubscribe cores
-    worker = OcrWorker(config)
+    try:
+        worker = OcrWorker(config)
+    except Exception as exc:  # the service logs the reason and tries again later
+        conn.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
+        raise
     conn.send(READY)
     while True:
         try:

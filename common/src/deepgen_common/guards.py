@@ -22,8 +22,9 @@ class Guards:
     drain: Drain
     token: TokenCheck
     budget: ByteBudget
-    # Bodies of unknown size (chunked HTTP, gRPC messages) are taken one at a time, each keeping the lock
-    # until its bytes are in the budget, so at most one body is in memory beyond what the budget counts.
+    # Bodies of unknown size are read one at a time: a chunked HTTP body keeps the lock until its bytes
+    # are in the budget, a gRPC message is read inside a hold for a largest one. So at most one body is in
+    # memory beyond what the budget counts, and one message's reading copies at a time.
     reading: asyncio.Lock = field(default_factory=asyncio.Lock)
     precheck: Callable[[float], None] | None = None  # Component.precheck
 

@@ -19,6 +19,8 @@ from deepgen_common.client import (
 from deepgen_common.client.failover import FailoverTransport
 from deepgen_common.client.reward_client import _chunk
 from deepgen_common.client.transports import GrpcTransport, HttpTransport
+from deepgen_common.convert import request_to_pb
+from deepgen_common.settings import ServiceSettings
 from deepgen_common.types import Limits, Mode, Outcome, Result, Sample, ServiceInfo
 
 
@@ -43,11 +45,20 @@ def test_chunks_respect_batch_size():
 
 
 def test_chunks_respect_request_bytes():
-    # each sample costs 4/3 of its bytes + 4096 overhead; budget is 90% of max_bytes
+    # each sample costs 4/3 of its bytes + 4096 overhead; budget is 80% of max_bytes
     s = samples([30_000] * 4)
     cost = 30_000 * 4 // 3 + 4096
-    chunks = _chunk(list(range(4)), s, Mode.POINTWISE, max_batch=64, max_bytes=int(2.5 * cost / 0.9))
+    chunks = _chunk(list(range(4)), s, Mode.POINTWISE, max_batch=64, max_bytes=int(2.5 * cost / 0.8))
     assert chunks == [[0, 1], [2, 3]]
+
+
+def test_every_chunk_fits_the_services_grpc_message_limit():
+    settings = ServiceSettings(http_port=0, grpc_port=0, max_request_bytes=1 << 20, max_image_bytes=1 << 17)
+    s = samples([350_000] * 4 + [25_000, 90_000, 7_000] * 10)
+    chunks = _chunk(list(range(len(s))), s, Mode.POINTWISE, max_batch=64, max_bytes=settings.max_request_bytes)
+    assert len(chunks) > 1
+    for chunk in chunks:
+        assert request_to_pb([s[i] for i in chunk], Mode.POINTWISE).ByteSize() <= settings.max_grpc_message_bytes
 
 
 def test_group_mode_never_splits_a_group():

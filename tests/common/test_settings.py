@@ -34,7 +34,7 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch):
         ({"OCR_MIN_CONF": "1.5"}, "ocr_min_conf"),
         (
             {"MAX_REQUEST_BYTES": str(16 << 20), "MAX_IMAGE_BYTES": str(13 << 20)},
-            "MAX_IMAGE_BYTES .13631488. must be <= 3/4 of MAX_REQUEST_BYTES",
+            "MAX_IMAGE_BYTES .13631488. must be <= 2/3 of MAX_REQUEST_BYTES",
         ),
     ],
 )

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from deepgen_common.errors import Overloaded
+from deepgen_common.malloc import release_after
 from deepgen_common.metrics import ServiceMetrics
 
 # Admit only what the prediction finishes within this share of the time left: the service time is a
@@ -135,7 +136,8 @@ class ByteBudget:
     @contextlib.asynccontextmanager
     async def hold(self, n: int, timeout_s: float) -> AsyncIterator[Held]:
         """Hold n bytes (at most the capacity) for the block; wait up to `timeout_s` for room, then
-        raise Overloaded."""
+        raise Overloaded. When a large hold ends, the heap its request freed goes back to the OS, so the
+        next request starts from the idle process's memory, not on top of what this one left."""
         n = min(n, self.capacity)
         if self._waiters or self.used + n > self.capacity:
             entry = (n, asyncio.get_running_loop().create_future())
@@ -161,6 +163,7 @@ class ByteBudget:
         try:
             yield held
         finally:
+            release_after(held.n)
             self._release(held.n)
 
     def _release(self, n: int) -> None:

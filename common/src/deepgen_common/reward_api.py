@@ -70,7 +70,9 @@ def _to_samples(body: ScoreRequestIn) -> list[Sample]:
 
 async def _parse_score_request(request: Request) -> ScoreRequestIn:
     """The body parsed straight from its bytes (one copy of the strings; no JSON tree, no cached body)."""
-    body = b"".join([chunk async for chunk in request.stream() if chunk])  # one chunk: joined without a copy
+    chunks = [chunk async for chunk in request.stream() if chunk]
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)  # the service kit hands over one buffer
+    del chunks
     try:
         return ScoreRequestIn.model_validate_json(body)
     except pydantic.ValidationError as exc:

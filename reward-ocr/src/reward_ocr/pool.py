@@ -211,37 +211,40 @@ class WorkerPool:
         return await queued.future
 
     async def _serve(self, index: int) -> None:
-        """Worker `index`'s loop: take the next live sample, score it, replace the worker if it
-        got stuck or died."""
+        """Worker `index`'s loop: take the next live sample and score it. The loop keeps no reference to
+        a finished sample, so its image is freed while the worker waits for the next one."""
         worker = self._running[index]
         while True:
-            item = await self._queue.get()
-            if item.future.done():  # its request was cancelled while it waited
-                continue
-            started = time.perf_counter()
-            self.started += 1
-            try:
-                scored = await worker.run(item.task, self.sample_timeout_s)
-            except Exception as exc:  # this loop must outlive any failure, or the worker would be lost
-                if isinstance(exc, TimeoutError):
-                    reason = (
-                        f"OCR took over {self.sample_timeout_s:g} s (OCR_SAMPLE_TIMEOUT_S) on this sample; "
-                        "its worker was replaced"
-                    )
-                elif isinstance(exc, WorkerDied):
-                    reason = f"OCR worker crashed while scoring this sample ({exc}); retry"
-                else:
-                    log.exception("OCR worker failed", extra={"fields": {"worker": index}})
-                    reason = f"OCR worker failed while scoring this sample ({type(exc).__name__}); retry"
-                log.error("replacing OCR worker", extra={"fields": {"worker": index, "reason": reason}})
-                if not item.future.done():
-                    item.future.set_result(PoolResult(Scored(Result.failed(reason), {}), started - item.queued_at))
-                del self._running[index]
-                await worker.stop(kill=True)
-                worker = await self._restart(index)
-                continue
+            worker = await self._score(index, worker, await self._queue.get())
+
+    async def _score(self, index: int, worker: _Worker, item: _Queued) -> _Worker:
+        """Score one queued sample; returns the worker to go on with, a new one if it got stuck or died."""
+        if item.future.done():  # its request was cancelled while it waited
+            return worker
+        started = time.perf_counter()
+        self.started += 1
+        try:
+            scored = await worker.run(item.task, self.sample_timeout_s)
+        except Exception as exc:  # the loop must outlive any failure, or the worker would be lost
+            if isinstance(exc, TimeoutError):
+                reason = (
+                    f"OCR took over {self.sample_timeout_s:g} s (OCR_SAMPLE_TIMEOUT_S) on this sample; "
+                    "its worker was replaced"
+                )
+            elif isinstance(exc, WorkerDied):
+                reason = f"OCR worker crashed while scoring this sample ({exc}); retry"
+            else:
+                log.exception("OCR worker failed", extra={"fields": {"worker": index}})
+                reason = f"OCR worker failed while scoring this sample ({type(exc).__name__}); retry"
+            log.error("replacing OCR worker", extra={"fields": {"worker": index, "reason": reason}})
             if not item.future.done():
-                item.future.set_result(PoolResult(scored, started - item.queued_at))
+                item.future.set_result(PoolResult(Scored(Result.failed(reason), {}), started - item.queued_at))
+            del self._running[index]
+            await worker.stop(kill=True)
+            return await self._restart(index)
+        if not item.future.done():
+            item.future.set_result(PoolResult(scored, started - item.queued_at))
+        return worker
 
     async def _restart(self, index: int) -> _Worker:
         """A fresh worker for slot `index`: tried at once, then after waits that double from

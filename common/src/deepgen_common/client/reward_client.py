@@ -201,10 +201,10 @@ def _bind(transport: Transport, samples: list[Sample], mode: Mode, timeout_s: fl
 def _chunk(
     indices: list[int], samples: Sequence[Sample], mode: Mode, max_batch: int, max_bytes: int
 ) -> list[list[int]]:
-    """Split sample indices into requests of at most `max_batch` samples and about `max_bytes`
-    bytes base64-encoded: the same split fits an HTTP body and, without base64, a gRPC message (whose
-    limit is 3/4 of `max_bytes`). In group mode a group is never split;
-    its samples are gathered into one request even when not adjacent."""
+    """Split sample indices into requests of at most `max_batch` samples and 4/5 of `max_bytes`, counted
+    base64-encoded: such a request fits an HTTP body, and its images without base64 (3/5) fit a gRPC
+    message (2/3). In group mode a group is never split; its samples are gathered into one request even
+    when not adjacent."""
     if mode is Mode.GROUP:
         by_group: dict[str, list[int]] = {}
         for i in indices:
@@ -216,7 +216,7 @@ def _chunk(
     def size(unit: list[int]) -> int:
         return sum(len(samples[i].image) * 4 // 3 + _SAMPLE_OVERHEAD_BYTES for i in unit)
 
-    budget = max_bytes * 9 // 10
+    budget = max_bytes * 4 // 5
     chunks: list[list[int]] = []
     current: list[int] = []
     current_bytes = 0

@@ -214,6 +214,13 @@ def test_replicas_join_the_service_dns_name(stack: Stack) -> None:
 # --- API_TOKEN + mutual TLS -----------------------------------------------------------------------------
 
 TOKEN = "compose-test-token"
+# reward-ocr with the token and mutual TLS, the files as `make certs` names them under compose's /certs.
+SECURE_SETTINGS = {
+    "API_TOKEN": TOKEN,
+    "TLS_CERT_FILE": "/certs/server.pem",
+    "TLS_KEY_FILE": "/certs/server.key",
+    "TLS_CLIENT_CA_FILE": "/certs/ca.pem",
+}
 # Runs in a second container on the compose network: scores over HTTPS at the service's DNS name with
 # the CA, a client certificate and the token, and prints the HTTP status of a call without the token.
 CLIENT_IN_NETWORK = """
@@ -246,13 +253,7 @@ def test_token_and_mutual_tls_between_containers(docker_engine: None, tmp_path) 
     certs = load_make_certs().make_certs(tmp_path / "certs", ["reward-ocr"])
     for key in (certs.server_key, certs.client_key):
         key.chmod(0o644)  # the service runs as uid 10001; on a real host, chown the key to it instead
-    settings = {
-        "CERTS_DIR": str(certs.ca_cert.parent),
-        "API_TOKEN": TOKEN,
-        "TLS_CERT_FILE": "/certs/server.pem",
-        "TLS_KEY_FILE": "/certs/server.key",
-        "TLS_CLIENT_CA_FILE": "/certs/ca.pem",
-    }
+    settings = {"CERTS_DIR": str(certs.ca_cert.parent), **SECURE_SETTINGS}
     with started_stack(**settings) as secure:
         done = secure.compose(
             "run", "--rm", "--no-deps", "-T", "--entrypoint", "python", "reward-ocr", "-c", CLIENT_IN_NETWORK, TOKEN,

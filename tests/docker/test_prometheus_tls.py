@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.docker.dockerutil import BASE_IMAGE, check, container_logs, free_port, require_docker_engine, wait_health
-from tests.docker.test_compose import TOKEN, load_make_certs, started_stack
+from tests.docker.test_compose import SECURE_SETTINGS, load_make_certs, started_stack
 from tests.helpers import REPO
 
 log = logging.getLogger(__name__)
@@ -97,10 +97,7 @@ def test_prometheus_scrapes_reward_ocr_over_mutual_tls(stand_in: str, certs: Any
     prometheus_port = free_port()
     settings = {
         "CERTS_DIR": str(certs.ca_cert.parent),
-        "API_TOKEN": TOKEN,
-        "TLS_CERT_FILE": "/certs/server.pem",
-        "TLS_KEY_FILE": "/certs/server.key",
-        "TLS_CLIENT_CA_FILE": "/certs/ca.pem",
+        **SECURE_SETTINGS,
         "PROMETHEUS_CONFIG": "prometheus-tls.yml",
         "PROMETHEUS_IMAGE_TAG": STAND_IN_TAG,
         "PROMETHEUS_PUBLISH_PORT": str(prometheus_port),

@@ -106,4 +106,4 @@ convert:  ## RL checkpoint -> SFT-format .pth: CKPT=run or checkpoint dir [OUT=]
 # `make eval CKPT=outputs/run1 [SETS=en,zh,en_long,zh_long] [BASELINE=outputs/sft-eval] [OUT=dir] [ARGS="--model tiny"]`
 eval:  ## UniGenBench evaluation of a checkpoint or .pth: CKPT= [SETS=en,zh] [BASELINE=eval dir or checkpoint] [OUT=]
 	@test -n "$(CKPT)" || { echo "make eval: set CKPT to a run folder, a checkpoint-<step> folder or a converted .pth, e.g. make eval CKPT=outputs/run1 [SETS=en,zh,en_long,zh_long] [BASELINE=outputs/sft-eval] [OUT=dir]; the eval service is UNIGENBENCH_API_URL" >&2; exit 2; }
-	$(BIN)/python -m deepgen_trainer.evaluate_checkpoint $(CKPT)$(if $(SETS), --sets $(SETS))$(if $(BASELINE), --baseline $(BASELINE))$(if $(OUT), --output_dir $(OUT)) $(ARGS)
+	$(BIN)/python -m deepgen_trainer.evaluation.evaluate_checkpoint $(CKPT)$(if $(SETS), --sets $(SETS))$(if $(BASELINE), --baseline $(BASELINE))$(if $(OUT), --output_dir $(OUT)) $(ARGS)

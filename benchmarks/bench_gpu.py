@@ -65,11 +65,11 @@ from benchmarks.flops import (  # noqa: E402
     step_flops,
     utilisation,
 )
-from deepgen_trainer.clip_reward import ClipSimReward, build_tiny_clip  # noqa: E402
 from deepgen_trainer.config import TrainConfig, parse_args  # noqa: E402
-from deepgen_trainer.distributed import close_world, init_world  # noqa: E402
-from deepgen_trainer.model import DeepGen  # noqa: E402
-from deepgen_trainer.tiny import QWEN_SPECIAL_TOKENS, build_tiny_tokenizer  # noqa: E402
+from deepgen_trainer.engine.distributed import close_world, init_world  # noqa: E402
+from deepgen_trainer.model.deepgen import DeepGen  # noqa: E402
+from deepgen_trainer.model.tiny import QWEN_SPECIAL_TOKENS, build_tiny_tokenizer  # noqa: E402
+from deepgen_trainer.rewards.clip_sim import ClipSimReward, build_tiny_clip  # noqa: E402
 from deepgen_trainer.train import train  # noqa: E402
 
 log = logging.getLogger("bench_gpu")

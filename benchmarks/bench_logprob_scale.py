@@ -18,9 +18,9 @@ import statistics
 
 import torch
 
-from deepgen_trainer.policy_loss import kl_penalty
-from deepgen_trainer.sde import LOGPROB_MIN_STD, SAMPLERS, sde_step_with_logprob
-from deepgen_trainer.tiny import build_tiny
+from deepgen_trainer.algorithms.policy_loss import kl_penalty
+from deepgen_trainer.algorithms.sde import LOGPROB_MIN_STD, SAMPLERS, sde_step_with_logprob
+from deepgen_trainer.model.tiny import build_tiny
 
 FLOORS = (0.0, 0.02, 0.05, LOGPROB_MIN_STD)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from deepgen_trainer.sde import ode_step, sde_step_with_logprob
+from deepgen_trainer.algorithms.sde import ode_step, sde_step_with_logprob
 
 
 def main() -> None:

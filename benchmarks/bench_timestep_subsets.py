@@ -19,10 +19,10 @@ import argparse
 import torch
 import transformers
 
-from deepgen_trainer.policy_loss import clipped_policy_loss
-from deepgen_trainer.rollout import sde_rollout
-from deepgen_trainer.sde import LOGPROB_MIN_STD, sde_step_with_logprob
-from deepgen_trainer.tiny import TINY_IMAGE_SIZE, build_tiny
+from deepgen_trainer.algorithms.policy_loss import clipped_policy_loss
+from deepgen_trainer.algorithms.rollout import sde_rollout
+from deepgen_trainer.algorithms.sde import LOGPROB_MIN_STD, sde_step_with_logprob
+from deepgen_trainer.model.tiny import TINY_IMAGE_SIZE, build_tiny
 
 PROMPTS = ["a red cat on a mat", "a sign that says OPEN", "mountains at sunset", "two apples and a tree"]
 

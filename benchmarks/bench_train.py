@@ -10,7 +10,7 @@ reward adds, the rollout sampler's overhead over plain Euler sampling, and peak 
 2. The real loop (`deepgen_trainer.train.train`, in process) with the default step shape (4 prompts
    × 8 images, 50 SDE steps, 30 trained, KL reference, SFT-aux batch, gradient checkpointing) on
    64×64 images: the baseline with the in-process clip_sim reward only; then every image also scored
-   by a reward service of fixed latency L per request (`deepgen_trainer.demo_reward` with
+   by a reward service of fixed latency L per request (`deepgen_trainer.rewards.demo` with
    DEMO_REWARD_LATENCY_S, L = 1.2 × the baseline's step unless --latency), synchronous and with
    --one_step_off_policy; then the real reward-ocr service (`python -m reward_ocr`, one OCR worker
    process per core, over gRPC) scoring the OCR prompts as well, synchronous and one-step-off.
@@ -50,11 +50,11 @@ import transformers
 from PIL import Image
 
 from deepgen_common.client import wait_ready
+from deepgen_trainer.algorithms.rollout import ode_sample, sde_rollout
+from deepgen_trainer.algorithms.sde import SAMPLERS, ode_step, sde_step_with_logprob
 from deepgen_trainer.config import parse_args
-from deepgen_trainer.model import DeepGen
-from deepgen_trainer.rollout import ode_sample, sde_rollout
-from deepgen_trainer.sde import SAMPLERS, ode_step, sde_step_with_logprob
-from deepgen_trainer.tiny import TINY_IMAGE_SIZE, build_tiny
+from deepgen_trainer.model.deepgen import DeepGen
+from deepgen_trainer.model.tiny import TINY_IMAGE_SIZE, build_tiny
 from deepgen_trainer.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def ocr_service() -> contextlib.AbstractContextManager[str | None]:
 
 
 def fixed_latency_service(latency_s: float) -> contextlib.AbstractContextManager[str | None]:
-    """The demo reward (`deepgen_trainer.demo_reward`) answering every request after `latency_s`."""
+    """The demo reward (`deepgen_trainer.rewards.demo`) answering every request after `latency_s`."""
     return reward_service("deepgen_trainer.demo_reward", {"DEMO_REWARD_LATENCY_S": f"{latency_s:.3f}"})
 
 

@@ -34,8 +34,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from deepgen_trainer.config import TrainConfig
-from deepgen_trainer.connector import ConnectorConfig
-from deepgen_trainer.model import DeepGenConfig
+from deepgen_trainer.model.connector import ConnectorConfig
+from deepgen_trainer.model.deepgen import DeepGenConfig
 
 H100_BF16_DENSE_TFLOPS = 989.0
 # The timestep is embedded as 256 sinusoidal channels before SD3's TimestepEmbedding MLP.
@@ -363,7 +363,7 @@ def check_against_flop_counter(step: StepShape, model: DeepGenShape | None = Non
 def _count_dit(model: DeepGenShape, step: StepShape, n_txt: int) -> int:
     from diffusers import SD3Transformer2DModel
 
-    from deepgen_trainer.joint_attention import MaskedJointAttnProcessor
+    from deepgen_trainer.model.joint_attention import MaskedJointAttnProcessor
 
     dit = SD3Transformer2DModel(**model.dit.kwargs())
     dit.set_attn_processor(MaskedJointAttnProcessor())
@@ -403,7 +403,7 @@ def _count_vlm(vlm: VlmShape, n_txt: int) -> int:
 
 
 def _count_connector(model: DeepGenShape, n_txt: int) -> int:
-    from deepgen_trainer.connector import ConnectorEncoder
+    from deepgen_trainer.model.connector import ConnectorEncoder
 
     c = model.deepgen.connector
     d_in = model.deepgen.fused_layers * model.vlm.hidden_size

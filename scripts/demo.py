@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from deepgen_common.client import wait_ready
-from deepgen_trainer.reward_plot import plot_rewards
+from deepgen_trainer.observe.reward_plot import plot_rewards
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "outputs" / "demo"

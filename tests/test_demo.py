@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from deepgen_trainer.reward_plot import plot_rewards, reward_series, summarize
+from deepgen_trainer.observe.reward_plot import plot_rewards, reward_series, summarize
 from tests.helpers import REPO
 
 

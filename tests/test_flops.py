@@ -20,10 +20,10 @@ from benchmarks.flops import (
     utilisation,
 )
 from deepgen_trainer.config import TrainConfig
-from deepgen_trainer.connector import ConnectorConfig
-from deepgen_trainer.model import DeepGenConfig
+from deepgen_trainer.model.connector import ConnectorConfig
+from deepgen_trainer.model.deepgen import DeepGenConfig
 
-# The tiny DeepGen of deepgen_trainer.tiny (one dual-attention block of two), and a variant with three
+# The tiny DeepGen of deepgen_trainer.model.tiny (one dual-attention block of two), and a variant with three
 # plain MMDiT blocks, wider heads and a caption projection from a wider joint dim.
 TINY = DeepGenShape(
     dit=DitShape(

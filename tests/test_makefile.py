@@ -66,7 +66,8 @@ def test_eval_shows_the_command_with_every_option():
     )
     assert done.returncode == 0, done.stderr
     expected = (
-        ".venv/bin/python -m deepgen_trainer.evaluate_checkpoint outputs/run1 --sets en,zh --baseline outputs/sft-eval "
+        ".venv/bin/python -m deepgen_trainer.evaluation.evaluate_checkpoint outputs/run1 --sets en,zh "
+        "--baseline outputs/sft-eval "
         "--output_dir e --model tiny"
     )
     assert expected in done.stdout.splitlines()

@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from deepgen_common.metrics import ServiceMetrics
-from deepgen_trainer.tracking import Tracker
+from deepgen_trainer.observe.tracking import Tracker
 from eval_unigenbench.runs import UniGenBenchEval
 from eval_unigenbench.settings import EvalSettings
 from reward_unified.backend import UnifiedBackend

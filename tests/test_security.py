@@ -15,7 +15,7 @@ FORBIDDEN = re.compile(
 
 # Checkpoints of DeepSpeed / mmengine / xtuner hold pickled objects; this module unpickles them with an
 # allowlist, placeholders for unknown classes and a refusal of every other call
-# (tests/trainer/test_safe_pickle.py shows hostile payloads never run).
+# (tests/trainer/checkpoints/test_safe_pickle.py shows hostile payloads never run).
 RESTRICTED_UNPICKLER = REPO / "trainer" / "src" / "deepgen_trainer" / "safe_pickle.py"
 
 

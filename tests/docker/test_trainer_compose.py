@@ -235,7 +235,7 @@ def test_trainer_image_runs_one_tiny_step_through_its_entrypoint(image: str, tmp
 def test_trainer_image_has_the_cli_tools_and_deepspeed_configs(image: str) -> None:
     script = (
         "from deepgen_trainer.config import DEEPSPEED_CONFIG_NAMES, deepspeed_config_path as p; "
-        "import deepgen_trainer.convert; print(all(p(n).is_file() for n in DEEPSPEED_CONFIG_NAMES))"
+        "import deepgen_trainer.checkpoints.convert; print(all(p(n).is_file() for n in DEEPSPEED_CONFIG_NAMES))"
     )
     out = check(["docker", "run", "--rm", "--entrypoint", "python", image, "-c", script], timeout=120)
     assert out.strip().splitlines()[-1] == "True"

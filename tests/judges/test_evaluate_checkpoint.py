@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from deepgen_trainer.checkpoint import save_checkpoint
+from deepgen_trainer.checkpoints.run_checkpoint import save_checkpoint
 from deepgen_trainer.config import TrainConfig
-from deepgen_trainer.contact_sheet import sheet_size
-from deepgen_trainer.tiny import build_tiny
+from deepgen_trainer.model.tiny import build_tiny
+from deepgen_trainer.observe.contact_sheet import sheet_size
 from tests.helpers import REPO
 from tests.judges.forcing_proxy import ForcingProxy
 from tests.judges.unigenbench_forcing import EN, ZH, expected_accuracies, forced_scores, forcer, start_eval

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from deepgen_trainer.config import parse_args
-from deepgen_trainer.contact_sheet import sheet_size
+from deepgen_trainer.observe.contact_sheet import sheet_size
 from deepgen_trainer.train import train
 from tests.helpers import PROMPT_FIXTURES
 from tests.judges.forcing_proxy import ForcingProxy

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from deepgen_trainer.model import DeepGen
-from deepgen_trainer.tiny import build_tiny
+from deepgen_trainer.model.deepgen import DeepGen
+from deepgen_trainer.model.tiny import build_tiny
 
 LORA_TARGETS = ["q_proj", "v_proj"]
 TAG = "iter_5.pth"

@@ -16,7 +16,7 @@ from deepgen_trainer.config import (
     deployment_env,
     parse_args,
 )
-from deepgen_trainer.ds_config import deepspeed_config, resolve_deepspeed_config
+from deepgen_trainer.engine.ds_config import deepspeed_config, resolve_deepspeed_config
 
 NO_ENV: dict[str, str] = {}
 

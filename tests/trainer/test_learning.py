@@ -1,5 +1,5 @@
 """Learning, proven: the tiny DeepGen, trained against a learnable image reward served by a real
-service through the reward contract (`deepgen_trainer.demo_reward`), raises its reward.
+service through the reward contract (`deepgen_trainer.rewards.demo`), raises its reward.
 
 Each case trains 20 steps in process and regresses the per-step reward on the step: the slope's
 t-statistic must be large (a rising curve, not noise). The opposite objective (darkness instead of
@@ -19,9 +19,9 @@ from deepgen_common.client import RewardClient
 from deepgen_common.reward_api import reward_component
 from deepgen_common.types import ImageFormat, Sample
 from deepgen_trainer.config import parse_args
-from deepgen_trainer.demo_reward import DemoRewardSettings, make_backend
-from deepgen_trainer.reward_plot import summarize
-from deepgen_trainer.tiny import TINY_IMAGE_SIZE
+from deepgen_trainer.model.tiny import TINY_IMAGE_SIZE
+from deepgen_trainer.observe.reward_plot import summarize
+from deepgen_trainer.rewards.demo import DemoRewardSettings, make_backend
 from deepgen_trainer.train import train
 from tests.helpers import ServiceThread, render_text
 

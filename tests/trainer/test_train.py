@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from deepgen_trainer.checkpoint import latest_checkpoint, load_checkpoint
+from deepgen_trainer.checkpoints.run_checkpoint import latest_checkpoint, load_checkpoint
 from deepgen_trainer.config import parse_args
-from deepgen_trainer.tiny import TINY_IMAGE_SIZE, build_tiny
+from deepgen_trainer.model.tiny import TINY_IMAGE_SIZE, build_tiny
 from deepgen_trainer.train import main, train
 from tests.helpers import PROMPT_FIXTURES, REPO
 

@@ -9,6 +9,7 @@ import logging
 import signal
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -162,7 +163,11 @@ async def serve(settings: S, make_component: ComponentFactory[S]) -> None:
 
 
 def main(settings_factory: Callable[[], S], make_component: ComponentFactory[S]) -> None:
-    """Entry point of `python -m <service>`: settings from env, JSON logs, serve until signalled."""
+    """Entry point of `python -m <service>`: settings from env, JSON logs, serve until signalled.
+    `--help` lists the settings' environment variables with their defaults instead."""
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(settings_help(settings_factory))
+        return
     try:
         settings = settings_factory()
     except pydantic.ValidationError as exc:
@@ -170,3 +175,12 @@ def main(settings_factory: Callable[[], S], make_component: ComponentFactory[S])
         raise SystemExit(f"invalid settings: {problems}") from None
     configure_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings, make_component))
+
+
+def settings_help(settings_factory: Callable[[], ServiceSettings]) -> str:
+    """`--help` of a service: every environment variable its settings read, with default and meaning."""
+    lines = ["Settings come from environment variables (no command-line flags):"]
+    for name, field in getattr(settings_factory, "model_fields", {}).items():
+        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        lines.append(f"  {name.upper():28} {default}. {field.description or ''}".rstrip())
+    return "\n".join(lines)

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from deepgen_common.client.urls import parse_service_url
-from deepgen_trainer.advantages import ADVANTAGE_TYPES, GROUP_NORMALISING_TYPES, AdvantageType
-from deepgen_trainer.policy_loss import KL_TYPES, KLType
-from deepgen_trainer.sde import LOGPROB_MIN_STD, SAMPLERS, Sampler
+from deepgen_trainer.algorithms.advantages import ADVANTAGE_TYPES, GROUP_NORMALISING_TYPES, AdvantageType
+from deepgen_trainer.algorithms.policy_loss import KL_TYPES, KLType
+from deepgen_trainer.algorithms.sde import LOGPROB_MIN_STD, SAMPLERS, Sampler
 
 ModelKind = Literal["hf", "tiny"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)

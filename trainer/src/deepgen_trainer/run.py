@@ -19,24 +19,22 @@ import numpy as np
 import torch
 
 from deepgen_common.client import EvalClient
-from deepgen_trainer.checkpoint import DIT_PREFIX, latest_checkpoint, load_checkpoint
-from deepgen_trainer.checkpoint_formats import CheckpointReadError, read_checkpoint
-from deepgen_trainer.clip_reward import ClipSimReward, build_tiny_clip
+from deepgen_trainer.checkpoints.ema import DitEma
+from deepgen_trainer.checkpoints.loading import build_model
+from deepgen_trainer.checkpoints.original_run import OriginalCheckpoint, scan_output_dir
+from deepgen_trainer.checkpoints.rng_state import apply_rng
+from deepgen_trainer.checkpoints.run_checkpoint import DIT_PREFIX, latest_checkpoint, load_checkpoint
 from deepgen_trainer.config import ConfigError, TrainConfig
-from deepgen_trainer.data import TrainData, load_eval_data, load_train_data
-from deepgen_trainer.distributed import World
-from deepgen_trainer.ema import DitEma
-from deepgen_trainer.loading import LoadReport, PartialCheckpointError, apply_checkpoint, check_complete, load_deepgen
-from deepgen_trainer.model import DEEPGEN_ONLY_PREFIXES, NEGATIVE_PROMPT, Conditioning, DeepGen
-from deepgen_trainer.optim import Updater, build_updater
-from deepgen_trainer.original_run import OriginalCheckpoint, scan_output_dir
-from deepgen_trainer.reward_outage import wait_for_reward_services
-from deepgen_trainer.rewards import REWARD_NAMES, REWARD_URL_ENV, RewardFn, RewardScorer, build_reward
-from deepgen_trainer.rng_state import apply_rng
-from deepgen_trainer.sampler import PromptSampler
-from deepgen_trainer.sftaux_data import SftAuxLoader, load_sftaux_data
-from deepgen_trainer.tiny import build_tiny
-from deepgen_trainer.tracking import Tracker
+from deepgen_trainer.data.prompt_sampler import PromptSampler
+from deepgen_trainer.data.prompts import TrainData, load_eval_data, load_train_data
+from deepgen_trainer.data.sftaux import SftAuxLoader, load_sftaux_data
+from deepgen_trainer.engine.distributed import World
+from deepgen_trainer.engine.optim import Updater, build_updater
+from deepgen_trainer.model.deepgen import DEEPGEN_ONLY_PREFIXES, NEGATIVE_PROMPT, Conditioning, DeepGen
+from deepgen_trainer.observe.tracking import Tracker
+from deepgen_trainer.rewards.clip_sim import ClipSimReward, build_tiny_clip
+from deepgen_trainer.rewards.outage import wait_for_reward_services
+from deepgen_trainer.rewards.scorer import REWARD_NAMES, REWARD_URL_ENV, RewardFn, RewardScorer, build_reward
 
 log = logging.getLogger("deepgen_trainer")
 
@@ -148,34 +146,6 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
         cfg, world, model, reference, data, reward_names, sampler, sftaux, scorer, updater, tracker, eval_client,
         eval_plans, start_step, total_steps, uncond, ema,
     )  # fmt: skip
-
-
-def build_model(cfg: TrainConfig) -> DeepGen:
-    """The tiny model or the HF folders, with `--checkpoint` applied; a checkpoint that would leave
-    weights at init is a ConfigError unless `--allow_partial_checkpoint` (no checkpoint at all, for
-    `--model tiny`, is its random init by design)."""
-    try:
-        if cfg.model == "tiny":
-            model = build_tiny(seed=cfg.seed)
-            if cfg.checkpoint is None:
-                return model
-            report = LoadReport(checkpoint=cfg.checkpoint)
-            apply_checkpoint(model, read_checkpoint(cfg.checkpoint), report, fallback="from the tiny build")
-        else:
-            if not cfg.sd3_5_model_name_or_path or not cfg.qwen2_5_vl_model_name_or_path:
-                raise ConfigError(
-                    "--model hf needs SD3_5_MODEL_NAME_OR_PATH and QWEN2_5_VL_MODEL_NAME_OR_PATH (flags or env); "
-                    "or pass --model tiny for a random tiny model"
-                )
-            dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-            model, report = load_deepgen(
-                cfg.sd3_5_model_name_or_path, cfg.qwen2_5_vl_model_name_or_path, cfg.checkpoint, dtype=dtype
-            )
-        log.info("model loaded: %s", report.summary())
-        check_complete(report, cfg.allow_partial_checkpoint)
-    except (PartialCheckpointError, CheckpointReadError, FileNotFoundError) as exc:
-        raise ConfigError(f"--checkpoint: {exc}") from exc
-    return model
 
 
 def reward_url(cfg: TrainConfig, name: str) -> str | None:

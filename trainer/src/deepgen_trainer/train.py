@@ -36,28 +36,28 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from deepgen_trainer.advantages import clamp_fraction, compute_advantages, weighted_reward_sum
-from deepgen_trainer.checkpoint import prune_checkpoints, save_checkpoint
-from deepgen_trainer.config import ConfigError, TrainConfig, parse_args
-from deepgen_trainer.data import DataConfigError
-from deepgen_trainer.distributed import World, close_world, init_world
-from deepgen_trainer.ema import ema_dit
-from deepgen_trainer.evaluation import evaluate
-from deepgen_trainer.model import Conditioning, DeepGen, to_uint8
-from deepgen_trainer.optim import Updater
-from deepgen_trainer.policy_loss import (
+from deepgen_trainer.algorithms.advantages import clamp_fraction, compute_advantages, weighted_reward_sum
+from deepgen_trainer.algorithms.policy_loss import (
     approx_kl,
     clipped_policy_loss,
     flow_matching_inputs,
     flow_matching_loss,
     kl_penalty,
 )
-from deepgen_trainer.reward_outage import FailureWatch, RewardOutage
-from deepgen_trainer.rewards import RewardBatch, reward_metrics
-from deepgen_trainer.rollout import sde_rollout
+from deepgen_trainer.algorithms.rollout import sde_rollout
+from deepgen_trainer.algorithms.sde import sde_step_with_logprob
+from deepgen_trainer.checkpoints.ema import ema_dit
+from deepgen_trainer.checkpoints.run_checkpoint import prune_checkpoints, save_checkpoint
+from deepgen_trainer.config import ConfigError, TrainConfig, parse_args
+from deepgen_trainer.data.prompts import DataConfigError
+from deepgen_trainer.data.sftaux import SftAuxLoader
+from deepgen_trainer.engine.distributed import World, close_world, init_world
+from deepgen_trainer.engine.optim import Updater
+from deepgen_trainer.evaluation.evaluate import evaluate
+from deepgen_trainer.model.deepgen import Conditioning, DeepGen, to_uint8
+from deepgen_trainer.rewards.outage import FailureWatch, RewardOutage
+from deepgen_trainer.rewards.scorer import RewardBatch, reward_metrics
 from deepgen_trainer.run import Run, reward_url, setup
-from deepgen_trainer.sde import sde_step_with_logprob
-from deepgen_trainer.sftaux_data import SftAuxLoader
 
 log = logging.getLogger("deepgen_trainer")
 

@@ -1,0 +1,404 @@
+"""Prompt data of the trainer: the train YAML (prompt datasets, weights, rewards) and the eval YAML.
+
+Train YAML (``--dataset_config``)::
+
+    sampling_mode: sample_proportional     # or weight_only
+    datasets:
+      - name: ocr                          # optional, defaults to the file stem; unique
+        path: prompts/ocr.txt              # relative to this YAML file
+        sample_weight: 1.0                 # optional, default 1.0; >= 0
+        rewards: {ocr: 1.0, unifiedreward_think: 0.5}
+
+- ``sample_proportional``: p(prompt) ∝ its dataset's weight, so a dataset is drawn with probability
+  ∝ weight × size (equal weights = every prompt equally likely).
+- ``weight_only``: p(dataset) ∝ weight regardless of its size; prompts uniform within a dataset.
+
+Eval YAML (``--eval_dataset_config``)::
+
+    datasets:
+      - name: unigenbench_en
+        path: unigenbench/test_prompts_en.csv   # a prompt file, or a UniGenBench CSV index,prompt,sub_dims
+        scoring: unigenbench                    # the evaluator that scores the images
+        cfg_scale: 4.0                          # optional, default 4.0
+        num_inference_steps: 50                 # optional, default 50
+        duplicates: 1                           # optional, images per prompt, default 1
+
+Prompt files: ``.txt`` (one prompt per line, blank lines skipped), ``.jsonl`` (a ``prompt`` or
+``caption`` key per line), ``.csv`` and ``.parquet`` (a ``prompt`` or ``caption`` column). Empty
+prompts are skipped in every format.
+
+Every problem is found at load time, and the `DataConfigError` names the file, the key (e.g.
+``datasets[1].rewards.ocrr``) and the fix. The valid reward names and evaluator names are parameters
+of the loaders: this module does not know which reward services exist.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+import yaml
+
+SamplingMode = Literal["sample_proportional", "weight_only"]
+SAMPLING_MODES: tuple[str, ...] = get_args(SamplingMode)
+PROMPT_FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".csv", ".parquet")
+# The keys that may hold the prompt in .jsonl/.csv/.parquet files, in order of preference.
+PROMPT_KEYS: tuple[str, ...] = ("prompt", "caption")
+EVAL_SCORERS: tuple[str, ...] = ("unigenbench",)
+
+EVAL_DEFAULT_CFG_SCALE = 4.0
+EVAL_DEFAULT_NUM_INFERENCE_STEPS = 50
+EVAL_DEFAULT_DUPLICATES = 1
+
+
+class DataConfigError(ValueError):
+    """A data config or data file that cannot be used. The message names the file, the key and the fix."""
+
+    def __init__(self, file: Path | str, key: str, problem: str, fix: str = "") -> None:
+        where = f"{file}: {key}: " if key else f"{file}: "
+        super().__init__(where + problem + (f"; {fix}" if fix else ""))
+        self.file = str(file)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class PromptDataset:
+    """One train dataset: its prompts, sampling weight and reward weights (reward name → weight)."""
+
+    name: str
+    path: Path
+    prompts: tuple[str, ...]
+    sample_weight: float
+    rewards: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The loaded train YAML; a prompt's dataset index is its dataset's position in ``datasets``."""
+
+    sampling_mode: SamplingMode
+    datasets: tuple[PromptDataset, ...]
+
+    @property
+    def reward_names(self) -> tuple[str, ...]:
+        """Every reward name some dataset uses, in order of first appearance."""
+        return tuple(dict.fromkeys(name for d in self.datasets for name in d.rewards))
+
+    def dataset_probabilities(self) -> tuple[float, ...]:
+        """Probability that one draw comes from each dataset (sums to 1).
+
+        sample_proportional: ∝ weight × size; weight_only: ∝ weight.
+        """
+        if self.sampling_mode == "sample_proportional":
+            mass = [d.sample_weight * len(d.prompts) for d in self.datasets]
+        else:
+            mass = [d.sample_weight for d in self.datasets]
+        total = math.fsum(mass)
+        return tuple(m / total for m in mass)
+
+    def reward_weights(self, dataset_index: int, names: Sequence[str]) -> tuple[float, ...]:
+        """Reward-weight vector (K,) of a prompt of dataset ``dataset_index`` over ``names`` (0.0 = unused)."""
+        rewards = self.datasets[dataset_index].rewards
+        return tuple(float(rewards.get(name, 0.0)) for name in names)
+
+    def reward_weight_matrix(self, dataset_indices: Sequence[int], names: Sequence[str]) -> torch.Tensor:
+        """Reward weights (N, K) float32 of N prompts given their dataset indices, columns in ``names`` order.
+
+        This is the ``weights`` argument of `deepgen_trainer.algorithms.advantages.compute_advantages` (repeat
+        each row ``rollout_n`` times for the images of a prompt).
+        """
+        rows = [self.reward_weights(i, names) for i in dataset_indices]
+        return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(names))
+
+
+@dataclass(frozen=True)
+class EvalDataset:
+    """One eval set. ``prompt_ids`` are the UniGenBench CSV ``index`` column, else the 0-based position."""
+
+    name: str
+    path: Path
+    prompts: tuple[str, ...]
+    prompt_ids: tuple[str, ...]
+    scoring: str
+    cfg_scale: float = EVAL_DEFAULT_CFG_SCALE
+    num_inference_steps: int = EVAL_DEFAULT_NUM_INFERENCE_STEPS
+    duplicates: int = EVAL_DEFAULT_DUPLICATES
+
+
+@dataclass(frozen=True)
+class EvalData:
+    datasets: tuple[EvalDataset, ...]
+
+
+# ---------------------------------------------------------------------------------------------- prompt files
+
+
+def read_prompts(path: Path | str) -> tuple[str, ...]:
+    """The non-empty prompts of a ``.txt``/``.jsonl``/``.csv``/``.parquet`` file, stripped, in file order."""
+    return tuple(prompt for _, prompt in read_prompt_records(path))
+
+
+def read_prompt_records(path: Path | str) -> list[tuple[str, str]]:
+    """(prompt id, prompt) pairs of a prompt file. The id is the ``index`` column/key when the file has
+    one (UniGenBench CSVs), else the prompt's 0-based position among the file's non-empty prompts."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in PROMPT_FILE_SUFFIXES:
+        raise DataConfigError(
+            path, "", f"unsupported prompt file type {suffix!r}", f"use one of {', '.join(PROMPT_FILE_SUFFIXES)}"
+        )
+    if not path.is_file():
+        raise DataConfigError(path, "", "file not found", "check the path (relative paths start at the YAML's folder)")
+    if suffix == ".txt":
+        rows: list[tuple[str | None, str]] = [
+            (None, line) for line in path.read_text(encoding="utf-8-sig").splitlines()
+        ]
+    elif suffix == ".jsonl":
+        rows = _jsonl_rows(path)
+    elif suffix == ".csv":
+        rows = _csv_rows(path)
+    else:
+        rows = _parquet_rows(path)
+    records: list[tuple[str, str]] = []
+    for row_id, prompt in rows:
+        prompt = prompt.strip()
+        if prompt:
+            records.append((row_id if row_id is not None else str(len(records)), prompt))
+    return records
+
+
+def _prompt_key(keys: Collection[str], path: Path, where: str) -> str:
+    for key in PROMPT_KEYS:
+        if key in keys:
+            return key
+    raise DataConfigError(
+        path,
+        where,
+        f"no prompt field (found: {', '.join(sorted(keys)) or 'none'})",
+        "add a 'prompt' or 'caption' field",
+    )
+
+
+def _jsonl_rows(path: Path) -> list[tuple[str | None, str]]:
+    rows: list[tuple[str | None, str]] = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"line {line_no}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataConfigError(path, where, f"invalid JSON ({e.msg})", "write one JSON object per line") from e
+        if not isinstance(record, dict):
+            raise DataConfigError(path, where, "not a JSON object", 'write objects like {"prompt": "..."}')
+        key = _prompt_key(record.keys(), path, where)
+        if not isinstance(record[key], str):
+            raise DataConfigError(path, f"{where}.{key}", "must be a string", "store the prompt as a JSON string")
+        row_id = record.get("index")
+        rows.append((None if row_id is None else str(row_id), record[key]))
+    return rows
+
+
+def _csv_rows(path: Path) -> list[tuple[str | None, str]]:
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        key = _prompt_key(reader.fieldnames or (), path, "header")
+        has_index = "index" in (reader.fieldnames or ())
+        return [(row["index"].strip() if has_index else None, row[key] or "") for row in reader]
+
+
+def _parquet_rows(path: Path) -> list[tuple[str | None, str]]:
+    import pyarrow.parquet as pq  # only .parquet prompt files need pyarrow
+
+    names = pq.read_schema(path).names
+    key = _prompt_key(names, path, "columns")
+    columns = [key, "index"] if "index" in names else [key]
+    table = pq.read_table(path, columns=columns).to_pydict()
+    prompts = ["" if p is None else str(p) for p in table[key]]
+    ids = [str(i) for i in table["index"]] if "index" in table else [None] * len(prompts)
+    return list(zip(ids, prompts, strict=True))
+
+
+# ----------------------------------------------------------------------------------------------- YAML checks
+
+
+def load_yaml_mapping(path: Path | str) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataConfigError(path, "", "config file not found", "pass an existing YAML file")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise DataConfigError(path, "", f"invalid YAML: {e}", "fix the YAML syntax") from e
+    if not isinstance(loaded, dict):
+        raise DataConfigError(path, "", "the top level must be a mapping", "start the file with 'datasets:'")
+    return loaded
+
+
+def check_keys(
+    mapping: Mapping[str, Any], allowed: Collection[str], required: Collection[str], file: Path, where: str
+) -> None:
+    """Unknown keys and missing required keys are errors naming the key and the valid ones."""
+    prefix = f"{where}." if where else ""
+    for key in mapping:
+        if key not in allowed:
+            raise DataConfigError(
+                file, f"{prefix}{key}", "unknown key", f"valid keys: {', '.join(sorted(allowed))} (check the spelling)"
+            )
+    for key in required:
+        if key not in mapping:
+            raise DataConfigError(file, f"{prefix}{key}", "missing", f"add '{key}:'")
+
+
+def dataset_list(raw: Mapping[str, Any], file: Path) -> list[dict[str, Any]]:
+    """The non-empty ``datasets:`` list of mappings."""
+    items = raw.get("datasets")
+    if not isinstance(items, list) or not items:
+        raise DataConfigError(file, "datasets", "must be a non-empty list", "list at least one dataset")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise DataConfigError(file, f"datasets[{i}]", "must be a mapping", "write '- name: ...' entries")
+    return items
+
+
+def non_negative_number(value: Any, file: Path, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DataConfigError(file, key, f"must be a finite number, got {value!r}", "write a number such as 1.0")
+    if value < 0:
+        raise DataConfigError(file, key, f"must be >= 0, got {value}", "use 0 to disable, or a positive weight")
+    return float(value)
+
+
+def positive_int(value: Any, file: Path, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DataConfigError(file, key, f"must be an integer >= 1, got {value!r}", "write a positive integer")
+    return value
+
+
+def resolve_path(value: Any, file: Path, key: str) -> Path:
+    """A path relative to the config file's folder (absolute paths are kept)."""
+    if not isinstance(value, str) or not value:
+        raise DataConfigError(file, key, f"must be a path string, got {value!r}", "write the path as a string")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else file.parent / path
+
+
+def unique_name(item: Mapping[str, Any], path: Path, seen: set[str], file: Path, where: str) -> str:
+    name = item.get("name", path.stem)
+    if not isinstance(name, str) or not name:
+        raise DataConfigError(file, f"{where}.name", f"must be a non-empty string, got {name!r}", "name the dataset")
+    if name in seen:
+        raise DataConfigError(file, f"{where}.name", f"duplicate dataset name {name!r}", "give each dataset its name")
+    seen.add(name)
+    return name
+
+
+def _load_prompts(path: Path, file: Path, where: str) -> list[tuple[str, str]]:
+    try:
+        records = read_prompt_records(path)
+    except DataConfigError as e:
+        # Re-raise with the YAML file and key in front: the user edits the YAML, not the prompt file.
+        raise DataConfigError(file, f"{where}.path", str(e), "") from e
+    if not records:
+        raise DataConfigError(file, f"{where}.path", f"{path} holds no prompts", "point at a non-empty prompt file")
+    return records
+
+
+# --------------------------------------------------------------------------------------------- train / eval
+
+
+_TRAIN_TOP_KEYS = ("sampling_mode", "datasets")
+_TRAIN_DATASET_KEYS = ("name", "path", "sample_weight", "rewards")
+
+
+def load_train_data(path: Path | str, reward_names: Collection[str]) -> TrainData:
+    """Load and check the train YAML. ``reward_names`` is the set of rewards the trainer can compute."""
+    file = Path(path)
+    raw = load_yaml_mapping(file)
+    check_keys(raw, _TRAIN_TOP_KEYS, ("datasets",), file, "")
+    mode = raw.get("sampling_mode", "sample_proportional")
+    if mode not in SAMPLING_MODES:
+        raise DataConfigError(
+            file, "sampling_mode", f"unknown mode {mode!r}", f"valid modes: {', '.join(SAMPLING_MODES)}"
+        )
+    datasets: list[PromptDataset] = []
+    seen: set[str] = set()
+    for i, item in enumerate(dataset_list(raw, file)):
+        where = f"datasets[{i}]"
+        check_keys(item, _TRAIN_DATASET_KEYS, ("path", "rewards"), file, where)
+        prompt_path = resolve_path(item["path"], file, f"{where}.path")
+        name = unique_name(item, prompt_path, seen, file, where)
+        weight = non_negative_number(item.get("sample_weight", 1.0), file, f"{where}.sample_weight")
+        rewards = _reward_weights(item["rewards"], reward_names, file, f"{where}.rewards")
+        records = _load_prompts(prompt_path, file, where)
+        prompts = tuple(p for _, p in records)
+        datasets.append(PromptDataset(name, prompt_path, prompts, weight, rewards))
+    if all(d.sample_weight == 0 for d in datasets):
+        raise DataConfigError(file, "datasets[*].sample_weight", "every weight is 0", "give one dataset a weight > 0")
+    return TrainData(sampling_mode=mode, datasets=tuple(datasets))
+
+
+def _reward_weights(raw: Any, known: Collection[str], file: Path, where: str) -> dict[str, float]:
+    valid = f"valid reward names: {', '.join(sorted(known))}"
+    if not isinstance(raw, dict) or not raw:
+        raise DataConfigError(file, where, "must be a non-empty mapping of reward name to weight", valid)
+    rewards: dict[str, float] = {}
+    for name, weight in raw.items():
+        if name not in known:
+            raise DataConfigError(file, f"{where}.{name}", "unknown reward", valid)
+        rewards[name] = non_negative_number(weight, file, f"{where}.{name}")
+    if all(w == 0 for w in rewards.values()):
+        raise DataConfigError(file, where, "every reward weight is 0", "give one reward a weight > 0")
+    return rewards
+
+
+_EVAL_TOP_KEYS = ("datasets",)
+_EVAL_DATASET_KEYS = ("name", "path", "cfg_scale", "num_inference_steps", "duplicates", "scoring")
+
+
+def load_eval_data(path: Path | str, scorers: Collection[str] = EVAL_SCORERS) -> EvalData:
+    """Load and check the eval YAML. ``scorers`` are the evaluator names ``scoring`` may take."""
+    file = Path(path)
+    raw = load_yaml_mapping(file)
+    check_keys(raw, _EVAL_TOP_KEYS, ("datasets",), file, "")
+    datasets: list[EvalDataset] = []
+    seen: set[str] = set()
+    for i, item in enumerate(dataset_list(raw, file)):
+        where = f"datasets[{i}]"
+        check_keys(item, _EVAL_DATASET_KEYS, ("path", "scoring"), file, where)
+        prompt_path = resolve_path(item["path"], file, f"{where}.path")
+        name = unique_name(item, prompt_path, seen, file, where)
+        scoring = item["scoring"]
+        if scoring not in scorers:
+            raise DataConfigError(
+                file, f"{where}.scoring", f"unknown evaluator {scoring!r}", f"valid evaluators: {', '.join(scorers)}"
+            )
+        cfg_scale = non_negative_number(item.get("cfg_scale", EVAL_DEFAULT_CFG_SCALE), file, f"{where}.cfg_scale")
+        steps = positive_int(
+            item.get("num_inference_steps", EVAL_DEFAULT_NUM_INFERENCE_STEPS), file, f"{where}.num_inference_steps"
+        )
+        duplicates = positive_int(item.get("duplicates", EVAL_DEFAULT_DUPLICATES), file, f"{where}.duplicates")
+        records = _load_prompts(prompt_path, file, where)
+        ids = tuple(i for i, _ in records)
+        if len(set(ids)) != len(ids):
+            raise DataConfigError(file, f"{where}.path", "duplicate prompt ids", "make the 'index' column unique")
+        datasets.append(
+            EvalDataset(
+                name=name,
+                path=prompt_path,
+                prompts=tuple(p for _, p in records),
+                prompt_ids=ids,
+                scoring=scoring,
+                cfg_scale=cfg_scale,
+                num_inference_steps=steps,
+                duplicates=duplicates,
+            )
+        )
+    return EvalData(datasets=tuple(datasets))

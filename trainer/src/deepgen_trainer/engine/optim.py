@@ -1,0 +1,228 @@
+"""The DiT's optimizer step, with DeepSpeed ZeRO or plain PyTorch data parallelism behind one interface.
+
+The training loop calls `backward(loss)` once per micro-batch (losses already averaged over the
+passes of one optimizer step) and `step()` once per optimizer step (`--optimizer_steps_per_rollout`
+per rollout batch, 1 by default); `step()` averages gradients over ranks, clips, takes one AdamW
+step and one LR-schedule tick.
+
+- `DeepSpeedUpdater`: `deepspeed.initialize` with a torch AdamW (DeepSpeed's fused Adam JIT-compiles
+  for minutes on CPU) and the resolved ZeRO config; gradient accumulation is DeepSpeed's, with
+  `gradient_accumulation_steps` equal to the backward passes of one optimizer step, so its update
+  lands on that step's last backward and `step()` only checks that it did.
+- `TorchUpdater` (``--deepspeed none``): gradients accumulate locally and are averaged over ranks with
+  one all-reduce per step (DDP would all-reduce after every backward unless told not to; the loop
+  does ~30 backward passes per step).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from transformers import get_scheduler
+
+from deepgen_trainer.checkpoints.run_checkpoint import Checkpoint
+from deepgen_trainer.config import TrainConfig
+from deepgen_trainer.engine.distributed import World
+
+log = logging.getLogger(__name__)
+
+_DEEPSPEED_TAG = "state"
+
+
+class Updater(Protocol):
+    def backward(self, loss: Tensor) -> None: ...
+
+    def step(self) -> float:
+        """Average gradients over ranks, clip, step; returns the gradient norm before clipping."""
+
+    @property
+    def lr(self) -> float: ...
+
+    @property
+    def optimizer_steps(self) -> int: ...
+
+    def trainable_state(self, is_main: bool) -> dict[str, Tensor] | None:
+        """The DiT's full state dict on the main rank (None elsewhere); called on every rank."""
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Keyword arguments of `save_checkpoint` for the optimizer and LR schedule."""
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """The DiT's weights, the optimizer and the LR schedule from a checkpoint."""
+
+
+def build_updater(dit: nn.Module, cfg: TrainConfig, world: World, total_steps: int) -> Updater:
+    params = [p for p in dit.parameters() if p.requires_grad]
+    # AdamW as DESIGN §4: β (0.9, 0.999), eps 1e-8, no weight decay.
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    # The schedule ticks once per optimizer step (once per backward with --step_per_backward, as in the
+    # reference); --warmup_steps counts rollout steps.
+    per_step = cfg.optimizer_steps(world.world_size)
+    ticks, warmup = total_steps * per_step, cfg.warmup_steps * per_step
+    scheduler = get_scheduler(
+        cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max(ticks, 1)
+    )
+    if cfg.deepspeed == "none":
+        return TorchUpdater(dit, params, optimizer, scheduler, world, cfg.max_grad_norm)
+    return DeepSpeedUpdater(dit, optimizer, scheduler, cfg, world)
+
+
+class TorchUpdater:
+    def __init__(
+        self,
+        dit: nn.Module,
+        params: list[nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        world: World,
+        max_grad_norm: float,
+    ) -> None:
+        self.dit = dit
+        self.params = params
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.world = world
+        self.max_grad_norm = max_grad_norm
+        self._steps = 0
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.world.distributed and grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.world.world_size
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+        # clip_grad_norm_ computes the norm anyway; with clipping off an infinite bound returns it untouched.
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._steps += 1
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self._steps
+
+    def trainable_state(self, is_main: bool) -> dict[str, Tensor] | None:
+        return self.dit.state_dict() if is_main else None
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"optimizer_state": self.optimizer.state_dict(), "scheduler_state": self.scheduler.state_dict()}
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        if checkpoint.optimizer_state is None or checkpoint.scheduler_state is None:
+            raise ValueError(f"{checkpoint.path} has no optimizer/scheduler state to resume from")
+        self.dit.load_state_dict(checkpoint.trainable)
+        self.optimizer.load_state_dict(checkpoint.optimizer_state)
+        self.scheduler.load_state_dict(checkpoint.scheduler_state)
+        self._steps = self.scheduler.last_epoch  # one schedule tick per optimizer step
+
+
+def init_single_process_group(device: torch.device) -> None:
+    """A process group of one, which DeepSpeed needs. Under `torchrun` (one rank) it joins the launcher's
+    rendezvous: there a `tcp://` rendezvous of our own would wait forever, since torchrun makes ranks
+    use its agent's store (TORCHELASTIC_USE_AGENT_STORE) instead of starting one. Without `torchrun`
+    this stands in for the launcher, including the LOCAL_RANK variable DeepSpeed insists on."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        dist.init_process_group(backend)  # env://: MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE from torchrun
+        return
+    with socket.socket() as s:  # a free local port for the rendezvous of a world of one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("LOCAL_RANK", "0")
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+class DeepSpeedUpdater:
+    def __init__(
+        self,
+        dit: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        cfg: TrainConfig,
+        world: World,
+    ) -> None:
+        import deepspeed  # heavy import, only when DeepSpeed is used
+
+        if world.device.type == "cpu":
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (~70 s of C++ build)
+            # that only inference kernels use; training reduces through torch.distributed (gloo).
+            # (`deepspeed.comm.torch` the attribute is the torch package: fetch the module itself.)
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+        from deepgen_trainer.engine.ds_config import deepspeed_config
+
+        config = deepspeed_config(cfg.deepspeed, cfg, world.world_size)
+        if not dist.is_initialized():  # DeepSpeed needs a process group, also for a single process
+            init_single_process_group(world.device)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=dit, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False
+        )
+        self._steps = 0
+
+    def backward(self, loss: Tensor) -> None:
+        # The loop already divides each loss by the passes of the step. DeepSpeed counts micro-steps in
+        # engine.step(), which reduces, clips and updates only at the accumulation boundary.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+
+    def step(self) -> float:
+        if self.engine.global_steps != self._steps + 1:
+            raise RuntimeError(
+                f"DeepSpeed took {self.engine.global_steps - self._steps} optimizer steps in this training step: the "
+                "backward passes per step do not match gradient_accumulation_steps of the DeepSpeed config"
+            )
+        self._steps += 1
+        norm = self.engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self._steps
+
+    def trainable_state(self, is_main: bool) -> dict[str, Tensor] | None:
+        module = self.engine.module
+        if self.engine.zero_optimization_stage() < 3:
+            return module.state_dict() if is_main else None
+        import deepspeed
+
+        # ZeRO-3 partitions the weights over the ranks: gather them (a collective) to save them whole.
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().clone() for k, v in module.state_dict().items()} if is_main else None
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        save: Callable[[Path], None] = lambda d: self.engine.save_checkpoint(str(d), tag=_DEEPSPEED_TAG)  # noqa: E731
+        return {"deepspeed_save": save}
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        if checkpoint.deepspeed_dir is None:
+            raise ValueError(f"{checkpoint.path} was not written by DeepSpeed; resume it with the same --deepspeed")
+        # DeepSpeed's own state holds the (possibly partitioned) weights, the optimizer and the schedule.
+        self.engine.load_checkpoint(str(checkpoint.deepspeed_dir), tag=_DEEPSPEED_TAG, load_module_strict=True)
+        self._steps = self.engine.global_steps

@@ -44,6 +44,25 @@ def upstream_judge_data() -> Path:
     pytest.skip(message)
 
 
+def original_files() -> Path:
+    """The original DeepGen-RL's own files (launch script, DeepSpeed JSONs, YAMLs, MMEngine configs), for
+    parity tests only: `ORIGINAL_DIR`, else `../shared/original` beside the clone. Where neither exists
+    the test skips naming ORIGINAL_DIR; under CI=true it fails."""
+    candidates = [REPO.parent / "shared" / "original"]
+    if os.environ.get("ORIGINAL_DIR"):
+        candidates.insert(0, REPO / os.environ["ORIGINAL_DIR"])
+    for directory in candidates:
+        if (directory / "scripts" / "train.sh").is_file():
+            return directory
+    message = (
+        "parity test needs the original DeepGen-RL's files: set ORIGINAL_DIR to a checkout of "
+        f"deepgenteam/deepgen_rl; looked in {', '.join(str(c) for c in candidates)}"
+    )
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def render_text(lines: list[str], size: tuple[int, int] = (512, 512), font_size: int = 44, fmt: str = "PNG") -> bytes:
     """Black text on white, one line per entry, in Pillow's bundled TrueType font (Aileron)."""
     image = Image.new("RGB", size, "white")

@@ -96,8 +96,11 @@ def test_env_fills_deployment_facts_only_and_flags_win() -> None:
         "UNIGENBENCH_API_URL": "grpcs://eval-1:50053,eval-2:50053",
         "CHECKPOINT": "",
         "METRICS_PORT": "9400",
+        "WANDB_MODE": "online",
+        "SWANLAB_MODE": "disabled",
     }
     cfg = parse("--output_dir", "/flag/out", env=env)
+    assert (cfg.wandb_mode, cfg.swanlab_mode) == ("online", "disabled")
     assert cfg.metrics_port == 9400
     assert cfg.output_dir == "/flag/out"
     assert cfg.ocr_url == "grpc://ocr:50051"
@@ -129,7 +132,7 @@ BAD_FLAGS = [
     (["--atrain_sde_sampler", "euler"], "valid values: cps_sde, flowgrpo_sde, dance_sde"),
     (["--atrain_adv_type", "ppo"], "valid values: gdpo, grpo, grpo_global_std, reinforcepp"),
     (["--atrain_kl_type", "k3"], "valid values: v-based, x-based"),
-    (["--lr_scheduler_type", "step"], "valid values: constant, constant_with_warmup, linear, cosine"),
+    (["--lr_scheduler_type", "step"], "valid values: linear, cosine, cosine_with_restarts"),
     (["--model", "big"], "valid values: hf, tiny"),
     (["--learning_rate=-1e-6"], "--learning_rate must be a finite number >= 0"),
     (["--beta", "nan"], "--beta must be a finite number >= 0"),

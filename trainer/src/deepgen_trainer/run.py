@@ -126,7 +126,8 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
         (Path(cfg.output_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     tracker = Tracker(
         cfg.report_to, output_dir=cfg.output_dir, config=cfg.to_dict(), prometheus_port=cfg.metrics_port,
-        rank=world.rank,
+        rank=world.rank, project=cfg.wandb_project, swanlab_project=cfg.swanlab_project, run_name=cfg.run_name,
+        wandb_mode=cfg.wandb_mode, swanlab_mode=cfg.swanlab_mode,
     )  # fmt: skip
     eval_client = None
     if cfg.unigenbench_api_url and (cfg.eval_freq or cfg.eval_before_train):

@@ -17,6 +17,7 @@ step and one LR-schedule tick.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import math
 import os
@@ -70,8 +71,9 @@ def build_updater(dit: nn.Module, cfg: TrainConfig, world: World, total_steps: i
     per_step = cfg.optimizer_steps(world.world_size)
     ticks, warmup = total_steps * per_step, cfg.warmup_steps * per_step
     scheduler = get_scheduler(
-        cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max(ticks, 1)
-    )
+        cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max(ticks, 1),
+        scheduler_specific_kwargs=json.loads(cfg.lr_scheduler_kwargs) if cfg.lr_scheduler_kwargs else None,
+    )  # fmt: skip
     if cfg.deepspeed == "none":
         return TorchUpdater(dit, params, optimizer, scheduler, world, cfg.max_grad_norm)
     return DeepSpeedUpdater(dit, optimizer, scheduler, cfg, world)

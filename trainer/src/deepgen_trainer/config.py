@@ -400,7 +400,7 @@ def _validate(cfg: TrainConfig) -> None:
     )
     _require(
         cfg.save_total_limit is None or cfg.save_total_limit >= 1,
-        f"--save_total_limit must be >= 1 (omit it to keep every checkpoint), got {cfg.save_total_limit}",
+        f"--save_total_limit must be >= 1 (omit it or pass -1 to keep every checkpoint), got {cfg.save_total_limit}",
     )
     _require(
         cfg.prompts_per_step is None or cfg.prompts_per_step >= 1,

@@ -124,11 +124,7 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     if world.is_main:
         (Path(cfg.output_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    tracker = Tracker(
-        cfg.report_to, output_dir=cfg.output_dir, config=cfg.to_dict(), prometheus_port=cfg.metrics_port,
-        rank=world.rank, project=cfg.wandb_project, swanlab_project=cfg.swanlab_project, run_name=cfg.run_name,
-        wandb_mode=cfg.wandb_mode, swanlab_mode=cfg.swanlab_mode,
-    )  # fmt: skip
+    tracker = build_tracker(cfg, world.rank)
     eval_client = None
     if cfg.unigenbench_api_url and (cfg.eval_freq or cfg.eval_before_train):
         eval_client = EvalClient(cfg.unigenbench_api_url)
@@ -146,6 +142,16 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     return Run(
         cfg, world, model, reference, data, reward_names, sampler, sftaux, scorer, updater, tracker, eval_client,
         eval_plans, start_step, total_steps, uncond, ema,
+    )  # fmt: skip
+
+
+def build_tracker(cfg: TrainConfig, rank: int) -> Tracker:
+    """The run's trackers: --report_to, with the modes, projects and run name of the config (from the flags
+    or the original's WANDB_* / SWANLAB_* / RUN_NAME variables)."""
+    return Tracker(
+        cfg.report_to, output_dir=cfg.output_dir, config=cfg.to_dict(), prometheus_port=cfg.metrics_port, rank=rank,
+        project=cfg.wandb_project, swanlab_project=cfg.swanlab_project, run_name=cfg.run_name,
+        wandb_mode=cfg.wandb_mode, swanlab_mode=cfg.swanlab_mode,
     )  # fmt: skip
 
 

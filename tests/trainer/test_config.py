@@ -57,7 +57,7 @@ DESIGN_DEFAULTS = {
     "model": "hf",
     "max_steps": -1,
     "dataset_config": None,
-    "ocr_url": None,
+    "ocr_url": "http://localhost:18082",  # the original's default when OCR_URL is not set at all
 }
 
 
@@ -69,7 +69,8 @@ def test_parse_defaults_equal_the_design() -> None:
     cfg = parse()
     for name, value in DESIGN_DEFAULTS.items():
         assert getattr(cfg, name) == value, name
-    assert cfg == TrainConfig()
+    # Reward URLs whose variable is not set at all: the original's local addresses.
+    assert cfg == TrainConfig(ocr_url="http://localhost:18082", unifiedreward_think_url="http://localhost:18087")
     assert cfg.num_train_timesteps == 30  # int(50 · 0.6)
     assert cfg.images_per_rank(world_size=8) == 32
 
@@ -108,7 +109,11 @@ def test_env_fills_deployment_facts_only_and_flags_win() -> None:
     assert cfg.sftaux_dataset_config == "/env/sftaux_dataset_config"
     assert cfg.checkpoint is None  # an empty variable counts as unset
     assert (cfg.learning_rate, cfg.rollout_n) == (2e-6, 8)  # algorithm switches never come from the env
-    assert deployment_env({"PATH": "/bin"}) == {}
+    # Only the reward URLs have defaults (the original's local addresses), and only for unset variables.
+    assert deployment_env({"PATH": "/bin"}) == {
+        "ocr_url": "http://localhost:18082", "unifiedreward_think_url": "http://localhost:18087"
+    }  # fmt: skip
+    assert deployment_env({"OCR_URL": "", "UNIFIEDREWARD_THINK_URL": ""}) == {}  # compose: set but empty = off
 
 
 def test_to_dict_round_trips_and_is_json() -> None:
@@ -143,7 +148,7 @@ BAD_FLAGS = [
     (["--max_steps", "0"], "or -1 to train --num_train_epochs"),
     (["--report_to", "neptune"], "valid values: wandb,swanlab (comma-separated) or none"),
     (["--deepspeed", "zero4"], "neither a config name (zero2, zero3, zero3_offload, zero3_sd3)"),
-    (["--ocr_url", "reward-ocr:50051"], "--ocr_url (OCR_URL): unsupported service URL 'reward-ocr:50051': use"),
+    (["--ocr_url", "ftp://reward-ocr:50051"], "(OCR_URL): unsupported service URL 'ftp://reward-ocr:50051': use"),
     (["--unigenbench_api_url", "grpc://h"], "(UNIGENBENCH_API_URL): service URL 'grpc://h': address 'h' needs a port"),
     (["--rollout_nn", "8"], "unrecognized arguments: --rollout_nn 8; see --help"),
     (["--rollout_n", "eight"], "invalid int value"),

@@ -32,6 +32,7 @@ from deepgen_trainer.algorithms.advantages import ADVANTAGE_TYPES, GROUP_NORMALI
 from deepgen_trainer.algorithms.policy_loss import KL_TYPES, KLType
 from deepgen_trainer.algorithms.sde import LOGPROB_MIN_STD, SAMPLERS, Sampler
 from deepgen_trainer.original import flags as original_flags
+from deepgen_trainer.original import urls as original_urls
 
 ModelKind = Literal["hf", "tiny"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
@@ -64,6 +65,8 @@ ENV_FIELDS: dict[str, str] = {
         "WANDB_PROJECT",
     )
 }
+# Service URLs: `host:port` means http://host:port, as the original accepted (`deepgen_trainer.original.urls`).
+URL_FIELDS: tuple[str, ...] = ("ocr_url", "unifiedreward_think_url", "unigenbench_api_url")
 # Deployment facts several variables of the seed can set: the first one set wins.
 ENV_ALIASES: dict[str, tuple[str, ...]] = {
     "swanlab_project": ("SWANLAB_PROJECT", "SWANLAB_PROJ_NAME"),
@@ -431,6 +434,8 @@ def deployment_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Field values of the deployment facts set in the environment (the only environment read)."""
     environ = os.environ if environ is None else environ
     values = {name: environ[var] for var, name in ENV_FIELDS.items() if environ.get(var)}
+    values |= {ENV_FIELDS[var]: url for var, url in original_urls.unset_url_defaults(environ).items()}
+    values |= {name: original_urls.with_scheme(values[name]) for name in URL_FIELDS if values.get(name)}
     for name, variables in ENV_ALIASES.items():
         first = next((environ[v] for v in variables if environ.get(v)), None)
         if first is not None:
@@ -469,6 +474,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     namespace = build_parser(environ).parse_args(argv)
     given = original_flags.pop_original_flags(namespace)
     values = vars(namespace)
+    values |= {name: original_urls.with_scheme(values[name]) for name in URL_FIELDS if values[name]}
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     try:
         overrides, notices = original_flags.translate(given, values, defaults)

@@ -197,7 +197,7 @@ class TrainConfig:
     save_steps: int = 50
     ema_decay: float = field(default=0.0, metadata=_help("EMA of the DiT with this decay, in [0, 1) (0: off)"))
     eval_with_ema: bool = field(default=False, metadata=_help("evaluate the DiT's EMA (needs --ema_decay)"))
-    save_total_limit: int | None = field(default=None, metadata=_help("checkpoints kept (default: all)"))
+    save_total_limit: int | None = field(default=None, metadata=_help("checkpoints kept; -1 or 0: all (default: all)"))
     eval_freq: int = field(default=10, metadata=_help("evaluate every N steps (0: never)"))
     eval_before_train: bool = False
     eval_cfg_scale: float = 4.0
@@ -486,7 +486,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         if f.name in ENV_FIELDS.values():
             help_text += f" [env {f.name.upper()}]"
         if f.name == "save_total_limit":
-            parser.add_argument(f"--{f.name}", type=_keep_limit, default=default, help=help_text + "; -1: keep all")
+            parser.add_argument(f"--{f.name}", type=_keep_limit, default=default, help=help_text)
             continue
         kind = _scalar_type(hints[f.name])
         if kind is bool:

@@ -95,7 +95,11 @@ def add_original_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("flags of the original DeepGen-RL (translated, or without effect here)")
     for flag in ORIGINAL_FLAGS:
         group.add_argument(
-            f"--{flag.name}", dest=DEST_PREFIX + flag.name, type=flag.type, default=argparse.SUPPRESS, help=flag.help
+            f"--{flag.name}",
+            dest=DEST_PREFIX + flag.name,
+            type=flag.type,
+            default=argparse.SUPPRESS,
+            help=f"{flag.help} (default: unset; the original's: {flag.default})",
         )
 
 

@@ -8,6 +8,10 @@ Train YAML (``--dataset_config``)::
         path: prompts/ocr.txt              # relative to this YAML file
         sample_weight: 1.0                 # optional, default 1.0; >= 0
         rewards: {ocr: 1.0, unifiedreward_think: 0.5}
+        # or, as the original DeepGen-RL writes it, a list of one-key maps:
+        # rewards:
+        #   - ocr: 1.0
+        #   - unifiedreward_think: 0.5
 
 - ``sample_proportional``: p(prompt) ∝ its dataset's weight, so a dataset is drawn with probability
   ∝ weight × size (equal weights = every prompt equally likely).
@@ -347,8 +351,12 @@ def load_train_data(path: Path | str, reward_names: Collection[str]) -> TrainDat
 
 def _reward_weights(raw: Any, known: Collection[str], file: Path, where: str) -> dict[str, float]:
     valid = f"valid reward names: {', '.join(sorted(known))}"
+    if isinstance(raw, list) and raw:
+        raw = _merge_reward_list(raw, file, where)
     if not isinstance(raw, dict) or not raw:
-        raise DataConfigError(file, where, "must be a non-empty mapping of reward name to weight", valid)
+        raise DataConfigError(
+            file, where, "must be a non-empty mapping of reward name to weight, or a list of one-key maps", valid
+        )
     rewards: dict[str, float] = {}
     for name, weight in raw.items():
         if name not in known:
@@ -357,6 +365,25 @@ def _reward_weights(raw: Any, known: Collection[str], file: Path, where: str) ->
     if all(w == 0 for w in rewards.values()):
         raise DataConfigError(file, where, "every reward weight is 0", "give one reward a weight > 0")
     return rewards
+
+
+def _merge_reward_list(items: list[Any], file: Path, where: str) -> dict[str, Any]:
+    """The original's list form (``- ocr: 0.7``) as one mapping. Where the original ignored a
+    non-mapping item and let a repeated name overwrite the earlier one, both are errors here."""
+    merged: dict[str, Any] = {}
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or len(item) != 1:
+            raise DataConfigError(
+                file,
+                f"{where}[{i}]",
+                f"must be a one-key map such as '- ocr: 0.7', got {item!r}",
+                "write one reward per item",
+            )
+        ((name, weight),) = item.items()
+        if name in merged:
+            raise DataConfigError(file, f"{where}[{i}].{name}", "listed twice", "keep one weight per reward")
+        merged[name] = weight
+    return merged
 
 
 _EVAL_TOP_KEYS = ("datasets",)

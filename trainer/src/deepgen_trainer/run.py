@@ -26,13 +26,14 @@ from deepgen_trainer.checkpoints.rng_state import apply_rng
 from deepgen_trainer.checkpoints.run_checkpoint import DIT_PREFIX, latest_checkpoint, load_checkpoint
 from deepgen_trainer.config import ConfigError, TrainConfig
 from deepgen_trainer.data.prompt_sampler import PromptSampler
-from deepgen_trainer.data.prompts import TrainData, load_eval_data, load_train_data
+from deepgen_trainer.data.prompts import TrainData, load_eval_data, load_train_data, simple_train_data
 from deepgen_trainer.data.sftaux import SftAuxLoader, load_sftaux_data
 from deepgen_trainer.engine.distributed import World
 from deepgen_trainer.engine.optim import Updater, build_updater
 from deepgen_trainer.model.deepgen import DEEPGEN_ONLY_PREFIXES, NEGATIVE_PROMPT, Conditioning, DeepGen
 from deepgen_trainer.observe.tracking import Tracker
 from deepgen_trainer.rewards.clip_sim import ClipSimReward, build_tiny_clip
+from deepgen_trainer.rewards.original_names import check_reward_funcs
 from deepgen_trainer.rewards.outage import wait_for_reward_services
 from deepgen_trainer.rewards.scorer import REWARD_NAMES, REWARD_URL_ENV, RewardFn, RewardScorer, build_reward
 
@@ -65,10 +66,8 @@ class Run:
 def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     """Build the model, data, rewards, optimizer and trackers; resume from the newest checkpoint.
     `model` replaces the one `--model` names (benchmarks/bench_gpu.py: real size, random weights)."""
-    if cfg.dataset_config is None:
-        raise ConfigError("no training prompts: pass --dataset_config (or set DATASET_CONFIG) to a train YAML")
+    data = train_data(cfg)
     _seed_everything(cfg.seed + world.rank)
-    data = load_train_data(cfg.dataset_config, REWARD_NAMES)
     reward_names = data.reward_names
     model = (model if model is not None else build_model(cfg)).to(world.device)
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
@@ -148,9 +147,29 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     )  # fmt: skip
 
 
+def train_data(cfg: TrainConfig) -> TrainData:
+    """The train YAML (``--dataset_config``), else the original's simple mode: ``--prompts_file`` with
+    ``--reward_funcs`` (default jpeg_compressibility), each reward weighted 1."""
+    if cfg.dataset_config is not None:
+        if cfg.prompts_file is not None or cfg.reward_funcs is not None:
+            log.info("--prompts_file / --reward_funcs have no effect with --dataset_config: its datasets name the "
+                     "prompts and rewards")  # fmt: skip
+        return load_train_data(cfg.dataset_config, REWARD_NAMES)
+    if cfg.prompts_file is None:
+        raise ConfigError(
+            "no training prompts: pass --dataset_config (or set DATASET_CONFIG) to a train YAML, or --prompts_file "
+            "with --reward_funcs (simple mode)"
+        )
+    try:
+        names = check_reward_funcs(cfg.reward_funcs or ("jpeg_compressibility",), REWARD_NAMES)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return simple_train_data(cfg.prompts_file, names)
+
+
 def reward_url(cfg: TrainConfig, name: str) -> str | None:
-    """The service URL of a remote reward (``OCR_URL`` / ``UNIFIEDREWARD_THINK_URL``)."""
-    return {"ocr": cfg.ocr_url, "unifiedreward_think": cfg.unifiedreward_think_url}[name]
+    """The service URL of a remote reward (``OCR_URL`` / ``UNIFIEDREWARD_THINK_URL``); None for in-process ones."""
+    return {"ocr": cfg.ocr_url, "unifiedreward_think": cfg.unifiedreward_think_url}.get(name)
 
 
 def _resume_source(output_dir: str) -> tuple[Path | None, OriginalCheckpoint | None]:

@@ -349,6 +349,17 @@ def load_train_data(path: Path | str, reward_names: Collection[str]) -> TrainDat
     return TrainData(sampling_mode=mode, datasets=tuple(datasets))
 
 
+def simple_train_data(prompts_file: Path | str, reward_names: Sequence[str]) -> TrainData:
+    """The original's simple mode (``--prompts_file`` + ``--reward_funcs``, no train YAML): one dataset,
+    every prompt of the file, each reward with weight 1."""
+    path = Path(prompts_file)
+    records = read_prompt_records(path)
+    if not records:
+        raise DataConfigError(path, "", "holds no prompts", "point --prompts_file at a non-empty prompt file")
+    dataset = PromptDataset(path.stem, path, tuple(p for _, p in records), 1.0, dict.fromkeys(reward_names, 1.0))
+    return TrainData(sampling_mode="sample_proportional", datasets=(dataset,))
+
+
 def _reward_weights(raw: Any, known: Collection[str], file: Path, where: str) -> dict[str, float]:
     valid = f"valid reward names: {', '.join(sorted(known))}"
     if isinstance(raw, list) and raw:

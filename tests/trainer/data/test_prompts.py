@@ -324,8 +324,8 @@ def test_sftaux_loader_yields_sized_images_and_ten_percent_empty_captions(tmp_pa
         assert caption in {"", "a wide red image", "a small square", "a tall red image"}
     # The empty-caption draws and dataset draws alone (no pixels), over many items.
     draws = [SftAuxLoader(data, seed=7)._draw(n) for n in range(4000)]
-    assert sum(empty for _, empty in draws) / len(draws) == pytest.approx(0.1, abs=0.02)
-    from_folder = sum(item.image_path.parent.name == "folder" for item, _ in draws) / len(draws)
+    assert sum(empty for _, _, empty in draws) / len(draws) == pytest.approx(0.1, abs=0.02)
+    from_folder = sum(item.image_path.parent.name == "folder" for _, item, _ in draws) / len(draws)
     assert from_folder == pytest.approx(0.25, abs=0.03)  # weights 3 : 1
 
 

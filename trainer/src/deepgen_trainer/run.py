@@ -26,8 +26,15 @@ from deepgen_trainer.checkpoints.rng_state import apply_rng
 from deepgen_trainer.checkpoints.run_checkpoint import DIT_PREFIX, latest_checkpoint, load_checkpoint
 from deepgen_trainer.config import ConfigError, TrainConfig
 from deepgen_trainer.data.prompt_sampler import PromptSampler
-from deepgen_trainer.data.prompts import TrainData, load_eval_data, load_train_data, simple_train_data
+from deepgen_trainer.data.prompts import (
+    DataConfigError,
+    TrainData,
+    load_eval_data,
+    load_train_data,
+    simple_train_data,
+)
 from deepgen_trainer.data.sftaux import SftAuxLoader, load_sftaux_data
+from deepgen_trainer.data.sftaux_mmengine import load_mmengine_sftaux
 from deepgen_trainer.engine.distributed import World
 from deepgen_trainer.engine.optim import Updater, build_updater
 from deepgen_trainer.model.deepgen import DEEPGEN_ONLY_PREFIXES, NEGATIVE_PROMPT, Conditioning, DeepGen
@@ -78,9 +85,7 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     wait_for_reward_services({n: u for n, u in remote.items() if u}, cfg.reward_ready_timeout)
     scorer = RewardScorer({name: _reward(name, cfg, world) for name in reward_names})
     sampler = PromptSampler(data, cfg.prompts_per_rank_for(world.world_size), cfg.seed, world.rank, world.world_size)
-    sftaux = None
-    if cfg.uses_sftaux:
-        sftaux = SftAuxLoader(load_sftaux_data(cfg.sftaux_dataset_config), cfg.seed, world.rank)
+    sftaux = sftaux_loader(cfg, world.rank)
     epochs_steps = math.ceil(cfg.num_train_epochs * sampler.batches_per_epoch)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else epochs_steps
     resume, original = _resume_source(cfg.output_dir)
@@ -165,6 +170,27 @@ def train_data(cfg: TrainConfig) -> TrainData:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return simple_train_data(cfg.prompts_file, names)
+
+
+def sftaux_loader(cfg: TrainConfig, rank: int) -> SftAuxLoader | None:
+    """The SFT-aux loader: an MMEngine ``.py`` config (the original's) or this trainer's YAML. With
+    ``--sftaux_disable_on_error`` data that cannot be loaded turns SFT-aux off with a warning."""
+    if not cfg.uses_sftaux:
+        return None
+    path = str(cfg.sftaux_dataset_config)
+    num_workers = cfg.sftaux_num_workers
+    try:
+        if path.endswith(".py"):
+            data, settings = load_mmengine_sftaux(path)
+            num_workers = settings.num_workers if num_workers is None else num_workers
+        else:
+            data = load_sftaux_data(path)
+    except (DataConfigError, OSError) as exc:
+        if not cfg.sftaux_disable_on_error:
+            raise
+        log.warning("SFT-aux is OFF for this run (--sftaux_disable_on_error): %s", exc)
+        return None
+    return SftAuxLoader(data, cfg.seed, rank, num_workers=num_workers or 0)
 
 
 def reward_url(cfg: TrainConfig, name: str) -> str | None:

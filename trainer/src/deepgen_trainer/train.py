@@ -145,6 +145,8 @@ def train(cfg: TrainConfig, world: World | None = None, model: DeepGen | None = 
         progress.close()
         run.scorer.close()
         run.tracker.close()
+        if run.sftaux is not None:
+            run.sftaux.close()
         if run.eval_client is not None:
             run.eval_client.close()
     return model
@@ -248,8 +250,9 @@ def update_policy(run: Run, rollout: Rollout, advantages: torch.Tensor, step: in
             loss = loss + cfg.beta * kl
             stats.add("policy/kl", kl.mean())
         total = loss.mean() * grpo_scale
-        if run.sftaux is not None and i == len(passes) - 1:
-            sft_loss = sft_auxiliary_loss(model, run.sftaux, micro, rollout.generator)
+        if run.sftaux is not None and i == len(passes) - 1 and step % cfg.sftaux_every_n_steps == 0:
+            sft_batch = cfg.sftaux_micro_batch_size or micro
+            sft_loss = sft_auxiliary_loss(model, run.sftaux, sft_batch, rollout.generator)
             total = total + cfg.sftaux_coef * sft_loss
             stats.add("sft/loss", sft_loss)
         updater.backward(total)
@@ -303,15 +306,25 @@ def sft_auxiliary_loss(
     model: DeepGen, loader: SftAuxLoader, batch_size: int, generator: torch.Generator
 ) -> torch.Tensor:
     """Flow-matching loss on a batch of real images: x_σ = (1 − σ)z + σε, target ε − z, σ drawn from
-    the scheduler's shifted training distribution σ = s·u / (1 + (s − 1)·u), u ~ U(0, 1)."""
-    images, captions = loader.next_batch(batch_size)  # images in [-1, 1]
-    latents = model.encode_images((images + 1.0) / 2.0, generator=None)
-    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
-    u = torch.rand(latents.shape[0], generator=generator, device=generator.device).to(latents.device)
+    the scheduler's shifted training distribution σ = s·u / (1 + (s − 1)·u), u ~ U(0, 1). Images of
+    different sizes (the original's configs keep each image's size) go through the DiT in one call per
+    size; the loss is the mean of the per-image losses."""
+    images, captions = loader.next_images(batch_size)  # (3, H, W) in [-1, 1]
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for k, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape), []).append(k)
     shift = float(model.scheduler.config.shift)
-    sigma = shift * u / (1.0 + (shift - 1.0) * u)
-    v = model.velocity(flow_matching_inputs(latents, noise, sigma), sigma, model.encode_prompts(captions))
-    return flow_matching_loss(v, latents, noise).mean()
+    losses = []
+    for rows in by_size.values():
+        latents = model.encode_images((torch.stack([images[k] for k in rows]) + 1.0) / 2.0, generator=None)
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
+        u = torch.rand(latents.shape[0], generator=generator, device=generator.device).to(latents.device)
+        sigma = shift * u / (1.0 + (shift - 1.0) * u)
+        cond = model.encode_prompts([captions[k] for k in rows])
+        losses.append(
+            flow_matching_loss(model.velocity(flow_matching_inputs(latents, noise, sigma), sigma, cond), latents, noise)
+        )
+    return torch.cat(losses).mean()
 
 
 def optimizer_step(run: Run) -> float:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from deepgen_trainer.data.prompt_sampler import PromptSampler
-from deepgen_trainer.data.prompts import DataConfigError, load_train_data
+from deepgen_trainer.data.prompts import DataConfigError, load_eval_data, load_train_data
 from tests.helpers import original_files
 
 REWARDS = ("clip_sim", "ocr", "unifiedreward_think")
@@ -71,3 +71,20 @@ def test_reward_list_items_must_be_one_key_maps(tmp_path: Path) -> None:
         config.write_text(f"datasets:\n  - path: p.txt\n    rewards: {rewards}\n")
         with pytest.raises(DataConfigError, match=problem.replace("[", r"\[").replace("]", r"\]")):
             load_train_data(config, REWARDS)
+
+
+def test_shipped_eval_yaml_names_its_set_language_and_duplicates(tmp_path: Path) -> None:
+    shipped = original_files() / "assets/rl_datasets/deepgen/eval/eval.yaml"
+    data = load_eval_data(shipped)  # unchanged; the CSV it names lives with eval-unigenbench
+    (entry,) = data.datasets
+    assert (entry.name, entry.benchmark, entry.language) == ("unigenbench_en", "en", "en")
+    assert (entry.duplicates, entry.cfg_scale, entry.num_inference_steps) == (4, 4.0, 50)
+    # Its commented-out sets, uncommented: each names its own set and judge language.
+    config = tmp_path / "eval.yaml"
+    config.write_text(shipped.read_text().replace("  # ", "  "))
+    assert [(d.name, d.benchmark, d.language) for d in load_eval_data(config).datasets] == [
+        ("unigenbench_en", "en", "en"),
+        ("unigenbench_en_long", "en_long", "en"),
+        ("unigenbench_zh", "zh", "zh"),
+        ("unigenbench_zh_long", "zh_long", "zh"),
+    ]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepgen_common.client import EvalClient
+from deepgen_common.client import EvalClient, RewardServiceError, TransientError
 from deepgen_trainer.checkpoints.ema import DitEma
 from deepgen_trainer.checkpoints.loading import build_model
 from deepgen_trainer.checkpoints.original_run import OriginalCheckpoint, scan_output_dir
@@ -37,6 +37,7 @@ from deepgen_trainer.data.sftaux import SftAuxLoader, load_sftaux_data
 from deepgen_trainer.data.sftaux_mmengine import load_mmengine_sftaux
 from deepgen_trainer.engine.distributed import World
 from deepgen_trainer.engine.optim import Updater, build_updater
+from deepgen_trainer.evaluation.evaluate import EvalPlan
 from deepgen_trainer.model.deepgen import DEEPGEN_ONLY_PREFIXES, NEGATIVE_PROMPT, Conditioning, DeepGen
 from deepgen_trainer.observe.tracking import Tracker
 from deepgen_trainer.rewards.clip_sim import ClipSimReward, build_tiny_clip
@@ -63,7 +64,7 @@ class Run:
     updater: Updater
     tracker: Tracker
     eval_client: EvalClient | None
-    eval_plans: list[tuple[str, float, int]]  # (name or "", cfg_scale, num_inference_steps) per evaluation
+    eval_plans: list[EvalPlan]
     start_step: int
     total_steps: int
     uncond: Conditioning | None
@@ -132,14 +133,7 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
         cfg.report_to, output_dir=cfg.output_dir, config=cfg.to_dict(), prometheus_port=cfg.metrics_port,
         rank=world.rank,
     )  # fmt: skip
-    eval_client = None
-    if cfg.unigenbench_api_url and (cfg.eval_freq or cfg.eval_before_train):
-        eval_client = EvalClient(cfg.unigenbench_api_url)
-    # The eval service owns the prompts and duplicates; the eval YAML sets how each evaluation samples.
-    eval_plans = [("", cfg.eval_cfg_scale, cfg.num_inference_steps)]  # "": named after the service's set
-    if cfg.eval_dataset_config:
-        datasets = load_eval_data(cfg.eval_dataset_config).datasets
-        eval_plans = [(d.name, d.cfg_scale, d.num_inference_steps) for d in datasets]
+    eval_client, eval_plans = evaluation_plans(cfg)
     uncond = model.encode_prompts([NEGATIVE_PROMPT]) if cfg.cfg_scale > 0 else None
     log.info(
         "training %d steps from step %d: %d prompts × %d images per rank, %d ranks, rewards %s, DiT %.3g M parameters",
@@ -150,6 +144,48 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
         cfg, world, model, reference, data, reward_names, sampler, sftaux, scorer, updater, tracker, eval_client,
         eval_plans, start_step, total_steps, uncond, ema,
     )  # fmt: skip
+
+
+def evaluation_plans(cfg: TrainConfig) -> tuple[EvalClient | None, list[EvalPlan]]:
+    """The eval client (when UNIGENBENCH_API_URL is set and evaluation is on) and one plan per entry of
+    the eval YAML; without the YAML, the service's first set with its duplicates. A YAML naming a set
+    the service does not serve stops the run here, with the list it serves; an unscored entry needs
+    no service."""
+    if not (cfg.eval_freq or cfg.eval_before_train):
+        return None, []
+    steps = cfg.eval_num_inference_steps or cfg.num_inference_steps
+    client = EvalClient(cfg.unigenbench_api_url) if cfg.unigenbench_api_url else None
+    if not cfg.eval_dataset_config:
+        return client, [EvalPlan("", "", (), 0, cfg.eval_cfg_scale, steps)] if client is not None else []
+    plans = []
+    for d in load_eval_data(cfg.eval_dataset_config).datasets:
+        cfg_scale = cfg.eval_cfg_scale if d.cfg_scale is None else d.cfg_scale
+        prompts = tuple(zip(d.prompt_ids, d.prompts, strict=True))
+        plan = EvalPlan(d.name, d.benchmark, prompts, d.duplicates, cfg_scale, d.num_inference_steps or steps)
+        if d.benchmark is not None and client is None:
+            log.warning("eval entry %s is scored by eval-unigenbench, but UNIGENBENCH_API_URL is not set: skipped",
+                        d.name)  # fmt: skip
+            continue
+        plans.append(plan)
+    if client is not None:
+        _check_served(client, [p for p in plans if p.benchmark is not None], cfg.eval_dataset_config)
+    return client, plans
+
+
+def _check_served(client: EvalClient, plans: list[EvalPlan], config: str) -> None:
+    """Every scored plan's set is served by eval-unigenbench (asked once at start)."""
+    try:
+        for plan in plans:
+            try:
+                client.prompts(plan.benchmark or "")
+            except RewardServiceError as exc:  # INVALID_ARGUMENT: the service names the sets it serves
+                raise ConfigError(
+                    f"{config}: eval entry {plan.name!r} asks eval-unigenbench for set {plan.benchmark!r} "
+                    f"(from its path), which it does not serve: {exc}. Serve it (BENCHMARK=...,"
+                    f"test_prompts_{plan.benchmark}) or change the entry's path"
+                ) from None
+    except TransientError as exc:  # not reachable now: evaluations are skipped while it is down
+        log.warning("eval-unigenbench not reachable at start (%s); the eval sets are checked at each evaluation", exc)
 
 
 def train_data(cfg: TrainConfig) -> TrainData:

@@ -53,7 +53,7 @@ from deepgen_trainer.data.prompts import DataConfigError
 from deepgen_trainer.data.sftaux import SftAuxLoader
 from deepgen_trainer.engine.distributed import World, close_world, init_world
 from deepgen_trainer.engine.optim import Updater
-from deepgen_trainer.evaluation.evaluate import evaluate
+from deepgen_trainer.evaluation.evaluate import EvalSampling, evaluate
 from deepgen_trainer.model.deepgen import Conditioning, DeepGen, to_uint8
 from deepgen_trainer.rewards.outage import FailureWatch, RewardOutage
 from deepgen_trainer.rewards.scorer import RewardBatch, reward_metrics
@@ -124,7 +124,7 @@ def train(cfg: TrainConfig, world: World | None = None, model: DeepGen | None = 
                 "grad_norm": grad_norm,
                 "optim/steps": float(updater.optimizer_steps),
             }
-            if run.eval_client is not None and cfg.eval_freq and step % cfg.eval_freq == 0:
+            if run.eval_plans and cfg.eval_freq and step % cfg.eval_freq == 0:
                 t0 = time.perf_counter()
                 metrics |= run_eval(run, step)
                 metrics["time/eval"] = time.perf_counter() - t0
@@ -363,22 +363,31 @@ def checkpoint(run: Run, step: int) -> Path:
 
 def run_eval(run: Run, step: int) -> dict[str, float]:
     """Every evaluation of the eval YAML (one by default, named after the service's set); metrics under
-    eval/<name>/, contact sheets to the trackers (rank 0)."""
-    assert run.eval_client is not None
+    eval/<name>/, contact sheets and the first --eval_{wandb,swanlab}_num_upload_images images to the
+    trackers (rank 0)."""
     cfg = run.cfg
     run.model.eval()
+    sampling = EvalSampling(
+        mode=cfg.eval_inference_mode, sampler=cfg.atrain_sde_sampler,
+        eta=cfg.sde_eta if cfg.eval_sde_eta is None else cfg.eval_sde_eta,
+        height=cfg.eval_image_height or cfg.image_height, width=cfg.eval_image_width or cfg.image_width,
+        batch_size=cfg.eval_micro_batch_size or cfg.rollout_micro_batch_size,
+        uploads=max(cfg.eval_wandb_num_upload_images, cfg.eval_swanlab_num_upload_images),
+    )  # fmt: skip
     metrics = {}
     with ema_dit(run.model, run.ema) if cfg.eval_with_ema and run.ema is not None else contextlib.nullcontext():
-        for name, cfg_scale, num_inference_steps in run.eval_plans:
+        for plan in run.eval_plans:
             outcome = evaluate(
-                run.model, run.eval_client, run.world, step, output_dir=Path(cfg.output_dir), label=name,
-                height=cfg.image_height, width=cfg.image_width, num_inference_steps=num_inference_steps,
-                cfg_scale=cfg_scale, batch_size=cfg.rollout_micro_batch_size,
-            )  # fmt: skip
+                run.model, run.eval_client, run.world, step, plan, sampling, output_dir=Path(cfg.output_dir)
+            )
             if outcome is not None:
                 metrics |= outcome.metrics
-                label = name or outcome.summary.benchmark
+                label = plan.name or (outcome.summary.benchmark if outcome.summary else "")
                 run.tracker.log_images({f"eval/{label}/contact_sheet": outcome.contact_sheet}, step=step)
+                for backend, count in (("wandb", cfg.eval_wandb_num_upload_images),
+                                       ("swanlab", cfg.eval_swanlab_num_upload_images)):  # fmt: skip
+                    if count:
+                        run.tracker.log_image_list(f"eval/{label}", outcome.uploads[:count], step, backend)
     return metrics
 
 

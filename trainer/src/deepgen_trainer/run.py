@@ -39,6 +39,9 @@ from deepgen_trainer.engine.distributed import World
 from deepgen_trainer.engine.optim import Updater, build_updater
 from deepgen_trainer.evaluation.evaluate import EvalPlan
 from deepgen_trainer.model.deepgen import DEEPGEN_ONLY_PREFIXES, NEGATIVE_PROMPT, Conditioning, DeepGen
+from deepgen_trainer.observe.flops import DeepGenShape
+from deepgen_trainer.observe.grad_norms import GradParts
+from deepgen_trainer.observe.metric_window import MetricWindow
 from deepgen_trainer.observe.tracking import Tracker
 from deepgen_trainer.rewards.clip_sim import ClipSimReward, build_tiny_clip
 from deepgen_trainer.rewards.original_names import check_reward_funcs
@@ -69,6 +72,10 @@ class Run:
     total_steps: int
     uncond: Conditioning | None
     ema: DitEma | None = None
+    # The original's logging options: --logging_steps, --log_component_grad_norm, --log_tflops.
+    window: MetricWindow | None = None
+    grad_parts: GradParts | None = None
+    shape: DeepGenShape | None = None
 
 
 def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
@@ -142,7 +149,9 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     )  # fmt: skip
     return Run(
         cfg, world, model, reference, data, reward_names, sampler, sftaux, scorer, updater, tracker, eval_client,
-        eval_plans, start_step, total_steps, uncond, ema,
+        eval_plans, start_step, total_steps, uncond, ema, window=MetricWindow(cfg.logging_steps),
+        grad_parts=GradParts(list(model.trainable_parameters())) if cfg.log_component_grad_norm else None,
+        shape=DeepGenShape.from_model(model) if cfg.log_tflops else None,
     )  # fmt: skip
 
 

@@ -78,7 +78,11 @@ def test_logging_options_in_a_run(tmp_path: Path) -> None:
         row = rows[step]
         # prompt tokens of the padded batch are not logged; bound them between the extremes instead
         lo, hi = (model_flops(step_flops(_step(tokens, with_sft="sft/loss" in row), shape)) for tokens in (1, 64))
-        assert lo / row["time/step"] / 1e12 <= row["perf/tflops"] <= hi / row["time/step"] / 1e12
+        assert lo / 1e12 < row["perf/step_tflop"] < hi / 1e12
+        tokens = [t for t in range(1, 65) if model_flops(step_flops(_step(t, "sft/loss" in row), shape)) / 1e12 ==
+                  pytest.approx(row["perf/step_tflop"], rel=1e-9)]  # fmt: skip
+        assert len(tokens) == 1  # the count of one padded prompt length, exactly
+        assert row["perf/tflops"] == pytest.approx(row["perf/step_tflop"] / row["time/step"])
         assert row["perf/mfu"] == pytest.approx(row["perf/tflops"] / 989.0)
     samples = sorted(p.name for p in (out / "training_samples").iterdir())
     assert samples == ["step_0000003", "step_0000004"]

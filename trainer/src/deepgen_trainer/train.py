@@ -277,7 +277,8 @@ def update_policy(run: Run, rollout: Rollout, advantages: torch.Tensor, step: in
             pieces.append(("beta_kl", (cfg.beta * kl).mean() * grpo_scale))
             loss = loss + cfg.beta * kl
             stats.add("policy/kl", kl.mean())
-        if run.sftaux is not None and i == len(passes) - 1 and step % cfg.sftaux_every_n_steps == 0:
+        # --sftaux_every_n_steps: the first step and every N-th after it, as the original (global_step % N).
+        if run.sftaux is not None and i == len(passes) - 1 and (step - 1) % cfg.sftaux_every_n_steps == 0:
             sft_batch = cfg.sftaux_micro_batch_size or micro
             sft_loss = sft_auxiliary_loss(model, run.sftaux, sft_batch, rollout.generator)
             pieces.append(("sftaux", cfg.sftaux_coef * sft_loss))
@@ -509,9 +510,9 @@ def _sft_coef(cfg: TrainConfig, run: Run) -> float:
 
 
 def step_tflops(run: Run, rollout: Rollout, with_sft: bool, seconds: float) -> dict[str, float]:
-    """``perf/tflops`` (model TFLOP/s achieved per GPU: the analytic FLOPs of this step's shapes, without
-    gradient checkpointing's recompute, over the measured step time) and ``perf/mfu`` (over
-    ``--log_tflops_peak``), from `observe.flops`."""
+    """``perf/step_tflop`` (the analytic model FLOPs of this step's shapes on one GPU, without gradient
+    checkpointing's recompute, from `observe.flops`), ``perf/tflops`` (that over the measured step
+    time: TFLOP/s achieved per GPU) and ``perf/mfu`` (over ``--log_tflops_peak``)."""
     cfg = run.cfg
     assert run.shape is not None
     step = StepShape(
@@ -523,7 +524,11 @@ def step_tflops(run: Run, rollout: Rollout, with_sft: bool, seconds: float) -> d
         prompt_tokens=rollout.cond.prompt_embeds.shape[1] - run.shape.deepgen.num_queries,
     )  # fmt: skip
     flops = model_flops(step_flops(step, run.shape))
-    return {"perf/tflops": flops / seconds / 1e12, "perf/mfu": utilisation(flops, seconds, cfg.log_tflops_peak * 1e12)}
+    return {
+        "perf/step_tflop": flops / 1e12,
+        "perf/tflops": flops / seconds / 1e12,
+        "perf/mfu": utilisation(flops, seconds, cfg.log_tflops_peak * 1e12),
+    }
 
 
 def _every(value: int | None, cfg: TrainConfig) -> int:

@@ -188,11 +188,11 @@ class TrainConfig:
         default=DEFAULT_REPORT_TO, metadata=_help("comma-separated trackers among wandb,swanlab, or none")
     )
     # The original DeepGen-RL's simple mode, evaluation, logging and SFT-aux options (its meaning; see
-    # trainer/README.md "Options of the original"). None = follow the flag named in the help.
+    # trainer/README.md). None = the flag or value the help names.
     reward_funcs: tuple[str, ...] | None = field(
         default=None,
         metadata=_help("simple mode (no --dataset_config): the rewards of every prompt of --prompts_file, weight 1 "
-                       "each (default jpeg_compressibility)"),
+                       "each (default: jpeg_compressibility)"),
     )  # fmt: skip
     prompts_file: str | None = field(
         default=None, metadata=_help("simple mode: a .txt / .jsonl / .csv / .parquet prompt file (no --dataset_config)")
@@ -200,17 +200,21 @@ class TrainConfig:
     eval_inference_mode: EvalInferenceMode = field(
         default="ode", metadata=_help("ode: deterministic Euler; sde: the training sampler with --eval_sde_eta")
     )
-    eval_sde_eta: float | None = field(default=None, metadata=_help("η of --eval_inference_mode sde (None: --sde_eta)"))
-    eval_image_height: int | None = field(
-        default=None, metadata=_help("evaluation image height (None: --image_height)")
+    eval_sde_eta: float | None = field(
+        default=None, metadata=_help("η of --eval_inference_mode sde (default: --sde_eta)")
     )
-    eval_image_width: int | None = field(default=None, metadata=_help("evaluation image width (None: --image_width)"))
+    eval_image_height: int | None = field(
+        default=None, metadata=_help("evaluation image height (default: --image_height)")
+    )
+    eval_image_width: int | None = field(
+        default=None, metadata=_help("evaluation image width (default: --image_width)")
+    )
     eval_micro_batch_size: int | None = field(
-        default=None, metadata=_help("images per GPU per evaluation pass (None: --rollout_micro_batch_size)")
+        default=None, metadata=_help("images per GPU per evaluation pass (default: --rollout_micro_batch_size)")
     )
     eval_num_inference_steps: int | None = field(
         default=None,
-        metadata=_help("evaluation steps; the eval YAML's num_inference_steps wins (None: --num_inference_steps)"),
+        metadata=_help("evaluation steps; the eval YAML's num_inference_steps wins (default: --num_inference_steps)"),
     )
     eval_wandb_num_upload_images: int = field(
         default=0, metadata=_help("evaluation images uploaded to wandb per set (the contact sheet is uploaded as well)")
@@ -235,7 +239,7 @@ class TrainConfig:
                        "backward passes and ranks (the update is unchanged)"),
     )  # fmt: skip
     log_component_grad_norm_every: int | None = field(
-        default=None, metadata=_help("measure the component norms every N steps (None: --logging_steps)")
+        default=None, metadata=_help("measure the component norms every N steps (default: --logging_steps)")
     )
     log_tflops: bool = field(
         default=False,
@@ -243,16 +247,16 @@ class TrainConfig:
             "log perf/tflops (achieved TFLOP/s per GPU, analytic FLOP count over the step time) and perf/mfu"
         ),
     )
-    log_tflops_every: int | None = field(default=None, metadata=_help("every N steps (None: --logging_steps)"))
+    log_tflops_every: int | None = field(default=None, metadata=_help("every N steps (default: --logging_steps)"))
     log_tflops_warmup_steps: int = field(default=5, metadata=_help("no TFLOP/s for the first N steps of a run"))
     log_tflops_peak: float = field(default=989.0, metadata=_help("peak TFLOP/s per GPU for perf/mfu (H100 bf16 dense)"))
     sftaux_every_n_steps: int = field(default=1, metadata=_help("the SFT auxiliary loss every N steps"))
     sftaux_micro_batch_size: int | None = field(
-        default=None, metadata=_help("SFT-aux images per GPU per step (None: --atrain_micro_batch_size)")
+        default=None, metadata=_help("SFT-aux images per GPU per step (default: --atrain_micro_batch_size)")
     )
     sftaux_num_workers: int | None = field(
         default=None,
-        metadata=_help("SFT-aux loader worker processes (None: the MMEngine config's num_workers, else 0)"),
+        metadata=_help("threads decoding SFT-aux images (default: the MMEngine config's num_workers, else 0)"),
     )
     sftaux_disable_on_error: bool = field(
         default=False, metadata=_help("train without SFT-aux, with a warning, when its data cannot be loaded")

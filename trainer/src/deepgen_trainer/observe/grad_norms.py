@@ -2,12 +2,16 @@
 loss, β·KL and the SFT auxiliary loss, each the norm of that part's gradient summed over the step's
 backward passes and averaged over ranks (the gradient the optimizer steps with is their sum). They
 are measured, not estimated: every backward call carries one part, and a hook on each trainable
-parameter adds the gradient that call produces to its part's sum. Nothing changes the update: the
-hooks return the gradient untouched and no backward pass or optimizer step is added for them. (The
-original summed ‖increment‖² over calls and ranks, a proxy that grows with their number, and split
-each backward in two under DeepSpeed, which doubled its optimizer steps.)
+parameter adds the gradient that call produces to its part's sum. The update does not change: the
+hooks return the gradient untouched, the calls accumulate the same gradient as one call of the sum,
+and no optimizer step is added. (The original summed ‖increment‖² over calls and ranks, a proxy that
+grows with their number, and split each backward in two under DeepSpeed, which doubled its optimizer
+steps.)
 
-Cost: one gradient-sized float32 buffer per part, on the parameters' device, on measured steps.
+Cost on measured steps: one gradient-sized float32 buffer per part, on the parameters' device; the
+SFT loss has its own forward, so its own backward call costs nothing extra, but the policy and β·KL
+pieces share the velocity's forward, so backpropagating them apart costs one more backward through
+the DiT per pass (none once the KL gets its own backward pass anyway).
 """
 
 from __future__ import annotations

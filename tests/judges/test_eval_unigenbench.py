@@ -198,6 +198,7 @@ def test_bad_input_gets_clear_errors_and_the_service_stays_up(proxy: ForcingProx
         bad = [
             ("/v1/runs", {"step": -1}, 422, "step"),
             ("/v1/runs", {"step": 1, "extra": 1}, 422, "extra"),
+            ("/v1/runs", {"step": 1, "duplicates": 65}, 422, "duplicates"),
             (f"/v1/runs/{run_id}/images", base64_error, 400, "base64"),
             (f"/v1/runs/{run_id}/images", {"run_secret": secret, "images": []}, 400, "images is empty"),
             (f"/v1/runs/{run_id}/images", too_many, 400, "MAX_BATCH_SIZE"),
@@ -346,6 +347,8 @@ def test_out_of_range_step_is_refused_and_the_largest_step_round_trips(proxy: Fo
             with pytest.raises(RewardServiceError, match=r"step must be in 0\.\.2147483647") as err:
                 client.start_run(step=2**62)
             assert err.value.code == "INVALID_ARGUMENT"
+            with pytest.raises(RewardServiceError, match=r"duplicates must be in 1\.\.64 \(0: DUPLICATES\), got 65"):
+                client.start_run(step=1, duplicates=65)
             run = client.start_run(step=2**31 - 1)
             client.submit(run, generate(client))
             summary = client.finish(run)

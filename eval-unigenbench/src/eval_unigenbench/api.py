@@ -27,7 +27,7 @@ from deepgen_common.grpc_server import parse, parse_stream
 from deepgen_common.http_server import ImageIn, InfoOut, decode_base64
 from deepgen_common.metrics import ServiceMetrics
 from deepgen_common.types import DimensionScore, ImageResult, RunSummary
-from eval_unigenbench.runs import MAX_STEP, Submission, UniGenBenchEval
+from eval_unigenbench.runs import MAX_DUPLICATES, MAX_STEP, Submission, UniGenBenchEval
 from eval_unigenbench.settings import EvalSettings
 
 EVAL_SERVICE = eval_pb2.DESCRIPTOR.services_by_name["EvalService"].full_name
@@ -48,6 +48,9 @@ class StartRunIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     step: int = Field(ge=0, le=MAX_STEP, description="Training step the images come from.")
     benchmark: str = Field("", description='Benchmark set, e.g. "en" or "zh_long"; empty: the first one served.')
+    duplicates: int = Field(
+        0, ge=0, le=MAX_DUPLICATES, description="Images per prompt in this run; 0: the service's DUPLICATES."
+    )
 
 
 class StartRunOut(BaseModel):
@@ -171,7 +174,7 @@ def eval_api(service: UniGenBenchEval) -> ServiceApi:
 
     async def start_run_pb(raw: bytes) -> bytes:
         request = parse(eval_pb2.StartRunRequest, raw)
-        opened = await service.start_run(request.step, request.benchmark)
+        opened = await service.start_run(request.step, request.benchmark, request.duplicates)
         return eval_pb2.StartRunResponse(run_id=opened.run_id, run_secret=opened.secret).SerializeToString()
 
     async def submit_images_pb(requests: AsyncIterator[bytes]) -> bytes:
@@ -201,7 +204,7 @@ def eval_api(service: UniGenBenchEval) -> ServiceApi:
 
     @router.post("/v1/runs", response_model=StartRunOut)
     async def start_run(body: StartRunIn) -> StartRunOut:
-        opened = await service.start_run(body.step, body.benchmark)
+        opened = await service.start_run(body.step, body.benchmark, body.duplicates)
         return StartRunOut(run_id=opened.run_id, run_secret=opened.secret)
 
     @router.post("/v1/runs/{run_id}/images", response_model=SubmitImagesOut)

@@ -41,6 +41,7 @@ from eval_unigenbench.settings import EvalSettings
 log = logging.getLogger(__name__)
 
 EVAL_API = "deepgen.eval.v1"
+MAX_DUPLICATES = 64  # images per prompt a run may ask for (as the DUPLICATES setting)
 MAX_STEP = 2**31 - 1  # a training step; bounded so it fits the int64 of the contract and a folder name
 
 
@@ -68,6 +69,7 @@ class _Run:
     step: int
     benchmark: str
     secret: str
+    duplicates: int
     last_activity: float = field(default_factory=time.monotonic)
     judging: dict[tuple[str, int], asyncio.Task[ImageResult]] = field(default_factory=dict)
     finishing: bool = False
@@ -183,18 +185,25 @@ class UniGenBenchEval:
         images each for."""
         return self._loaded(benchmark)[1]
 
-    async def start_run(self, step: int, benchmark: str = "") -> OpenedRun:
+    async def start_run(self, step: int, benchmark: str = "", duplicates: int = 0) -> OpenedRun:
+        """Open a run of `step` on set `benchmark` (`""`: the first) with `duplicates` images per prompt
+        (0: DUPLICATES)."""
         set_name, _ = self._loaded(benchmark)
         self._check_judge()
         if not 0 <= step <= MAX_STEP:
             raise InvalidInput(f"step must be in 0..{MAX_STEP}, got {step}")
+        if not 0 <= duplicates <= MAX_DUPLICATES:
+            raise InvalidInput(f"duplicates must be in 1..{MAX_DUPLICATES} (0: DUPLICATES), got {duplicates}")
         if len(self._runs) >= self.settings.max_open_runs:
             raise Overloaded(
                 f"{len(self._runs)} runs are open (MAX_OPEN_RUNS={self.settings.max_open_runs}); finish one first"
             )
         if not self._runs:
             await self._wake_for_runs()
-        run = _Run(run_id=secrets.token_hex(8), step=step, benchmark=set_name, secret=secrets.token_urlsafe(32))
+        run = _Run(
+            run_id=secrets.token_hex(8), step=step, benchmark=set_name, secret=secrets.token_urlsafe(32),
+            duplicates=duplicates or self.settings.duplicates,
+        )  # fmt: skip
         self._runs[run.run_id] = run
         self.open_runs.set(len(self._runs))
         log.info("run started", extra={"fields": {"run_id": run.run_id, "step": step, "benchmark": set_name}})
@@ -220,9 +229,9 @@ class UniGenBenchEval:
         for i, s in enumerate(images):
             if s.prompt_id not in benchmark.by_id:
                 raise InvalidInput(f"images[{i}].prompt_id {s.prompt_id!r} is not a prompt of {benchmark.name}")
-            if not 0 <= s.duplicate < self.settings.duplicates:
+            if not 0 <= s.duplicate < run.duplicates:
                 raise InvalidInput(
-                    f"images[{i}].duplicate is {s.duplicate}; valid: 0..{self.settings.duplicates - 1} (DUPLICATES)"
+                    f"images[{i}].duplicate is {s.duplicate}; valid: 0..{run.duplicates - 1} (the run's duplicates)"
                 )
             key = (s.prompt_id, s.duplicate)
             if key in run.judging or key in keys:
@@ -259,7 +268,7 @@ class UniGenBenchEval:
             run.last_activity = time.monotonic()
             raise
         self._forget(run, "finished")
-        expected = len(self.benchmarks[run.benchmark].items) * self.settings.duplicates
+        expected = len(self.benchmarks[run.benchmark].items) * run.duplicates
         if len(results) < expected:
             log.warning(
                 "run finished with images missing",

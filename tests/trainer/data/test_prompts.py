@@ -212,40 +212,49 @@ def test_jsonl_without_a_prompt_key_names_the_line(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------------------------- eval
 
 
-def test_eval_yaml_defaults_and_unigenbench_csv(tmp_path: Path) -> None:
+def test_eval_yaml_scored_sets_and_generate_only_entries(tmp_path: Path) -> None:
     write_prompt_file(tmp_path / "geneval.txt", PROMPTS)
-    csv_path = JUDGE_FIXTURES / "unigenbench" / "test_prompts_en.csv"
     path = write(
         tmp_path / "eval.yaml",
-        f"""
+        """
 datasets:
   - name: unigenbench_en
-    path: {csv_path}
-    scoring: unigenbench
+    path: unigenbench/test_prompts_en.csv   # lives with eval-unigenbench: not read here
+    scoring: unigenbench/en
     cfg_scale: 5
     num_inference_steps: 30
     duplicates: 2
+  - name: zh_long
+    path: test_prompts_zh_long.csv
+    scoring: {type: unigenbench, language: zh}
+  - path: x/test_prompts_en_long.csv
+    scoring: [{type: unigenbench}]
   - path: geneval.txt
-    scoring: unigenbench
 """,
     )
     data = load_eval_data(path)
-    bench, geneval = data.datasets
-    assert (bench.cfg_scale, bench.num_inference_steps, bench.duplicates, bench.scoring) == (5.0, 30, 2, "unigenbench")
-    assert bench.prompt_ids[:3] == ("0", "1", "2")
-    assert len(bench.prompts) == len(bench.prompt_ids) == 20
-    assert (geneval.name, geneval.cfg_scale, geneval.num_inference_steps, geneval.duplicates) == ("geneval", 4.0, 50, 1)
-    assert geneval.prompt_ids == ("0", "1", "2")
+    bench, zh, en_long, geneval = data.datasets
+    assert (bench.benchmark, bench.language, bench.cfg_scale, bench.num_inference_steps, bench.duplicates) == (
+        "en", "en", 5.0, 30, 2
+    )  # fmt: skip
+    assert bench.prompts == ()
+    assert (zh.benchmark, zh.language) == ("zh_long", "zh")
+    assert (en_long.name, en_long.benchmark, en_long.language) == ("test_prompts_en_long", "en_long", "en")
+    assert (geneval.name, geneval.benchmark, geneval.cfg_scale, geneval.num_inference_steps) == (
+        "geneval", None, None, None
+    )  # fmt: skip
+    assert (geneval.prompt_ids, geneval.duplicates) == (("0", "1", "2"), 1)
     assert geneval.path == tmp_path / "geneval.txt"
 
 
 @pytest.mark.parametrize(
     ("entry", "expected"),
     [
-        ("path: g.txt\n    scoring: geneval", ["datasets[0].scoring", "valid evaluators: unigenbench"]),
-        ("path: g.txt\n    scoring: unigenbench\n    duplicates: 0", ["datasets[0].duplicates", ">= 1"]),
-        ("path: g.txt\n    scoring: unigenbench\n    steps: 3", ["datasets[0].steps", "unknown key"]),
-        ("path: g.txt", ["datasets[0].scoring", "missing"]),
+        ("path: g.txt\n    scoring: geneval", ["datasets[0].scoring", "unknown scorer", "unigenbench/zh"]),
+        ("path: g.txt\n    scoring: unigenbench/fr", ["datasets[0].scoring", "unknown language 'fr'"]),
+        ("path: g.txt\n    duplicates: 0", ["datasets[0].duplicates", ">= 1"]),
+        ("path: g.txt\n    steps: 3", ["datasets[0].steps", "unknown key"]),
+        ("path: missing.txt", ["datasets[0].path", "file not found"]),
     ],
 )
 def test_bad_eval_yaml(tmp_path: Path, entry: str, expected: list[str]) -> None:
@@ -324,8 +333,8 @@ def test_sftaux_loader_yields_sized_images_and_ten_percent_empty_captions(tmp_pa
         assert caption in {"", "a wide red image", "a small square", "a tall red image"}
     # The empty-caption draws and dataset draws alone (no pixels), over many items.
     draws = [SftAuxLoader(data, seed=7)._draw(n) for n in range(4000)]
-    assert sum(empty for _, empty in draws) / len(draws) == pytest.approx(0.1, abs=0.02)
-    from_folder = sum(item.image_path.parent.name == "folder" for item, _ in draws) / len(draws)
+    assert sum(empty for _, _, empty in draws) / len(draws) == pytest.approx(0.1, abs=0.02)
+    from_folder = sum(item.image_path.parent.name == "folder" for _, item, _ in draws) / len(draws)
     assert from_folder == pytest.approx(0.25, abs=0.03)  # weights 3 : 1
 
 

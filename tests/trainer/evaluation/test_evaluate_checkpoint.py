@@ -51,6 +51,13 @@ def test_logged_overall_is_the_mean_of_the_primary_dimensions():
     assert metrics["eval/en/pooled"] == pytest.approx(0.5)
     assert metrics["eval/en/primary/Attribute"] == pytest.approx(0.75)
     assert (metrics["eval/en/images_judged"], metrics["eval/en/parse_failures"]) == (2.0, 1.0)
+    # The original's names next to ours: overall_accuracy is the pooled accuracy; success_rate the
+    # images whose answer parsed (2 of 3); one key per sub-dimension, "Primary.Primary-Sub".
+    assert metrics["eval/en/overall_accuracy"] == metrics["eval/en/pooled"]
+    assert metrics["eval/en/success_rate"] == pytest.approx(2 / 3)
+    assert metrics["eval/en/Attribute.Attribute-Color"] == pytest.approx(2 / 3)  # 1 + 1 of 3 color testpoints
+    assert metrics["eval/en/Attribute.Attribute-Quantity"] == pytest.approx(1.0)
+    assert metrics["eval/en/Style"] == pytest.approx(0.0)
     nothing = summarize_results("r", 10, RESULTS[2:], answer_rules="official")
     assert "eval/zh/overall" not in summary_metrics(nothing, "zh")  # NaN: nothing judged, not 0
 

@@ -37,6 +37,8 @@ from deepgen_trainer.original import urls as original_urls
 
 ModelKind = Literal["hf", "tiny"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
+EvalInferenceMode = Literal["ode", "sde"]
+EVAL_INFERENCE_MODES: tuple[str, ...] = get_args(EvalInferenceMode)
 REPORT_TO: tuple[str, ...] = ("wandb", "swanlab")
 DEFAULT_REPORT_TO: tuple[str, ...] = ("wandb", "swanlab")  # the seed's; both offline unless WANDB_MODE / SWANLAB_MODE
 DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "deepspeed"
@@ -223,6 +225,81 @@ class TrainConfig:
     swanlab_project: str = field(
         default="deepgen-rl", metadata=_help("swanlab project [env SWANLAB_PROJECT, SWANLAB_PROJ_NAME]")
     )
+    # The original DeepGen-RL's simple mode, evaluation, logging and SFT-aux options (its meaning; see
+    # trainer/README.md). None = the flag or value the help names.
+    reward_funcs: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_help("simple mode (no --dataset_config): the rewards of every prompt of --prompts_file, weight 1 "
+                       "each (default: jpeg_compressibility)"),
+    )  # fmt: skip
+    prompts_file: str | None = field(
+        default=None, metadata=_help("simple mode: a .txt / .jsonl / .csv / .parquet prompt file (no --dataset_config)")
+    )
+    eval_inference_mode: EvalInferenceMode = field(
+        default="ode", metadata=_help("ode: deterministic Euler; sde: the training sampler with --eval_sde_eta")
+    )
+    eval_sde_eta: float | None = field(
+        default=None, metadata=_help("η of --eval_inference_mode sde (default: --sde_eta)")
+    )
+    eval_image_height: int | None = field(
+        default=None, metadata=_help("evaluation image height (default: --image_height)")
+    )
+    eval_image_width: int | None = field(
+        default=None, metadata=_help("evaluation image width (default: --image_width)")
+    )
+    eval_micro_batch_size: int | None = field(
+        default=None, metadata=_help("images per GPU per evaluation pass (default: --rollout_micro_batch_size)")
+    )
+    eval_num_inference_steps: int | None = field(
+        default=None,
+        metadata=_help("evaluation steps; the eval YAML's num_inference_steps wins (default: --num_inference_steps)"),
+    )
+    eval_wandb_num_upload_images: int = field(
+        default=0, metadata=_help("evaluation images uploaded to wandb per set (the contact sheet is uploaded as well)")
+    )
+    eval_swanlab_num_upload_images: int = field(
+        default=32,
+        metadata=_help("evaluation images uploaded to swanlab per set (the contact sheet is uploaded as well)"),
+    )
+    log_images_interval: int = field(
+        default=1,
+        metadata=_help("every N steps rank 0 writes its first group's images (JPEG, advantage in the name) and "
+                       "prompt to <output_dir>/training_samples/step_<N>/ (0: never); only the newest "
+                       "--log_images_keep steps stay"),
+    )  # fmt: skip
+    log_images_keep: int = field(default=20, metadata=_help("training_samples/ keeps this many steps (0: all)"))
+    logging_steps: int = field(
+        default=1, metadata=_help("send the step metrics to the trackers every N steps, averaged over those steps")
+    )
+    log_component_grad_norm: bool = field(
+        default=False,
+        metadata=_help("log grad_norm/{policy,beta_kl,sftaux}: the norms of each part's gradient summed over the "
+                       "backward passes and averaged over ranks (the update is unchanged; measured steps backpropagate "
+                       "the policy and β·KL pieces apart: one more DiT backward per pass; --deepspeed none)"),
+    )  # fmt: skip
+    log_component_grad_norm_every: int | None = field(
+        default=None, metadata=_help("measure the component norms every N steps (default: --logging_steps)")
+    )
+    log_tflops: bool = field(
+        default=False,
+        metadata=_help(
+            "log perf/tflops (achieved TFLOP/s per GPU, analytic FLOP count over the step time) and perf/mfu"
+        ),
+    )
+    log_tflops_every: int | None = field(default=None, metadata=_help("every N steps (default: --logging_steps)"))
+    log_tflops_warmup_steps: int = field(default=5, metadata=_help("no TFLOP/s for the first N steps of a run"))
+    log_tflops_peak: float = field(default=989.0, metadata=_help("peak TFLOP/s per GPU for perf/mfu (H100 bf16 dense)"))
+    sftaux_every_n_steps: int = field(default=1, metadata=_help("the SFT auxiliary loss every N steps"))
+    sftaux_micro_batch_size: int | None = field(
+        default=None, metadata=_help("SFT-aux images per GPU per step (default: --atrain_micro_batch_size)")
+    )
+    sftaux_num_workers: int | None = field(
+        default=None,
+        metadata=_help("threads decoding SFT-aux images (default: the MMEngine config's num_workers, else 0)"),
+    )
+    sftaux_disable_on_error: bool = field(
+        default=False, metadata=_help("train without SFT-aux, with a warning, when its data cannot be loaded")
+    )
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -274,6 +351,8 @@ class TrainConfig:
         """The resolved config as JSON-ready values (saved in the run folder and in checkpoints)."""
         values = dataclasses.asdict(self)
         values["report_to"] = list(self.report_to)
+        if self.reward_funcs is not None:
+            values["reward_funcs"] = list(self.reward_funcs)
         return values
 
     @classmethod
@@ -286,6 +365,8 @@ class TrainConfig:
         values = dict(values)
         if "report_to" in values:
             values["report_to"] = _report_to(values["report_to"])
+        if values.get("reward_funcs") is not None:
+            values["reward_funcs"] = tuple(values["reward_funcs"])
         return cls(**values)
 
 
@@ -420,6 +501,59 @@ def _validate(cfg: TrainConfig) -> None:
     )
 
     deepspeed_config_path(cfg.deepspeed)
+    _validate_original_options(cfg)
+
+
+def _validate_original_options(cfg: TrainConfig) -> None:
+    """The simple-mode, evaluation, logging and SFT-aux options of the original DeepGen-RL."""
+    _require(
+        cfg.eval_inference_mode in EVAL_INFERENCE_MODES,
+        f"--eval_inference_mode {cfg.eval_inference_mode!r} is unknown; valid values: "
+        f"{', '.join(EVAL_INFERENCE_MODES)}",
+    )
+    _require(
+        cfg.eval_sde_eta is None or (math.isfinite(cfg.eval_sde_eta) and cfg.eval_sde_eta >= 0),
+        f"--eval_sde_eta must be a finite number >= 0 (omit it to use --sde_eta), got {cfg.eval_sde_eta}",
+    )
+    for flag in ("eval_image_height", "eval_image_width"):
+        value = getattr(cfg, flag)
+        _require(
+            value is None or (value > 0 and value % IMAGE_SIDE_MULTIPLE == 0),
+            f"--{flag} must be a positive multiple of {IMAGE_SIDE_MULTIPLE} (omit it to use the training size), "
+            f"got {value}",
+        )
+    for flag in ("eval_micro_batch_size", "sftaux_micro_batch_size", "log_component_grad_norm_every",
+                 "log_tflops_every"):  # fmt: skip
+        value = getattr(cfg, flag)
+        _require(value is None or value >= 1, f"--{flag} must be >= 1 (omit it for the default), got {value}")
+    _require(
+        cfg.eval_num_inference_steps is None or cfg.eval_num_inference_steps >= 1,
+        f"--eval_num_inference_steps must be >= 1, got {cfg.eval_num_inference_steps}",
+    )
+    for flag in ("logging_steps", "sftaux_every_n_steps"):
+        value = getattr(cfg, flag)
+        _require(value >= 1, f"--{flag} must be >= 1, got {value}")
+    for flag in ("eval_wandb_num_upload_images", "eval_swanlab_num_upload_images", "log_images_interval",
+                 "log_images_keep", "log_tflops_warmup_steps"):  # fmt: skip
+        value = getattr(cfg, flag)
+        _require(value >= 0, f"--{flag} must be >= 0, got {value}")
+    _require(
+        cfg.sftaux_num_workers is None or cfg.sftaux_num_workers >= 0,
+        f"--sftaux_num_workers must be >= 0, got {cfg.sftaux_num_workers}",
+    )
+    _require(
+        math.isfinite(cfg.log_tflops_peak) and cfg.log_tflops_peak > 0,
+        f"--log_tflops_peak must be the GPU's peak TFLOP/s (> 0), got {cfg.log_tflops_peak}",
+    )
+    _require(
+        not cfg.log_component_grad_norm or cfg.deepspeed == "none",
+        "--log_component_grad_norm gives each part of the loss its own backward call, which DeepSpeed would count "
+        "as extra micro-steps (it changes the update); use it with --deepspeed none",
+    )
+    _require(
+        cfg.reward_funcs is None or len(cfg.reward_funcs) > 0,
+        "--reward_funcs names no reward; pass at least one (e.g. --reward_funcs jpeg_compressibility)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -493,6 +627,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif f.name == "report_to":
             parser.add_argument(f"--{f.name}", type=_report_to, default=default, help=help_text)
+        elif f.name == "reward_funcs":  # the original's nargs="+"; commas also separate
+            parser.add_argument(f"--{f.name}", nargs="+", default=default, help=help_text)
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=default, help=help_text)
     original_flags.add_original_flags(parser)
@@ -504,6 +640,10 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     The original DeepGen-RL's flags are translated (`deepgen_trainer.original.flags`), each with one
     INFO line."""
     namespace = build_parser(environ).parse_args(argv)
+    if namespace.reward_funcs is not None:
+        namespace.reward_funcs = tuple(
+            n.strip() for part in namespace.reward_funcs for n in part.split(",") if n.strip()
+        )
     given = original_flags.pop_original_flags(namespace)
     values = vars(namespace)
     values |= {name: original_urls.with_scheme(values[name]) for name in URL_FIELDS if values[name]}

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepgen_common.client import EvalClient, is_ready
+from deepgen_common.client import EvalClient, RewardServiceError, TransientError, is_ready
 from deepgen_trainer.checkpoints.ema import DitEma
 from deepgen_trainer.checkpoints.loading import build_model
 from deepgen_trainer.checkpoints.original_run import OriginalCheckpoint, scan_output_dir
@@ -26,13 +26,25 @@ from deepgen_trainer.checkpoints.rng_state import apply_rng
 from deepgen_trainer.checkpoints.run_checkpoint import DIT_PREFIX, latest_checkpoint, load_checkpoint
 from deepgen_trainer.config import ConfigError, TrainConfig
 from deepgen_trainer.data.prompt_sampler import PromptSampler
-from deepgen_trainer.data.prompts import TrainData, load_eval_data, load_train_data
+from deepgen_trainer.data.prompts import (
+    DataConfigError,
+    TrainData,
+    load_eval_data,
+    load_train_data,
+    simple_train_data,
+)
 from deepgen_trainer.data.sftaux import SftAuxLoader, load_sftaux_data
+from deepgen_trainer.data.sftaux_mmengine import load_mmengine_sftaux
 from deepgen_trainer.engine.distributed import World
 from deepgen_trainer.engine.optim import Updater, build_updater
+from deepgen_trainer.evaluation.evaluate import EvalPlan
 from deepgen_trainer.model.deepgen import DEEPGEN_ONLY_PREFIXES, NEGATIVE_PROMPT, Conditioning, DeepGen
+from deepgen_trainer.observe.flops import DeepGenShape
+from deepgen_trainer.observe.grad_norms import GradParts
+from deepgen_trainer.observe.metric_window import MetricWindow
 from deepgen_trainer.observe.tracking import Tracker
 from deepgen_trainer.rewards.clip_sim import ClipSimReward, build_tiny_clip
+from deepgen_trainer.rewards.original_names import check_reward_funcs
 from deepgen_trainer.rewards.original_services import recognise_original_service
 from deepgen_trainer.rewards.outage import wait_for_reward_services
 from deepgen_trainer.rewards.scorer import REWARD_NAMES, REWARD_URL_ENV, RewardFn, RewardScorer, build_reward
@@ -56,20 +68,22 @@ class Run:
     updater: Updater
     tracker: Tracker
     eval_client: EvalClient | None
-    eval_plans: list[tuple[str, float, int]]  # (name or "", cfg_scale, num_inference_steps) per evaluation
+    eval_plans: list[EvalPlan]
     start_step: int
     total_steps: int
     uncond: Conditioning | None
     ema: DitEma | None = None
+    # The original's logging options: --logging_steps, --log_component_grad_norm, --log_tflops.
+    window: MetricWindow | None = None
+    grad_parts: GradParts | None = None
+    shape: DeepGenShape | None = None
 
 
 def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     """Build the model, data, rewards, optimizer and trackers; resume from the newest checkpoint.
     `model` replaces the one `--model` names (benchmarks/bench_gpu.py: real size, random weights)."""
-    if cfg.dataset_config is None:
-        raise ConfigError("no training prompts: pass --dataset_config (or set DATASET_CONFIG) to a train YAML")
+    data = train_data(cfg)
     _seed_everything(cfg.seed + world.rank)
-    data = load_train_data(cfg.dataset_config, REWARD_NAMES)
     reward_names = data.reward_names
     model = (model if model is not None else build_model(cfg)).to(world.device)
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
@@ -80,9 +94,7 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     wait_for_reward_services({n: u for n, u in remote.items() if u}, cfg.reward_ready_timeout)
     scorer = RewardScorer({name: _reward(name, cfg, world) for name in reward_names})
     sampler = PromptSampler(data, cfg.prompts_per_rank_for(world.world_size), cfg.seed, world.rank, world.world_size)
-    sftaux = None
-    if cfg.uses_sftaux:
-        sftaux = SftAuxLoader(load_sftaux_data(cfg.sftaux_dataset_config), cfg.seed, world.rank)
+    sftaux = sftaux_loader(cfg, world.rank)
     epochs_steps = math.ceil(cfg.num_train_epochs * sampler.batches_per_epoch)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else epochs_steps
     resume, original = _resume_source(cfg.output_dir)
@@ -126,18 +138,7 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     if world.is_main:
         (Path(cfg.output_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     tracker = build_tracker(cfg, world.rank)
-    eval_client = None
-    if cfg.unigenbench_api_url and (cfg.eval_freq or cfg.eval_before_train):
-        eval_client = EvalClient(cfg.unigenbench_api_url)
-        if not is_ready(cfg.unigenbench_api_url):  # stop at once if it is one of the original's services
-            fix = recognise_original_service("UNIGENBENCH_API_URL", cfg.unigenbench_api_url)
-            if fix is not None:
-                raise ConfigError(fix)
-    # The eval service owns the prompts and duplicates; the eval YAML sets how each evaluation samples.
-    eval_plans = [("", cfg.eval_cfg_scale, cfg.num_inference_steps)]  # "": named after the service's set
-    if cfg.eval_dataset_config:
-        datasets = load_eval_data(cfg.eval_dataset_config).datasets
-        eval_plans = [(d.name, d.cfg_scale, d.num_inference_steps) for d in datasets]
+    eval_client, eval_plans = evaluation_plans(cfg)
     uncond = model.encode_prompts([NEGATIVE_PROMPT]) if cfg.cfg_scale > 0 else None
     log.info(
         "training %d steps from step %d: %d prompts × %d images per rank, %d ranks, rewards %s, DiT %.3g M parameters",
@@ -146,7 +147,9 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     )  # fmt: skip
     return Run(
         cfg, world, model, reference, data, reward_names, sampler, sftaux, scorer, updater, tracker, eval_client,
-        eval_plans, start_step, total_steps, uncond, ema,
+        eval_plans, start_step, total_steps, uncond, ema, window=MetricWindow(cfg.logging_steps),
+        grad_parts=GradParts(list(model.trainable_parameters())) if cfg.log_component_grad_norm else None,
+        shape=DeepGenShape.from_model(model) if cfg.log_tflops else None,
     )  # fmt: skip
 
 
@@ -160,9 +163,96 @@ def build_tracker(cfg: TrainConfig, rank: int) -> Tracker:
     )  # fmt: skip
 
 
+def evaluation_plans(cfg: TrainConfig) -> tuple[EvalClient | None, list[EvalPlan]]:
+    """The eval client (when UNIGENBENCH_API_URL is set and evaluation is on) and one plan per entry of
+    the eval YAML; without the YAML, the service's first set with its duplicates. A YAML naming a set
+    the service does not serve stops the run here, with the list it serves; an unscored entry needs
+    no service."""
+    if not (cfg.eval_freq or cfg.eval_before_train):
+        return None, []
+    steps = cfg.eval_num_inference_steps or cfg.num_inference_steps
+    client = EvalClient(cfg.unigenbench_api_url) if cfg.unigenbench_api_url else None
+    if client is not None and not is_ready(cfg.unigenbench_api_url):  # stop at once at one of the original's
+        fix = recognise_original_service("UNIGENBENCH_API_URL", cfg.unigenbench_api_url)
+        if fix is not None:
+            raise ConfigError(fix)
+    if not cfg.eval_dataset_config:
+        return client, [EvalPlan("", "", (), 0, cfg.eval_cfg_scale, steps)] if client is not None else []
+    plans = []
+    for d in load_eval_data(cfg.eval_dataset_config).datasets:
+        cfg_scale = cfg.eval_cfg_scale if d.cfg_scale is None else d.cfg_scale
+        prompts = tuple(zip(d.prompt_ids, d.prompts, strict=True))
+        plan = EvalPlan(d.name, d.benchmark, prompts, d.duplicates, cfg_scale, d.num_inference_steps or steps)
+        if d.benchmark is not None and client is None:
+            log.warning("eval entry %s is scored by eval-unigenbench, but UNIGENBENCH_API_URL is not set: skipped",
+                        d.name)  # fmt: skip
+            continue
+        plans.append(plan)
+    if client is not None:
+        _check_served(client, [p for p in plans if p.benchmark is not None], cfg.eval_dataset_config)
+    return client, plans
+
+
+def _check_served(client: EvalClient, plans: list[EvalPlan], config: str) -> None:
+    """Every scored plan's set is served by eval-unigenbench (asked once at start)."""
+    try:
+        for plan in plans:
+            try:
+                client.prompts(plan.benchmark or "")
+            except RewardServiceError as exc:  # INVALID_ARGUMENT: the service names the sets it serves
+                raise ConfigError(
+                    f"{config}: eval entry {plan.name!r} asks eval-unigenbench for set {plan.benchmark!r} "
+                    f"(from its path), which it does not serve: {exc}. Serve it (BENCHMARK=...,"
+                    f"test_prompts_{plan.benchmark}) or change the entry's path"
+                ) from None
+    except TransientError as exc:  # not reachable now: evaluations are skipped while it is down
+        log.warning("eval-unigenbench not reachable at start (%s); the eval sets are checked at each evaluation", exc)
+
+
+def train_data(cfg: TrainConfig) -> TrainData:
+    """The train YAML (``--dataset_config``), else the original's simple mode: ``--prompts_file`` with
+    ``--reward_funcs`` (default jpeg_compressibility), each reward weighted 1."""
+    if cfg.dataset_config is not None:
+        if cfg.prompts_file is not None or cfg.reward_funcs is not None:
+            log.info("--prompts_file / --reward_funcs have no effect with --dataset_config: its datasets name the "
+                     "prompts and rewards")  # fmt: skip
+        return load_train_data(cfg.dataset_config, REWARD_NAMES)
+    if cfg.prompts_file is None:
+        raise ConfigError(
+            "no training prompts: pass --dataset_config (or set DATASET_CONFIG) to a train YAML, or --prompts_file "
+            "with --reward_funcs (simple mode)"
+        )
+    try:
+        names = check_reward_funcs(cfg.reward_funcs or ("jpeg_compressibility",), REWARD_NAMES)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return simple_train_data(cfg.prompts_file, names)
+
+
+def sftaux_loader(cfg: TrainConfig, rank: int) -> SftAuxLoader | None:
+    """The SFT-aux loader: an MMEngine ``.py`` config (the original's) or this trainer's YAML. With
+    ``--sftaux_disable_on_error`` data that cannot be loaded turns SFT-aux off with a warning."""
+    if not cfg.uses_sftaux:
+        return None
+    path = str(cfg.sftaux_dataset_config)
+    num_workers = cfg.sftaux_num_workers
+    try:
+        if path.endswith(".py"):
+            data, settings = load_mmengine_sftaux(path)
+            num_workers = settings.num_workers if num_workers is None else num_workers
+        else:
+            data = load_sftaux_data(path)
+    except (DataConfigError, OSError) as exc:
+        if not cfg.sftaux_disable_on_error:
+            raise
+        log.warning("SFT-aux is OFF for this run (--sftaux_disable_on_error): %s", exc)
+        return None
+    return SftAuxLoader(data, cfg.seed, rank, num_workers=num_workers or 0)
+
+
 def reward_url(cfg: TrainConfig, name: str) -> str | None:
-    """The service URL of a remote reward (``OCR_URL`` / ``UNIFIEDREWARD_THINK_URL``)."""
-    return {"ocr": cfg.ocr_url, "unifiedreward_think": cfg.unifiedreward_think_url}[name]
+    """The service URL of a remote reward (``OCR_URL`` / ``UNIFIEDREWARD_THINK_URL``); None for in-process ones."""
+    return {"ocr": cfg.ocr_url, "unifiedreward_think": cfg.unifiedreward_think_url}.get(name)
 
 
 def _resume_source(output_dir: str) -> tuple[Path | None, OriginalCheckpoint | None]:

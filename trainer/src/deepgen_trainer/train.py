@@ -53,8 +53,11 @@ from deepgen_trainer.data.prompts import DataConfigError
 from deepgen_trainer.data.sftaux import SftAuxLoader
 from deepgen_trainer.engine.distributed import World, close_world, init_world
 from deepgen_trainer.engine.optim import Updater
-from deepgen_trainer.evaluation.evaluate import evaluate
+from deepgen_trainer.evaluation.evaluate import EvalSampling, evaluate
 from deepgen_trainer.model.deepgen import Conditioning, DeepGen, to_uint8
+from deepgen_trainer.observe.flops import StepShape, model_flops, step_flops, utilisation
+from deepgen_trainer.observe.grad_norms import GradParts
+from deepgen_trainer.observe.training_samples import save_training_samples
 from deepgen_trainer.rewards.outage import FailureWatch, RewardOutage
 from deepgen_trainer.rewards.scorer import RewardBatch, reward_metrics
 from deepgen_trainer.run import Run, reward_url, setup
@@ -97,6 +100,13 @@ def train(cfg: TrainConfig, world: World | None = None, model: DeepGen | None = 
                 clip=cfg.adv_clip, all_gather=world.all_gather_cat if cfg.global_adv_stats else None,
             ).to(world.device)  # fmt: skip
 
+            if cfg.log_images_interval and step % cfg.log_images_interval == 0 and world.is_main:
+                assert rollout.first_group is not None
+                save_training_samples(
+                    Path(cfg.output_dir), step, rollout.first_group, rollout.prompts[0],
+                    advantages[: cfg.rollout_n].tolist(), cfg.log_images_keep,
+                )  # fmt: skip
+
             # 4.-6. policy update (+ SFT auxiliary loss), --optimizer_steps_per_rollout optimizer steps
             t0 = time.perf_counter()
             lag = updater.optimizer_steps - rollout.policy_version
@@ -124,7 +134,12 @@ def train(cfg: TrainConfig, world: World | None = None, model: DeepGen | None = 
                 "grad_norm": grad_norm,
                 "optim/steps": float(updater.optimizer_steps),
             }
-            if run.eval_client is not None and cfg.eval_freq and step % cfg.eval_freq == 0:
+            measured = (
+                step % _every(cfg.log_tflops_every, cfg) == 0 and step - run.start_step > cfg.log_tflops_warmup_steps
+            )
+            if run.shape is not None and measured:
+                metrics |= step_tflops(run, rollout, "sft/loss" in metrics, t_step_total)
+            if run.eval_plans and cfg.eval_freq and step % cfg.eval_freq == 0:
                 t0 = time.perf_counter()
                 metrics |= run_eval(run, step)
                 metrics["time/eval"] = time.perf_counter() - t0
@@ -145,6 +160,8 @@ def train(cfg: TrainConfig, world: World | None = None, model: DeepGen | None = 
         progress.close()
         run.scorer.close()
         run.tracker.close()
+        if run.sftaux is not None:
+            run.sftaux.close()
         if run.eval_client is not None:
             run.eval_client.close()
     return model
@@ -175,6 +192,7 @@ class Rollout:
     policy_version: int
     sampler_state: dict[str, Any]
     seconds: float
+    first_group: torch.Tensor | None = None  # uint8 (rollout_n, H, W, 3), the first prompt's images
 
 
 def generate(run: Run, step: int) -> Rollout:
@@ -193,6 +211,7 @@ def generate(run: Run, step: int) -> Rollout:
     cond = model.encode_prompts(list(batch.prompts)).repeat_interleave(n)
     noise = initial_noise(model, cfg, len(batch.prompts), g)
     trajectories, pending = [], []
+    first_group = None
     mb = cfg.rollout_micro_batch_size
     for s in range(0, len(prompts), mb):
         trajectory = sde_rollout(
@@ -202,6 +221,8 @@ def generate(run: Run, step: int) -> Rollout:
         )  # fmt: skip
         trajectories.append(trajectory)
         images = to_uint8(model.decode(trajectory.final))
+        if s == 0:
+            first_group = images[:n].cpu()
         sl = slice(s, s + mb)
         pending.append(run.scorer.submit(images, prompts[sl], group_ids[sl], weights[sl]))
     return Rollout(
@@ -210,7 +231,7 @@ def generate(run: Run, step: int) -> Rollout:
         old_log_probs=torch.cat([t.log_probs for t in trajectories], dim=1),
         sigmas=trajectories[0].sigmas, pending=pending, generator=g,
         policy_version=run.updater.optimizer_steps, sampler_state=sampler_state,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, first_group=first_group,
     )  # fmt: skip
 
 
@@ -220,7 +241,7 @@ def update_policy(run: Run, rollout: Rollout, advantages: torch.Tensor, step: in
     the last backward. The chosen timesteps are split into `optimizer_steps` consecutive chunks with
     one optimizer step each (Flow-GRPO uses 2), so from the second on the ratios move off 1 and
     clipping acts. Returns the pass statistics and the last gradient norm."""
-    cfg, model, updater = run.cfg, run.model, run.updater
+    cfg, model = run.cfg, run.model
     model.train()
     sigmas, latents, cond = rollout.sigmas, rollout.latents, rollout.cond
     chosen = torch.randperm(len(sigmas) - 2, generator=torch.Generator().manual_seed(_step_seed(cfg.seed, step, 0)))
@@ -233,6 +254,13 @@ def update_policy(run: Run, rollout: Rollout, advantages: torch.Tensor, step: in
     grpo_scale = (1.0 - _sft_coef(cfg, run)) / per_step
     stats = _Mean()
     grad_norm = math.nan
+    parts = (
+        run.grad_parts
+        if run.grad_parts is not None and step % _every(cfg.log_component_grad_norm_every, cfg) == 0
+        else None
+    )
+    if parts is not None:
+        parts.start()
     for i, (j, s) in enumerate(passes):
         sl = slice(s, s + micro)
         x, x_next = latents[j, sl], latents[j + 1, sl]
@@ -243,16 +271,19 @@ def update_policy(run: Run, rollout: Rollout, advantages: torch.Tensor, step: in
         )  # fmt: skip
         old = rollout.old_log_probs[j, sl]
         loss, ratio, clipped = clipped_policy_loss(log_prob, old, advantages[sl], cfg.clip_range)
+        pieces = [("policy", loss.mean() * grpo_scale)]
         if run.reference is not None:
             kl = kl_to_reference(run, x, x_next, v, mean, std, sigmas[j].item(), sigmas[j + 1].item(), cond[sl])
+            pieces.append(("beta_kl", (cfg.beta * kl).mean() * grpo_scale))
             loss = loss + cfg.beta * kl
             stats.add("policy/kl", kl.mean())
-        total = loss.mean() * grpo_scale
-        if run.sftaux is not None and i == len(passes) - 1:
-            sft_loss = sft_auxiliary_loss(model, run.sftaux, micro, rollout.generator)
-            total = total + cfg.sftaux_coef * sft_loss
+        # --sftaux_every_n_steps: the first step and every N-th after it, as the original (global_step % N).
+        if run.sftaux is not None and i == len(passes) - 1 and (step - 1) % cfg.sftaux_every_n_steps == 0:
+            sft_batch = cfg.sftaux_micro_batch_size or micro
+            sft_loss = sft_auxiliary_loss(model, run.sftaux, sft_batch, rollout.generator)
+            pieces.append(("sftaux", cfg.sftaux_coef * sft_loss))
             stats.add("sft/loss", sft_loss)
-        updater.backward(total)
+        backward(run, pieces, parts)
         if (i + 1) % per_step == 0:
             grad_norm = optimizer_step(run)
         stats.add("policy/loss", loss.mean())
@@ -261,7 +292,24 @@ def update_policy(run: Run, rollout: Rollout, advantages: torch.Tensor, step: in
             stats.add(f"policy/clipfrac/opt_step{i // per_step + 1}", clipped.float().mean())
         stats.add("policy/ratio_mean", ratio.mean())
         stats.add("policy/approx_kl", approx_kl(log_prob, old))
+    if parts is not None:
+        for name, value in parts.finish(run.world.all_reduce_mean).items():
+            stats.add(name, value)
     return stats, grad_norm
+
+
+def backward(run: Run, pieces: list[tuple[str, torch.Tensor]], parts: GradParts | None) -> None:
+    """One backward of the pieces' sum; when the gradient parts are measured (--log_component_grad_norm,
+    plain PyTorch), one backward per piece instead, which accumulates the same gradient."""
+    if parts is None:
+        total = pieces[0][1]
+        for _, loss in pieces[1:]:
+            total = total + loss
+        run.updater.backward(total)
+        return
+    for k, (name, loss) in enumerate(pieces):
+        with parts.part(name):
+            loss.backward(retain_graph=k < len(pieces) - 1)  # the policy and β·KL pieces share a graph
 
 
 def initial_noise(model: DeepGen, cfg: TrainConfig, n_prompts: int, generator: torch.Generator) -> torch.Tensor:
@@ -291,8 +339,9 @@ def kl_to_reference(
     cfg = run.cfg
     with torch.no_grad():
         v_ref = run.model.velocity(x, sigma, cond, cfg.cfg_scale, run.uncond, dit=run.reference)
-        if cfg.atrain_kl_type == "v-based":
-            return kl_penalty("v-based", v, v_ref, std)
+    if cfg.atrain_kl_type == "v-based":  # outside no_grad: the penalty's gradient flows through v
+        return kl_penalty("v-based", v, v_ref, std)
+    with torch.no_grad():
         _, _, mean_ref, _ = sde_step_with_logprob(
             cfg.atrain_sde_sampler, v_ref, x, sigma, sigma_next, cfg.sde_eta, prev_sample=x_next
         )
@@ -303,15 +352,25 @@ def sft_auxiliary_loss(
     model: DeepGen, loader: SftAuxLoader, batch_size: int, generator: torch.Generator
 ) -> torch.Tensor:
     """Flow-matching loss on a batch of real images: x_σ = (1 − σ)z + σε, target ε − z, σ drawn from
-    the scheduler's shifted training distribution σ = s·u / (1 + (s − 1)·u), u ~ U(0, 1)."""
-    images, captions = loader.next_batch(batch_size)  # images in [-1, 1]
-    latents = model.encode_images((images + 1.0) / 2.0, generator=None)
-    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
-    u = torch.rand(latents.shape[0], generator=generator, device=generator.device).to(latents.device)
+    the scheduler's shifted training distribution σ = s·u / (1 + (s − 1)·u), u ~ U(0, 1). Images of
+    different sizes (the original's configs keep each image's size) go through the DiT in one call per
+    size; the loss is the mean of the per-image losses."""
+    images, captions = loader.next_images(batch_size)  # (3, H, W) in [-1, 1]
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for k, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape), []).append(k)
     shift = float(model.scheduler.config.shift)
-    sigma = shift * u / (1.0 + (shift - 1.0) * u)
-    v = model.velocity(flow_matching_inputs(latents, noise, sigma), sigma, model.encode_prompts(captions))
-    return flow_matching_loss(v, latents, noise).mean()
+    losses = []
+    for rows in by_size.values():
+        latents = model.encode_images((torch.stack([images[k] for k in rows]) + 1.0) / 2.0, generator=None)
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
+        u = torch.rand(latents.shape[0], generator=generator, device=generator.device).to(latents.device)
+        sigma = shift * u / (1.0 + (shift - 1.0) * u)
+        cond = model.encode_prompts([captions[k] for k in rows])
+        losses.append(
+            flow_matching_loss(model.velocity(flow_matching_inputs(latents, noise, sigma), sigma, cond), latents, noise)
+        )
+    return torch.cat(losses).mean()
 
 
 def optimizer_step(run: Run) -> float:
@@ -350,22 +409,31 @@ def checkpoint(run: Run, step: int) -> Path:
 
 def run_eval(run: Run, step: int) -> dict[str, float]:
     """Every evaluation of the eval YAML (one by default, named after the service's set); metrics under
-    eval/<name>/, contact sheets to the trackers (rank 0)."""
-    assert run.eval_client is not None
+    eval/<name>/, contact sheets and the first --eval_{wandb,swanlab}_num_upload_images images to the
+    trackers (rank 0)."""
     cfg = run.cfg
     run.model.eval()
+    sampling = EvalSampling(
+        mode=cfg.eval_inference_mode, sampler=cfg.atrain_sde_sampler,
+        eta=cfg.sde_eta if cfg.eval_sde_eta is None else cfg.eval_sde_eta,
+        height=cfg.eval_image_height or cfg.image_height, width=cfg.eval_image_width or cfg.image_width,
+        batch_size=cfg.eval_micro_batch_size or cfg.rollout_micro_batch_size,
+        uploads=max(cfg.eval_wandb_num_upload_images, cfg.eval_swanlab_num_upload_images),
+    )  # fmt: skip
     metrics = {}
     with ema_dit(run.model, run.ema) if cfg.eval_with_ema and run.ema is not None else contextlib.nullcontext():
-        for name, cfg_scale, num_inference_steps in run.eval_plans:
+        for plan in run.eval_plans:
             outcome = evaluate(
-                run.model, run.eval_client, run.world, step, output_dir=Path(cfg.output_dir), label=name,
-                height=cfg.image_height, width=cfg.image_width, num_inference_steps=num_inference_steps,
-                cfg_scale=cfg_scale, batch_size=cfg.rollout_micro_batch_size,
-            )  # fmt: skip
+                run.model, run.eval_client, run.world, step, plan, sampling, output_dir=Path(cfg.output_dir)
+            )
             if outcome is not None:
                 metrics |= outcome.metrics
-                label = name or outcome.summary.benchmark
+                label = plan.name or (outcome.summary.benchmark if outcome.summary else "")
                 run.tracker.log_images({f"eval/{label}/contact_sheet": outcome.contact_sheet}, step=step)
+                for backend, count in (("wandb", cfg.eval_wandb_num_upload_images),
+                                       ("swanlab", cfg.eval_swanlab_num_upload_images)):  # fmt: skip
+                    if count:
+                        run.tracker.log_image_list(f"eval/{label}", outcome.uploads[:count], step, backend)
     return metrics
 
 
@@ -388,7 +456,9 @@ def log_step(run: Run, step: int, metrics: dict[str, float]) -> None:
     metrics = run.world.mean_over_ranks(metrics)
     if not run.world.is_main:
         return
-    run.tracker.log(metrics, step=step)
+    sent = metrics if run.window is None else run.window.add(step, metrics, last=step >= run.total_steps)
+    if sent is not None:  # --logging_steps: the trackers get the means since their last send
+        run.tracker.log(sent, step=step)
     with (Path(run.cfg.output_dir) / "metrics.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps({"step": step, **{k: _json_float(v) for k, v in metrics.items()}}) + "\n")
     for name, value in metrics.items():
@@ -437,6 +507,33 @@ def _saves(run: Run, step: int) -> bool:
 
 def _sft_coef(cfg: TrainConfig, run: Run) -> float:
     return cfg.sftaux_coef if run.sftaux is not None else 0.0
+
+
+def step_tflops(run: Run, rollout: Rollout, with_sft: bool, seconds: float) -> dict[str, float]:
+    """``perf/step_tflop`` (the analytic model FLOPs of this step's shapes on one GPU, without gradient
+    checkpointing's recompute, from `observe.flops`), ``perf/tflops`` (that over the measured step
+    time: TFLOP/s achieved per GPU) and ``perf/mfu`` (over ``--log_tflops_peak``)."""
+    cfg = run.cfg
+    assert run.shape is not None
+    step = StepShape(
+        prompts=cfg.prompts_per_rank_for(run.world.world_size), rollout_n=cfg.rollout_n,
+        num_inference_steps=cfg.num_inference_steps, num_train_timesteps=cfg.num_train_timesteps,
+        image_height=cfg.image_height, image_width=cfg.image_width, cfg_scale=cfg.cfg_scale, beta=cfg.beta,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        sftaux_batch=(cfg.sftaux_micro_batch_size or cfg.atrain_micro_batch_size) if with_sft else 0,
+        prompt_tokens=rollout.cond.prompt_embeds.shape[1] - run.shape.deepgen.num_queries,
+    )  # fmt: skip
+    flops = model_flops(step_flops(step, run.shape))
+    return {
+        "perf/step_tflop": flops / 1e12,
+        "perf/tflops": flops / seconds / 1e12,
+        "perf/mfu": utilisation(flops, seconds, cfg.log_tflops_peak * 1e12),
+    }
+
+
+def _every(value: int | None, cfg: TrainConfig) -> int:
+    """A cadence flag, None = --logging_steps (the original's default for its logging options)."""
+    return value if value is not None else cfg.logging_steps
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:

@@ -159,16 +159,17 @@ class EvalClient:
 
         return self._retrying(call)
 
-    def start_run(self, step: int, benchmark: str = "") -> EvalRun:
-        """Open a run for `step` on benchmark set `benchmark` (empty: the service's first set). The
-        returned handle pickles, so one rank can open a run and share it with the others."""
+    def start_run(self, step: int, benchmark: str = "", duplicates: int = 0) -> EvalRun:
+        """Open a run for `step` on benchmark set `benchmark` (empty: the service's first set) with
+        `duplicates` images per prompt (0: the service's default). The returned handle pickles, so one
+        rank can open a run and share it with the others."""
 
         def call(e: _Endpoint) -> EvalRun:
             if e.http is not None:
-                body = {"step": step, "benchmark": benchmark}
+                body = {"step": step, "benchmark": benchmark, "duplicates": duplicates}
                 out = e.http.request("POST", "/v1/runs", 120.0, body)
                 return EvalRun(out["run_id"], out["run_secret"], e.name)
-            request = eval_pb2.StartRunRequest(step=step, benchmark=benchmark)
+            request = eval_pb2.StartRunRequest(step=step, benchmark=benchmark, duplicates=duplicates)
             reply = e.unary("StartRun", request, eval_pb2.StartRunResponse, 120.0)
             return EvalRun(reply.run_id, reply.run_secret, e.name)
 

@@ -8,20 +8,30 @@ Train YAML (``--dataset_config``)::
         path: prompts/ocr.txt              # relative to this YAML file
         sample_weight: 1.0                 # optional, default 1.0; >= 0
         rewards: {ocr: 1.0, unifiedreward_think: 0.5}
+        # or, as the original DeepGen-RL writes it, a list of one-key maps:
+        # rewards:
+        #   - ocr: 1.0
+        #   - unifiedreward_think: 0.5
 
 - ``sample_proportional``: p(prompt) ∝ its dataset's weight, so a dataset is drawn with probability
   ∝ weight × size (equal weights = every prompt equally likely).
 - ``weight_only``: p(dataset) ∝ weight regardless of its size; prompts uniform within a dataset.
 
-Eval YAML (``--eval_dataset_config``)::
+Eval YAML (``--eval_dataset_config``, the original DeepGen-RL's format)::
 
     datasets:
-      - name: unigenbench_en
-        path: unigenbench/test_prompts_en.csv   # a prompt file, or a UniGenBench CSV index,prompt,sub_dims
-        scoring: unigenbench                    # the evaluator that scores the images
-        cfg_scale: 4.0                          # optional, default 4.0
-        num_inference_steps: 50                 # optional, default 50
-        duplicates: 1                           # optional, images per prompt, default 1
+      - name: unigenbench_en                    # metrics and folders are named after it
+        path: unigenbench/test_prompts_en.csv   # scored: names the eval-unigenbench set (stem without
+                                                # test_prompts_: "en"); else a prompt file read here
+        scoring: unigenbench/en                 # unigenbench, unigenbench/en, unigenbench/zh, or
+                                                # {type: unigenbench, language: zh}; leave it out to
+                                                # generate and log the images only
+        cfg_scale: 4.0                          # optional, default --eval_cfg_scale
+        num_inference_steps: 50                 # optional, default --eval_num_inference_steps
+        duplicates: 4                           # optional, images per prompt, default 1
+
+A scored entry's file lives with eval-unigenbench (``BENCHMARK=test_prompts_en,...`` serves it); the
+trainer asks the service for that set, and a set the service does not serve stops the run at start.
 
 Prompt files: ``.txt`` (one prompt per line, blank lines skipped), ``.jsonl`` (a ``prompt`` or
 ``caption`` key per line), ``.csv`` and ``.parquet`` (a ``prompt`` or ``caption`` column). Empty
@@ -50,10 +60,9 @@ SAMPLING_MODES: tuple[str, ...] = get_args(SamplingMode)
 PROMPT_FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".csv", ".parquet")
 # The keys that may hold the prompt in .jsonl/.csv/.parquet files, in order of preference.
 PROMPT_KEYS: tuple[str, ...] = ("prompt", "caption")
-EVAL_SCORERS: tuple[str, ...] = ("unigenbench",)
-
-EVAL_DEFAULT_CFG_SCALE = 4.0
-EVAL_DEFAULT_NUM_INFERENCE_STEPS = 50
+SCORING_LANGUAGES: tuple[str, ...] = ("en", "zh")
+SCORING_NAMES: tuple[str, ...] = ("unigenbench", "unigenbench/en", "unigenbench/zh")
+UNIGENBENCH_FILE_PREFIX = "test_prompts_"
 EVAL_DEFAULT_DUPLICATES = 1
 
 
@@ -119,15 +128,23 @@ class TrainData:
 
 @dataclass(frozen=True)
 class EvalDataset:
-    """One eval set. ``prompt_ids`` are the UniGenBench CSV ``index`` column, else the 0-based position."""
+    """One eval entry.
+
+    benchmark: the eval-unigenbench set that scores it (``test_prompts_en.csv`` → ``en``), None when
+        it is not scored (generate and log only); language: the judge language ``scoring`` names.
+    prompts, prompt_ids: the prompts of an unscored entry (ids: the ``index`` column, else the 0-based
+        position); empty for a scored one, whose prompts the service lists.
+    cfg_scale, num_inference_steps: None = ``--eval_cfg_scale`` / ``--eval_num_inference_steps``.
+    """
 
     name: str
     path: Path
+    benchmark: str | None
+    language: str | None
     prompts: tuple[str, ...]
     prompt_ids: tuple[str, ...]
-    scoring: str
-    cfg_scale: float = EVAL_DEFAULT_CFG_SCALE
-    num_inference_steps: int = EVAL_DEFAULT_NUM_INFERENCE_STEPS
+    cfg_scale: float | None = None
+    num_inference_steps: int | None = None
     duplicates: int = EVAL_DEFAULT_DUPLICATES
 
 
@@ -345,10 +362,25 @@ def load_train_data(path: Path | str, reward_names: Collection[str]) -> TrainDat
     return TrainData(sampling_mode=mode, datasets=tuple(datasets))
 
 
+def simple_train_data(prompts_file: Path | str, reward_names: Sequence[str]) -> TrainData:
+    """The original's simple mode (``--prompts_file`` + ``--reward_funcs``, no train YAML): one dataset,
+    every prompt of the file, each reward with weight 1."""
+    path = Path(prompts_file)
+    records = read_prompt_records(path)
+    if not records:
+        raise DataConfigError(path, "", "holds no prompts", "point --prompts_file at a non-empty prompt file")
+    dataset = PromptDataset(path.stem, path, tuple(p for _, p in records), 1.0, dict.fromkeys(reward_names, 1.0))
+    return TrainData(sampling_mode="sample_proportional", datasets=(dataset,))
+
+
 def _reward_weights(raw: Any, known: Collection[str], file: Path, where: str) -> dict[str, float]:
     valid = f"valid reward names: {', '.join(sorted(known))}"
+    if isinstance(raw, list) and raw:
+        raw = _merge_reward_list(raw, file, where)
     if not isinstance(raw, dict) or not raw:
-        raise DataConfigError(file, where, "must be a non-empty mapping of reward name to weight", valid)
+        raise DataConfigError(
+            file, where, "must be a non-empty mapping of reward name to weight, or a list of one-key maps", valid
+        )
     rewards: dict[str, float] = {}
     for name, weight in raw.items():
         if name not in known:
@@ -359,12 +391,31 @@ def _reward_weights(raw: Any, known: Collection[str], file: Path, where: str) ->
     return rewards
 
 
+def _merge_reward_list(items: list[Any], file: Path, where: str) -> dict[str, Any]:
+    """The original's list form (``- ocr: 0.7``) as one mapping. Where the original ignored a
+    non-mapping item and let a repeated name overwrite the earlier one, both are errors here."""
+    merged: dict[str, Any] = {}
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or len(item) != 1:
+            raise DataConfigError(
+                file,
+                f"{where}[{i}]",
+                f"must be a one-key map such as '- ocr: 0.7', got {item!r}",
+                "write one reward per item",
+            )
+        ((name, weight),) = item.items()
+        if name in merged:
+            raise DataConfigError(file, f"{where}[{i}].{name}", "listed twice", "keep one weight per reward")
+        merged[name] = weight
+    return merged
+
+
 _EVAL_TOP_KEYS = ("datasets",)
 _EVAL_DATASET_KEYS = ("name", "path", "cfg_scale", "num_inference_steps", "duplicates", "scoring")
 
 
-def load_eval_data(path: Path | str, scorers: Collection[str] = EVAL_SCORERS) -> EvalData:
-    """Load and check the eval YAML. ``scorers`` are the evaluator names ``scoring`` may take."""
+def load_eval_data(path: Path | str) -> EvalData:
+    """Load and check the eval YAML (the original's format, see the module docstring)."""
     file = Path(path)
     raw = load_yaml_mapping(file)
     check_keys(raw, _EVAL_TOP_KEYS, ("datasets",), file, "")
@@ -372,33 +423,55 @@ def load_eval_data(path: Path | str, scorers: Collection[str] = EVAL_SCORERS) ->
     seen: set[str] = set()
     for i, item in enumerate(dataset_list(raw, file)):
         where = f"datasets[{i}]"
-        check_keys(item, _EVAL_DATASET_KEYS, ("path", "scoring"), file, where)
+        check_keys(item, _EVAL_DATASET_KEYS, ("path",), file, where)
         prompt_path = resolve_path(item["path"], file, f"{where}.path")
         name = unique_name(item, prompt_path, seen, file, where)
-        scoring = item["scoring"]
-        if scoring not in scorers:
-            raise DataConfigError(
-                file, f"{where}.scoring", f"unknown evaluator {scoring!r}", f"valid evaluators: {', '.join(scorers)}"
-            )
-        cfg_scale = non_negative_number(item.get("cfg_scale", EVAL_DEFAULT_CFG_SCALE), file, f"{where}.cfg_scale")
-        steps = positive_int(
-            item.get("num_inference_steps", EVAL_DEFAULT_NUM_INFERENCE_STEPS), file, f"{where}.num_inference_steps"
-        )
+        language = _scoring_language(item.get("scoring"), file, f"{where}.scoring")
+        cfg_scale = item.get("cfg_scale")
+        if cfg_scale is not None:
+            cfg_scale = non_negative_number(cfg_scale, file, f"{where}.cfg_scale")
+        steps = item.get("num_inference_steps")
+        if steps is not None:
+            steps = positive_int(steps, file, f"{where}.num_inference_steps")
         duplicates = positive_int(item.get("duplicates", EVAL_DEFAULT_DUPLICATES), file, f"{where}.duplicates")
-        records = _load_prompts(prompt_path, file, where)
-        ids = tuple(i for i, _ in records)
-        if len(set(ids)) != len(ids):
-            raise DataConfigError(file, f"{where}.path", "duplicate prompt ids", "make the 'index' column unique")
-        datasets.append(
-            EvalDataset(
-                name=name,
-                path=prompt_path,
-                prompts=tuple(p for _, p in records),
-                prompt_ids=ids,
-                scoring=scoring,
-                cfg_scale=cfg_scale,
-                num_inference_steps=steps,
-                duplicates=duplicates,
-            )
-        )
+        prompts: tuple[str, ...] = ()
+        ids: tuple[str, ...] = ()
+        benchmark = None
+        if language is None:  # generate only: the trainer reads the prompts
+            records = _load_prompts(prompt_path, file, where)
+            ids = tuple(i for i, _ in records)
+            if len(set(ids)) != len(ids):
+                raise DataConfigError(file, f"{where}.path", "duplicate prompt ids", "make the 'index' column unique")
+            prompts = tuple(p for _, p in records)
+        else:  # scored: eval-unigenbench serves the set the file names (test_prompts_en.csv: set "en")
+            benchmark = prompt_path.stem.removeprefix(UNIGENBENCH_FILE_PREFIX)
+        datasets.append(EvalDataset(name, prompt_path, benchmark, language, prompts, ids, cfg_scale, steps, duplicates))
     return EvalData(datasets=tuple(datasets))
+
+
+def _scoring_language(raw: Any, file: Path, where: str) -> str | None:
+    """The judge language of ``scoring`` (None: not scored). Accepts the original's forms: a string
+    ``unigenbench`` / ``unigenbench/<lang>``, a dict ``{type: ..., language: ...}``, or a list of those."""
+    if raw is None:
+        return None
+    if isinstance(raw, list):
+        if len(raw) != 1:
+            raise DataConfigError(file, where, f"lists {len(raw)} scorers", "give one scorer per dataset")
+        return _scoring_language(raw[0], file, f"{where}[0]")
+    language = None
+    if isinstance(raw, dict):
+        check_keys(raw, ("type", "language"), ("type",), file, where)
+        kind, language = raw["type"], raw.get("language")
+    else:
+        kind = raw
+    if not isinstance(kind, str) or kind.split("/")[0] != "unigenbench" or kind.count("/") > 1:
+        raise DataConfigError(
+            file, where, f"unknown scorer {raw!r}",
+            f"use one of {', '.join(SCORING_NAMES)}, or leave scoring out to generate and log the images only",
+        )  # fmt: skip
+    if "/" in kind:  # the original: the type's language wins over a language key
+        language = kind.split("/")[1]
+    language = language or "en"
+    if language not in SCORING_LANGUAGES:
+        raise DataConfigError(file, where, f"unknown language {language!r}", f"use {' or '.join(SCORING_LANGUAGES)}")
+    return language

@@ -25,9 +25,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -58,12 +59,24 @@ class ImageCaption:
     caption: str
 
 
+# How a dataset's images are sized: ``cover_crop`` is this YAML's (about resolution² pixels, cover and
+# centre-crop, a batch cropped to its first image's size); the others are the original DeepGen-RL's
+# ``image_process`` values (`data.sftaux_mmengine`), which keep each image's own size.
+ImageProcess = Literal["cover_crop", "fix_pixels", "dynamic", "resize2square"]
+
+
 @dataclass(frozen=True)
 class SftAuxDataset:
+    """One dataset. ``sample_weight`` is the dataset's probability mass (p(dataset) ∝ it); ``image_size``
+    and ``unit_image_size`` parameterise the original's ``image_process`` values."""
+
     name: str
     path: Path
     items: tuple[ImageCaption, ...]
     sample_weight: float
+    image_process: ImageProcess = "cover_crop"
+    image_size: int = DEFAULT_RESOLUTION
+    unit_image_size: int = SIDE_MULTIPLE
 
 
 @dataclass(frozen=True)
@@ -188,46 +201,95 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     return pixels.float() / 127.5 - 1.0
 
 
-class SftAuxLoader:
-    """Infinite, deterministic stream of (image (3, H, W) float32 in [-1, 1], caption) for one rank."""
+def original_image(path: Path, process: ImageProcess, image_size: int, unit: int) -> torch.Tensor:
+    """The image at ``path`` sized as the original DeepGen-RL's ``image_process`` sizes it (its own size
+    kept), as a (3, H, W) float32 tensor in [-1, 1]:
 
-    def __init__(self, data: SftAuxData, seed: int, rank: int = 0) -> None:
+    - ``fix_pixels``: r = image_size / √(h·w); sides ⌈side·r / unit⌉·unit (about image_size² pixels);
+    - ``dynamic``: the longer side image_size when it is larger, the other ⌈·/unit⌉·unit; smaller
+      images only rounded up to multiples of unit;
+    - ``resize2square``: image_size × image_size.
+    Resized with PIL's default filter (bicubic), no crop, as the original.
+    """
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
+    w, h = image.size
+    if process == "fix_pixels":
+        ratio = image_size / math.sqrt(h * w)
+        size = (math.ceil(w * ratio / unit) * unit, math.ceil(h * ratio / unit) * unit)
+    elif process == "dynamic":
+        if w >= h and w >= image_size:
+            size = (image_size, math.ceil(h * image_size / w / unit) * unit)
+        elif h >= w and h >= image_size:
+            size = (math.ceil(w * image_size / h / unit) * unit, image_size)
+        else:
+            size = (math.ceil(w / unit) * unit, math.ceil(h / unit) * unit)
+    elif process == "resize2square":
+        size = (image_size, image_size)
+    else:
+        raise ValueError(f"image_process {process!r} is not one of the original's: fix_pixels, dynamic, resize2square")
+    pixels = torch.from_numpy(np.asarray(image.resize(size), dtype=np.uint8).copy()).permute(2, 0, 1)
+    return pixels.float() / 127.5 - 1.0
+
+
+class SftAuxLoader:
+    """Infinite, deterministic stream of (image (3, H, W) float32 in [-1, 1], caption) for one rank.
+    ``num_workers`` threads decode a batch's images in parallel (0: in the caller's thread)."""
+
+    def __init__(self, data: SftAuxData, seed: int, rank: int = 0, num_workers: int = 0) -> None:
         self.data = data
         self.seed = seed
         self.rank = rank
         self.position = 0
         weights = np.array([d.sample_weight for d in data.datasets], dtype=np.float64)
         self._probs = weights / weights.sum()
+        self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="sftaux") if num_workers > 0 else None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, str]:
-        item, empty = self._draw(self.position)
-        self.position += 1
-        with Image.open(item.image_path) as image:
-            size = target_size(image.width, image.height, self.data.resolution)
-        return load_image(item.image_path, size), "" if empty else item.caption
+        (image,), (caption,) = self.next_images(1)
+        return image, caption
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, list[str]]:
-        """(images (B, 3, H, W), captions): the first image sets the size, the others are cropped to it."""
-        first, caption = next(self)
-        images, captions = [first], [caption]
-        size = (first.shape[2], first.shape[1])
-        for _ in range(batch_size - 1):
-            item, empty = self._draw(self.position)
-            self.position += 1
-            images.append(load_image(item.image_path, size))
-            captions.append("" if empty else item.caption)
+        """(images (B, 3, H, W), captions) of same-sized images (`next_images` of a YAML-configured set)."""
+        images, captions = self.next_images(batch_size)
         return torch.stack(images), captions
 
-    def _draw(self, n: int) -> tuple[ImageCaption, bool]:
+    def next_images(self, batch_size: int) -> tuple[list[torch.Tensor], list[str]]:
+        """The next ``batch_size`` (image (3, H, W), caption) pairs. ``cover_crop`` images take the size of
+        the batch's first one (cropped to it); the original's ``image_process`` keeps each image's size."""
+        draws = [self._draw(self.position + k) for k in range(batch_size)]
+        self.position += batch_size
+        first_size = None
+        if draws[0][0].image_process == "cover_crop":
+            with Image.open(draws[0][1].image_path) as image:
+                first_size = target_size(image.width, image.height, self.data.resolution)
+
+        def load(draw: tuple[SftAuxDataset, ImageCaption, bool]) -> torch.Tensor:
+            dataset, item, _ = draw
+            if dataset.image_process == "cover_crop":
+                if first_size is None:  # a YAML set after an original-format one: its own target size
+                    with Image.open(item.image_path) as image:
+                        return load_image(item.image_path, target_size(image.width, image.height, self.data.resolution))
+                return load_image(item.image_path, first_size)
+            return original_image(item.image_path, dataset.image_process, dataset.image_size, dataset.unit_image_size)
+
+        images = list(self._pool.map(load, draws)) if self._pool is not None else [load(d) for d in draws]
+        return images, ["" if empty else item.caption for _, item, empty in draws]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _draw(self, n: int) -> tuple[SftAuxDataset, ImageCaption, bool]:
         # One generator per draw: the stream is a pure function of (seed, rank, n), so a checkpoint
         # only needs n.
         rng = np.random.default_rng([self.seed, self.rank, n])
         dataset = self.data.datasets[int(rng.choice(len(self._probs), p=self._probs))]
         item = dataset.items[int(rng.integers(len(dataset.items)))]
-        return item, bool(rng.random() < self.data.empty_caption_prob)
+        return dataset, item, bool(rng.random() < self.data.empty_caption_prob)
 
     def state_dict(self) -> dict[str, int]:
         return {"seed": self.seed, "rank": self.rank, "position": self.position}

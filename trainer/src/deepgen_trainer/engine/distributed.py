@@ -63,6 +63,13 @@ class World:
             out[key] = sum(values) / len(values) if values else math.nan
         return out
 
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise mean of `tensor` (same shape on every rank) over ranks, in place."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor
+
     def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate `tensor` (same shape on every rank) over ranks along dim 0."""
         if not self.distributed:

@@ -37,9 +37,13 @@ Scalar = float | int | Tensor
 
 
 class _Run(Protocol):
+    kind: str
+
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
     def log_images(self, images: dict[str, Path], step: int) -> None: ...
+
+    def log_image_list(self, name: str, images: Sequence[tuple[Path, str]], step: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -144,6 +148,15 @@ class Tracker:
         for run in self._runs:
             run.log_images(paths, step)
 
+    def log_image_list(self, name: str, images: Sequence[tuple[Path, str]], step: int, backend: str) -> None:
+        """Record (image file, caption) pairs as one image list under `name`, in one backend only
+        (``wandb`` or ``swanlab``: the original uploads a different number of images to each)."""
+        if not self.enabled or not images:
+            return
+        for run in self._runs:
+            if run.kind == backend:
+                run.log_image_list(name, images, step)
+
     def close(self) -> None:
         """Finish the runs (flushing them to disk) and stop the endpoint. Idempotent."""
         runs, self._runs = self._runs, []
@@ -165,6 +178,8 @@ class Tracker:
 
 
 class _WandbRun:
+    kind = "wandb"
+
     def __init__(
         self, output_dir: Path, project: str, run_name: str | None, config: Mapping[str, Any] | None, mode: str
     ) -> None:
@@ -187,11 +202,18 @@ class _WandbRun:
 
         self._run.log({name: wandb.Image(str(path)) for name, path in images.items()}, step=step)
 
+    def log_image_list(self, name: str, images: Sequence[tuple[Path, str]], step: int) -> None:
+        import wandb
+
+        self._run.log({name: [wandb.Image(str(path), caption=caption) for path, caption in images]}, step=step)
+
     def close(self) -> None:
         self._run.finish()
 
 
 class _SwanlabRun:
+    kind = "swanlab"
+
     def __init__(
         self, output_dir: Path, project: str, run_name: str | None, config: Mapping[str, Any] | None, mode: str
     ) -> None:
@@ -212,6 +234,9 @@ class _SwanlabRun:
 
     def log_images(self, images: dict[str, Path], step: int) -> None:
         self._swanlab.log({name: self._swanlab.Image(str(path)) for name, path in images.items()}, step=step)
+
+    def log_image_list(self, name: str, images: Sequence[tuple[Path, str]], step: int) -> None:
+        self._swanlab.log({name: [self._swanlab.Image(str(p), caption=c) for p, c in images]}, step=step)
 
     def close(self) -> None:
         self._swanlab.finish()

@@ -4,7 +4,9 @@ Rewards (columns of the matrix, in the order the scorer was given them):
 - ``clip_sim``: CLIP text-image cosine, in-process on the training device (`deepgen_trainer.rewards.clip_sim`);
 - ``ocr``: text rendering accuracy from reward-ocr at ``OCR_URL``, pointwise;
 - ``unifiedreward_think``: UnifiedReward-Think win rates from reward-unified at
-  ``UNIFIEDREWARD_THINK_URL``, group mode (the service judges the pairs within each group id).
+  ``UNIFIEDREWARD_THINK_URL``, group mode (the service judges the pairs within each group id);
+- ``jpeg_compressibility`` / ``jpeg_incompressibility``: the JPEG size of the image, in-process
+  (`deepgen_trainer.rewards.jpeg`; the original's simple-mode rewards).
 
 A reward is requested only for the samples whose weight for it is non-zero. Every entry that has no
 score is NaN, never 0.0, and a parallel status matrix (`RewardStatus`) says why: not requested, not
@@ -48,10 +50,11 @@ from torch import Tensor
 
 from deepgen_common.client import RewardClient, RewardServiceError
 from deepgen_common.types import ImageFormat, Mode, Outcome, Result, Sample
+from deepgen_trainer.rewards import jpeg
 
 log = logging.getLogger(__name__)
 
-RewardName = Literal["clip_sim", "ocr", "unifiedreward_think"]
+RewardName = Literal["clip_sim", "ocr", "unifiedreward_think", "jpeg_compressibility", "jpeg_incompressibility"]
 REWARD_NAMES: tuple[str, ...] = get_args(RewardName)
 REWARD_URL_ENV = {"ocr": "OCR_URL", "unifiedreward_think": "UNIFIEDREWARD_THINK_URL"}
 
@@ -114,6 +117,8 @@ def build_reward(
     rewards need ``url`` (from ``OCR_URL`` / ``UNIFIEDREWARD_THINK_URL``)."""
     if name not in REWARD_NAMES:
         raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(REWARD_NAMES)}")
+    if name in ("jpeg_compressibility", "jpeg_incompressibility"):
+        return LocalReward(getattr(jpeg, name))
     if name == "clip_sim":
         if clip is None:
             raise ValueError("reward 'clip_sim' needs a CLIP model: pass clip=ClipSimReward.from_pretrained(...)")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from deepgen.common.v1 import types_pb2 as deepgen_dot_common_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x65\x65pgen/eval/v1/eval.proto\x12\x0f\x64\x65\x65pgen.eval.v1\x1a\x1d\x64\x65\x65pgen/common/v1/types.proto\"4\n\x0f\x42\x65nchmarkPrompt\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\"\'\n\x12ListPromptsRequest\x12\x11\n\tbenchmark\x18\x01 \x01(\t\"o\n\x13ListPromptsResponse\x12\x11\n\tbenchmark\x18\x01 \x01(\t\x12\x31\n\x07prompts\x18\x02 \x03(\x0b\x32 .deepgen.eval.v1.BenchmarkPrompt\x12\x12\n\nduplicates\x18\x03 \x01(\r\"2\n\x0fStartRunRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x11\n\tbenchmark\x18\x02 \x01(\t\"6\n\x10StartRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nrun_secret\x18\x02 \x01(\t\"_\n\x0eGeneratedImage\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\r\x12\'\n\x05image\x18\x03 \x01(\x0b\x32\x18.deepgen.common.v1.Image\"j\n\x13SubmitImagesRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12/\n\x06images\x18\x02 \x03(\x0b\x32\x1f.deepgen.eval.v1.GeneratedImage\x12\x12\n\nrun_secret\x18\x03 \x01(\t\"(\n\x14SubmitImagesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"6\n\x10\x46inishRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nrun_secret\x18\x02 \x01(\t\"P\n\x0e\x44imensionScore\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\"\xf0\x02\n\nRunSummary\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x15\n\rimages_judged\x18\x03 \x01(\r\x12\x16\n\x0eparse_failures\x18\x04 \x01(\r\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\r\x12\x37\n\x0esub_dimensions\x18\x06 \x03(\x0b\x32\x1f.deepgen.eval.v1.DimensionScore\x12;\n\x12primary_dimensions\x18\x07 \x03(\x0b\x32\x1f.deepgen.eval.v1.DimensionScore\x12\x18\n\x10overall_accuracy\x18\x08 \x01(\x01\x12\x1d\n\x15primary_mean_accuracy\x18\t \x01(\x01\x12\x14\n\x0c\x61nswer_rules\x18\n \x01(\t\x12\x11\n\tbenchmark\x18\x0b \x01(\t\x12-\n\x06images\x18\x0c \x03(\x0b\x32\x1d.deepgen.eval.v1.ImageVerdict\"\x9a\x01\n\x0cImageVerdict\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\r\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\ntestpoints\x18\x04 \x03(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x0e\n\x06scores\x18\x06 \x03(\r\x12\x10\n\x08\x61nalysis\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t2\xb2\x03\n\x0b\x45valService\x12X\n\x0bListPrompts\x12#.deepgen.eval.v1.ListPromptsRequest\x1a$.deepgen.eval.v1.ListPromptsResponse\x12O\n\x08StartRun\x12 .deepgen.eval.v1.StartRunRequest\x1a!.deepgen.eval.v1.StartRunResponse\x12]\n\x0cSubmitImages\x12$.deepgen.eval.v1.SubmitImagesRequest\x1a%.deepgen.eval.v1.SubmitImagesResponse(\x01\x12K\n\tFinishRun\x12!.deepgen.eval.v1.FinishRunRequest\x1a\x1b.deepgen.eval.v1.RunSummary\x12L\n\x07GetInfo\x12!.deepgen.common.v1.GetInfoRequest\x1a\x1e.deepgen.common.v1.ServiceInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x65\x65pgen/eval/v1/eval.proto\x12\x0f\x64\x65\x65pgen.eval.v1\x1a\x1d\x64\x65\x65pgen/common/v1/types.proto\"4\n\x0f\x42\x65nchmarkPrompt\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\"\'\n\x12ListPromptsRequest\x12\x11\n\tbenchmark\x18\x01 \x01(\t\"o\n\x13ListPromptsResponse\x12\x11\n\tbenchmark\x18\x01 \x01(\t\x12\x31\n\x07prompts\x18\x02 \x03(\x0b\x32 .deepgen.eval.v1.BenchmarkPrompt\x12\x12\n\nduplicates\x18\x03 \x01(\r\"F\n\x0fStartRunRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x11\n\tbenchmark\x18\x02 \x01(\t\x12\x12\n\nduplicates\x18\x03 \x01(\r\"6\n\x10StartRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nrun_secret\x18\x02 \x01(\t\"_\n\x0eGeneratedImage\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\r\x12\'\n\x05image\x18\x03 \x01(\x0b\x32\x18.deepgen.common.v1.Image\"j\n\x13SubmitImagesRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12/\n\x06images\x18\x02 \x03(\x0b\x32\x1f.deepgen.eval.v1.GeneratedImage\x12\x12\n\nrun_secret\x18\x03 \x01(\t\"(\n\x14SubmitImagesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"6\n\x10\x46inishRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nrun_secret\x18\x02 \x01(\t\"P\n\x0e\x44imensionScore\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\"\xf0\x02\n\nRunSummary\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x15\n\rimages_judged\x18\x03 \x01(\r\x12\x16\n\x0eparse_failures\x18\x04 \x01(\r\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\r\x12\x37\n\x0esub_dimensions\x18\x06 \x03(\x0b\x32\x1f.deepgen.eval.v1.DimensionScore\x12;\n\x12primary_dimensions\x18\x07 \x03(\x0b\x32\x1f.deepgen.eval.v1.DimensionScore\x12\x18\n\x10overall_accuracy\x18\x08 \x01(\x01\x12\x1d\n\x15primary_mean_accuracy\x18\t \x01(\x01\x12\x14\n\x0c\x61nswer_rules\x18\n \x01(\t\x12\x11\n\tbenchmark\x18\x0b \x01(\t\x12-\n\x06images\x18\x0c \x03(\x0b\x32\x1d.deepgen.eval.v1.ImageVerdict\"\x9a\x01\n\x0cImageVerdict\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\r\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\ntestpoints\x18\x04 \x03(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x0e\n\x06scores\x18\x06 \x03(\r\x12\x10\n\x08\x61nalysis\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x08 \x01(\t2\xb2\x03\n\x0b\x45valService\x12X\n\x0bListPrompts\x12#.deepgen.eval.v1.ListPromptsRequest\x1a$.deepgen.eval.v1.ListPromptsResponse\x12O\n\x08StartRun\x12 .deepgen.eval.v1.StartRunRequest\x1a!.deepgen.eval.v1.StartRunResponse\x12]\n\x0cSubmitImages\x12$.deepgen.eval.v1.SubmitImagesRequest\x1a%.deepgen.eval.v1.SubmitImagesResponse(\x01\x12K\n\tFinishRun\x12!.deepgen.eval.v1.FinishRunRequest\x1a\x1b.deepgen.eval.v1.RunSummary\x12L\n\x07GetInfo\x12!.deepgen.common.v1.GetInfoRequest\x1a\x1e.deepgen.common.v1.ServiceInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,23 +39,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTPROMPTSRESPONSE']._serialized_start=173
   _globals['_LISTPROMPTSRESPONSE']._serialized_end=284
   _globals['_STARTRUNREQUEST']._serialized_start=286
-  _globals['_STARTRUNREQUEST']._serialized_end=336
-  _globals['_STARTRUNRESPONSE']._serialized_start=338
-  _globals['_STARTRUNRESPONSE']._serialized_end=392
-  _globals['_GENERATEDIMAGE']._serialized_start=394
-  _globals['_GENERATEDIMAGE']._serialized_end=489
-  _globals['_SUBMITIMAGESREQUEST']._serialized_start=491
-  _globals['_SUBMITIMAGESREQUEST']._serialized_end=597
-  _globals['_SUBMITIMAGESRESPONSE']._serialized_start=599
-  _globals['_SUBMITIMAGESRESPONSE']._serialized_end=639
-  _globals['_FINISHRUNREQUEST']._serialized_start=641
-  _globals['_FINISHRUNREQUEST']._serialized_end=695
-  _globals['_DIMENSIONSCORE']._serialized_start=697
-  _globals['_DIMENSIONSCORE']._serialized_end=777
-  _globals['_RUNSUMMARY']._serialized_start=780
-  _globals['_RUNSUMMARY']._serialized_end=1148
-  _globals['_IMAGEVERDICT']._serialized_start=1151
-  _globals['_IMAGEVERDICT']._serialized_end=1305
-  _globals['_EVALSERVICE']._serialized_start=1308
-  _globals['_EVALSERVICE']._serialized_end=1742
+  _globals['_STARTRUNREQUEST']._serialized_end=356
+  _globals['_STARTRUNRESPONSE']._serialized_start=358
+  _globals['_STARTRUNRESPONSE']._serialized_end=412
+  _globals['_GENERATEDIMAGE']._serialized_start=414
+  _globals['_GENERATEDIMAGE']._serialized_end=509
+  _globals['_SUBMITIMAGESREQUEST']._serialized_start=511
+  _globals['_SUBMITIMAGESREQUEST']._serialized_end=617
+  _globals['_SUBMITIMAGESRESPONSE']._serialized_start=619
+  _globals['_SUBMITIMAGESRESPONSE']._serialized_end=659
+  _globals['_FINISHRUNREQUEST']._serialized_start=661
+  _globals['_FINISHRUNREQUEST']._serialized_end=715
+  _globals['_DIMENSIONSCORE']._serialized_start=717
+  _globals['_DIMENSIONSCORE']._serialized_end=797
+  _globals['_RUNSUMMARY']._serialized_start=800
+  _globals['_RUNSUMMARY']._serialized_end=1168
+  _globals['_IMAGEVERDICT']._serialized_start=1171
+  _globals['_IMAGEVERDICT']._serialized_end=1325
+  _globals['_EVALSERVICE']._serialized_start=1328
+  _globals['_EVALSERVICE']._serialized_end=1762
 # @@protoc_insertion_point(module_scope)

@@ -32,12 +32,14 @@ class ListPromptsResponse(_message.Message):
     def __init__(self, benchmark: _Optional[str] = ..., prompts: _Optional[_Iterable[_Union[BenchmarkPrompt, _Mapping]]] = ..., duplicates: _Optional[int] = ...) -> None: ...
 
 class StartRunRequest(_message.Message):
-    __slots__ = ("step", "benchmark")
+    __slots__ = ("step", "benchmark", "duplicates")
     STEP_FIELD_NUMBER: _ClassVar[int]
     BENCHMARK_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     step: int
     benchmark: str
-    def __init__(self, step: _Optional[int] = ..., benchmark: _Optional[str] = ...) -> None: ...
+    duplicates: int
+    def __init__(self, step: _Optional[int] = ..., benchmark: _Optional[str] = ..., duplicates: _Optional[int] = ...) -> None: ...
 
 class StartRunResponse(_message.Message):
     __slots__ = ("run_id", "run_secret")

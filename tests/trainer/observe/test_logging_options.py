@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -11,12 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from deepgen_trainer.config import ConfigError, parse_args
+from deepgen_trainer.config import parse_args
 from deepgen_trainer.model.tiny import build_tiny
 from deepgen_trainer.observe.flops import DeepGenShape, StepShape, model_flops, step_flops
 from deepgen_trainer.observe.grad_norms import GradParts
 from deepgen_trainer.observe.metric_window import MetricWindow
 from deepgen_trainer.observe.training_samples import save_training_samples
+from deepgen_trainer.run import component_grad_parts
 from deepgen_trainer.train import train
 from tests.trainer.test_train import SMALL, metrics, sftaux_yaml, train_yaml
 
@@ -95,9 +97,14 @@ def _step(prompt_tokens: int, with_sft: bool) -> StepShape:
     )  # fmt: skip
 
 
-def test_component_norms_need_plain_pytorch() -> None:
-    with pytest.raises(ConfigError, match="use it with --deepspeed none"):
-        parse_args(["--log_component_grad_norm"], environ={})
+def test_component_norms_have_no_effect_under_deepspeed_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
+    # The original's launch lines pass --log_component_grad_norm (always on there) with a ZeRO config.
+    caplog.set_level(logging.INFO, logger="deepgen_trainer")
+    model = build_tiny(0)
+    assert component_grad_parts(parse_args(["--log_component_grad_norm"], environ={}), model) is None
+    assert "--log_component_grad_norm has no effect under DeepSpeed" in caplog.text
+    plain = parse_args(["--log_component_grad_norm", "--deepspeed", "none"], environ={})
+    assert isinstance(component_grad_parts(plain, model), GradParts)
 
 
 def test_tiny_shape_from_the_built_model() -> None:

@@ -546,11 +546,6 @@ def _validate_original_options(cfg: TrainConfig) -> None:
         f"--log_tflops_peak must be the GPU's peak TFLOP/s (> 0), got {cfg.log_tflops_peak}",
     )
     _require(
-        not cfg.log_component_grad_norm or cfg.deepspeed == "none",
-        "--log_component_grad_norm gives each part of the loss its own backward call, which DeepSpeed would count "
-        "as extra micro-steps (it changes the update); use it with --deepspeed none",
-    )
-    _require(
         cfg.reward_funcs is None or len(cfg.reward_funcs) > 0,
         "--reward_funcs names no reward; pass at least one (e.g. --reward_funcs jpeg_compressibility)",
     )

@@ -148,9 +148,25 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     return Run(
         cfg, world, model, reference, data, reward_names, sampler, sftaux, scorer, updater, tracker, eval_client,
         eval_plans, start_step, total_steps, uncond, ema, window=MetricWindow(cfg.logging_steps),
-        grad_parts=GradParts(list(model.trainable_parameters())) if cfg.log_component_grad_norm else None,
+        grad_parts=component_grad_parts(cfg, model),
         shape=DeepGenShape.from_model(model) if cfg.log_tflops else None,
     )  # fmt: skip
+
+
+def component_grad_parts(cfg: TrainConfig, model: DeepGen) -> GradParts | None:
+    """The gradient parts of ``--log_component_grad_norm``. Measuring gives each part of the loss its own
+    backward call, which DeepSpeed would count as extra micro-steps (changing the update), so under
+    DeepSpeed the flag (always on in the original's launch lines) has no effect, said in one line."""
+    if not cfg.log_component_grad_norm:
+        return None
+    if cfg.deepspeed != "none":
+        log.info(
+            "--log_component_grad_norm has no effect under DeepSpeed (--deepspeed %s): measuring would add "
+            "backward calls DeepSpeed counts as micro-steps; pass --deepspeed none to log the norms",
+            cfg.deepspeed,
+        )
+        return None
+    return GradParts(list(model.trainable_parameters()))
 
 
 def build_tracker(cfg: TrainConfig, rank: int) -> Tracker:

@@ -17,6 +17,10 @@ FORBIDDEN = re.compile(
 # allowlist, placeholders for unknown classes and a refusal of every other call
 # (tests/trainer/checkpoints/test_safe_pickle.py shows hostile payloads never run).
 RESTRICTED_UNPICKLER = REPO / "trainer" / "src" / "deepgen_trainer" / "checkpoints" / "safe_pickle.py"
+# The original's MMEngine configs (--model_config, SFTAUX_DATASET_CONFIG) are Python files the user names on
+# the command line, run as mmengine runs them: the user's own code, like the launch script; never network
+# input. Their imports of other code are never run (tests/trainer/original/test_mmengine_config.py).
+MMENGINE_CONFIG_READER = REPO / "trainer" / "src" / "deepgen_trainer" / "original" / "mmengine_config.py"
 
 
 def product_sources() -> list:
@@ -35,7 +39,7 @@ def test_no_unsafe_deserialisation_or_dynamic_code():
     hits = [
         f"{p.relative_to(REPO)}:{n}: {line.strip()}"
         for p in product_sources()
-        if p != RESTRICTED_UNPICKLER
+        if p not in (RESTRICTED_UNPICKLER, MMENGINE_CONFIG_READER)
         for n, line in enumerate(p.read_text().splitlines(), 1)
         if FORBIDDEN.search(line)
     ]
@@ -100,3 +104,9 @@ def test_services_listen_on_all_interfaces_only_inside_compose_and_drain_before_
     for name in ("reward-ocr", "reward-unified", "eval-unigenbench"):
         for port in compose()["services"][name].get("ports", []):
             assert port.startswith("${BIND_ADDRESS:-127.0.0.1}:"), port
+
+
+def test_the_mmengine_config_reader_runs_only_the_config_file():
+    lines = [line for line in MMENGINE_CONFIG_READER.read_text().splitlines() if FORBIDDEN.search(line)]
+    assert len(lines) == 1, lines
+    assert "exec(compile(tree, str(path)" in lines[0]  # the config file's own syntax tree, nothing else

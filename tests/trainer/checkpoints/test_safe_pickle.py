@@ -1,4 +1,5 @@
-"""deepgen_trainer.checkpoints.safe_pickle: what the restricted unpickler builds, what it turns into placeholders,
+"""deepgen_trainer.checkpoints.safe_pickle (through torch_file.load_torch_file): what the unpickler builds,
+what it turns into placeholders,
 and that a pickle which would run code is refused before anything runs."""
 
 from __future__ import annotations
@@ -14,12 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepgen_trainer.checkpoints.safe_pickle import (
-    ForeignObject,
-    UnsafePickleError,
-    foreign_classes,
-    restricted_torch_load,
-)
+from deepgen_trainer.checkpoints.safe_pickle import ForeignObject, UnsafePickleError, foreign_classes
+from deepgen_trainer.checkpoints.torch_file import load_torch_file as restricted_torch_load
 
 
 @dataclass
@@ -84,7 +81,7 @@ def test_unknown_classes_become_inert_placeholders(tmp_path: Path) -> None:
     assert note.state["value"] == 3  # the pickled state, itself built under the same rules
     np.testing.assert_array_equal(note.state["history"], np.ones(2))
     assert foreign_classes(got) == {f"{__name__}.Unknown", f"{__name__}.Stats.mean"}
-    with pytest.raises(UnsafePickleError, match=r"calls tests\.trainer\.checkpoints\.test_safe_pickle\.Unknown\(\.\.\.\)"):
+    with pytest.raises(UnsafePickleError, match=r"calls tests\.trainer\.checkpoints\.test_safe_pickle\.Unknown\("):
         type(note)(1)  # a placeholder class is not callable: it has no behaviour to run
 
 

@@ -468,8 +468,8 @@ class SafeUnpickler:
         if isinstance(func, type) and issubclass(func, ForeignObject):
             func(*args)  # refuses, naming the class
         if func not in _CALLS.values():
-            name = getattr(func, "__name__", type(func).__name__)
-            raise UnsafePickleError(f"the pickle calls {name}, which is not callable here")
+            name = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', type(func).__name__)}"
+            raise UnsafePickleError(f"the pickle calls {name}(...), which is loaded as a value only, never called")
         for item in args:
             if isinstance(item, list | dict | set | frozenset | tuple | bytes | str):
                 self.budget.charge(8 * len(item) + (len(item) if isinstance(item, bytes | str) else 0), "a copy")

@@ -33,14 +33,8 @@ from typing import Any
 
 import torch
 
-from deepgen_trainer.checkpoints.safe_pickle import (
-    Budget,
-    SafeUnpickler,
-    StorageRef,
-    StorageType,
-    UnsafePickleError,
-    walk,
-)
+from deepgen_trainer.checkpoints.pickle_allowlist import Budget, StorageRef, StorageType, UnsafePickleError
+from deepgen_trainer.checkpoints.safe_pickle import SafeUnpickler, walk
 
 BUDGET_PER_PICKLE_BYTE = 16
 BUDGET_BASE = 16 * 2**20

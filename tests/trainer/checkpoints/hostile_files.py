@@ -10,7 +10,8 @@ reads ``[{"entry": ..., "path": ...}, ...]``, caps its own address space at `HEA
 imports took (an allocation the file does not justify fails with MemoryError instead of taking the
 machine), loads each path through the entry (``read``: `formats.read_checkpoint` then a cast to fp16
 as ``convert --dtype`` does, the path of ``--checkpoint``, ``--merge-onto`` and ``make eval``;
-``resume``: `run_checkpoint.load_checkpoint`, the trainer's resume), and prints one JSON line per path:
+``eval``: ``make eval``'s model loading for an RL checkpoint folder; ``resume``:
+`run_checkpoint.load_checkpoint`, the trainer's resume), and prints one JSON line per path:
 ``{"path", "outcome": "refused" | "loaded" | "memory", "message", "poisoned"}``. ``poisoned`` is set
 when a load changed what torch's own rebuild function or a clean load returns afterwards.
 """
@@ -184,6 +185,11 @@ def _load(entry: str, path: str) -> str:
         tensors = read_checkpoint(path).tensors
         cast = cast_floating(tensors, torch.float16)  # what convert --dtype fp16 does
         return f"{len(cast)} tensors, {sum(t.numel() for t in cast.values())} elements"
+    if entry == "eval":  # make eval CKPT=<an RL checkpoint folder>
+        from deepgen_trainer.evaluation.evaluate_checkpoint import find_source, load_model
+
+        load_model(find_source(path, {"model": "tiny"}))
+        return "model loaded"
     if entry == "resume":
         from deepgen_trainer.checkpoints.run_checkpoint import load_checkpoint
 

@@ -258,7 +258,8 @@ def test_entries_pointing_outside_the_folder_are_refused(tmp_path: Path) -> None
     own = own_checkpoint(tmp_path / "run")
     (own / "transformer.safetensors").unlink()
     (own / "transformer.safetensors").symlink_to(tmp_path / "secret.safetensors")
-    specs = [("read", absolute), ("read", dotdot), ("read", work_dir), ("read", shards), ("resume", own)]
+    specs = [("read", absolute), ("read", dotdot), ("read", work_dir), ("read", shards), ("resume", own),
+             ("read", own), ("eval", own)]  # fmt: skip
     results = drive(tmp_path, specs, cwd=tmp_path / "cwd")
     for r in results:
         assert r["outcome"] == "refused", r
@@ -267,6 +268,8 @@ def test_entries_pointing_outside_the_folder_are_refused(tmp_path: Path) -> None
     assert "last_checkpoint" in results[2]["message"]
     assert "model.safetensors" in results[3]["message"]
     assert "transformer.safetensors" in results[4]["message"]
+    assert results[5]["message"].startswith("UnsafeCheckpointError")  # --checkpoint / --merge-onto: exit 2
+    assert results[6]["message"].startswith("ConfigError")  # make eval: exit 2
 
 
 # --- 7. the commands: exit 2, one line ---------------------------------------------------------------------

@@ -34,8 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from deepgen_trainer.checkpoints.formats import CheckpointReadError, read_checkpoint
-from deepgen_trainer.checkpoints.paths import PathEscapeError
+from deepgen_trainer.checkpoints.formats import CheckpointReadError, is_refusal, read_checkpoint
 from deepgen_trainer.checkpoints.run_checkpoint import (
     DEEPGEN_ONLY_FILE,
     DIT_PREFIX,
@@ -43,7 +42,6 @@ from deepgen_trainer.checkpoints.run_checkpoint import (
     resolve_checkpoint,
     sft_state_dict,
 )
-from deepgen_trainer.checkpoints.safe_pickle import UnsafePickleError
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, CheckpointError, CheckpointReadError, MergeMismatch) as e:
         logger.error("%s", e)
         # A file the safe loader refused (hostile, or pointing outside the folder): exit 2, like the trainer.
-        return 2 if isinstance(e.__cause__, UnsafePickleError | PathEscapeError) else 1
+        return 2 if is_refusal(e) else 1
     merged = (
         f"; merged onto {args.merge_onto}: replaced {result.report.replaced}, added {result.report.added}, "
         f"kept {result.report.kept} of other families"

@@ -87,11 +87,26 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
             f"checkpoint {path} does not exist (pass a .pth/.pt/.safetensors file, a DeepSpeed or mmengine "
             "checkpoint folder, or a checkpoint-<step> folder)"
         )
+    from deepgen_trainer.checkpoints.run_checkpoint import CheckpointError
+
     path = path.resolve()  # the user named it: everything it points at must stay inside
     try:
         return _read(path, path)
     except PathEscapeError as exc:
         raise UnsafeCheckpointError(str(exc)) from exc
+    except CheckpointError as exc:  # a checkpoint of this trainer (run_checkpoint) that cannot be read
+        raise (UnsafeCheckpointError if is_refusal(exc) else CheckpointReadError)(str(exc)) from exc
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether `exc` (or an error it was raised from) is the safe loader refusing a file: a hostile
+    file or an entry pointing outside the folder, which commands report with exit code 2."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, UnsafeCheckpointError | UnsafePickleError | PathEscapeError):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def _read(path: Path, root: Path) -> CheckpointContents:

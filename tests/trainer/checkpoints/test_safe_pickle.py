@@ -113,3 +113,13 @@ def test_deepspeed_zero_stage_enum_is_allowed(tmp_path: Path) -> None:
 
     torch.save({"zero_stage": ZeroStageEnum.weights}, tmp_path / "optim.pt")
     assert restricted_torch_load(tmp_path / "optim.pt")["zero_stage"] == 3
+
+
+def test_map_location_moves_every_storage(tmp_path: Path) -> None:
+    """A resume loads optimizer state onto the run's device. The meta device stands in for a GPU here
+    (none on this machine): the tensors must be rebuilt on the storages' device, not on the CPU."""
+    torch.save({"w": torch.arange(6.0).view(2, 3), "state": {0: {"exp_avg": torch.ones(3)}}}, tmp_path / "f.pt")
+    got = restricted_torch_load(tmp_path / "f.pt", map_location="meta")
+    assert got["w"].device.type == "meta"
+    assert got["w"].shape == (2, 3)
+    assert got["state"][0]["exp_avg"].device.type == "meta"

@@ -136,7 +136,7 @@ def _rebuild_tensor_v2(
     if backward_hooks or metadata or type(requires_grad) is not bool:
         raise UnsafePickleError("a tensor with backward hooks or Python metadata is not loaded (weights only)")
     check_view(storage.numel, storage_offset, size, stride, f"tensor over storage {storage.key}")
-    tensor = torch.empty((0,), dtype=storage.dtype)
+    tensor = torch.empty((0,), dtype=storage.dtype, device=storage.storage.device)
     tensor.set_(storage.storage, storage_offset, size, stride)
     tensor.requires_grad_(requires_grad and tensor.is_floating_point())
     return tensor

@@ -3,19 +3,31 @@
 # The trainer image's entrypoint, and `make train-local` (with .venv/bin first on PATH). Every argument
 # is passed on to the trainer (`scripts/train.sh --model tiny --max_steps 2`).
 #
-# Env (defaults: one node, every GPU this process sees):
-#   NNODES       nodes in the job (1)
-#   NODE_RANK    this node's rank, 0 .. NNODES-1 (0)
-#   MASTER_ADDR  address of the rank-0 node, reachable from every node (127.0.0.1)
-#   MASTER_PORT  its rendezvous port (29500)
+# Env (defaults: one node, every GPU this process sees); the original DeepGen-RL launcher's variables
+# are fallbacks, so its cluster environment works unchanged:
+#   NNODES       nodes in the job (else the entries of NODE_IP_LIST, comma-separated; else 1)
+#   NODE_RANK    this node's rank, 0 .. NNODES-1 (else INDEX; else 0)
+#   MASTER_ADDR  address of the rank-0 node, reachable from every node (else CHIEF_IP; else 127.0.0.1)
+#   MASTER_PORT  its rendezvous port (29700, the original's)
 #   NGPUS        processes on this node: a number, or `all` / empty for every visible GPU (1 without GPUs)
+#   UNIGENBENCH_API_URL  http://localhost:8000 when not set at all (the original launcher's default)
+# This node's output goes to <output dir>/logs/<node rank>.log as well (the output dir of --output_dir,
+# else OUTPUT_DIR, else outputs), and the config files the run names (--model_config, --dataset_config,
+# --eval_dataset_config, --sftaux_dataset_config, a --deepspeed .json, or their variables) are copied
+# to <output dir>/configs/ with this script, as the original launcher did.
 set -euo pipefail
 
-NNODES="${NNODES:-1}"
-NODE_RANK="${NODE_RANK:-0}"
-MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
-MASTER_PORT="${MASTER_PORT:-29500}"
+original_nnodes=""
+if [[ -n "${NODE_IP_LIST:-}" ]]; then
+	IFS=, read -r -a node_ips <<<"$NODE_IP_LIST"
+	original_nnodes="${#node_ips[@]}"
+fi
+NNODES="${NNODES:-${original_nnodes:-1}}"
+NODE_RANK="${NODE_RANK:-${INDEX:-0}}"
+MASTER_ADDR="${MASTER_ADDR:-${CHIEF_IP:-127.0.0.1}}"
+MASTER_PORT="${MASTER_PORT:-29700}"
 NGPUS="${NGPUS:-all}"
+export UNIGENBENCH_API_URL="${UNIGENBENCH_API_URL-http://localhost:8000}"
 
 die() {
 	echo "train.sh: $*" >&2
@@ -33,7 +45,31 @@ done
 ((NGPUS >= 1 && NNODES >= 1)) || die "NGPUS and NNODES must be >= 1"
 ((NODE_RANK < NNODES)) || die "NODE_RANK $NODE_RANK must be below NNODES $NNODES"
 
-echo "train.sh: node $NODE_RANK of $NNODES, $NGPUS process(es), master $MASTER_ADDR:$MASTER_PORT" >&2
+# The value of a trainer flag in the arguments (--flag VALUE or --flag=VALUE), else the variable's.
+flag_value() {
+	local flag="$1" fallback="$2" args=("${@:3}") i
+	for ((i = 0; i < ${#args[@]}; i++)); do
+		case "${args[i]}" in
+		"$flag") [[ $((i + 1)) -lt ${#args[@]} ]] && fallback="${args[i + 1]}" ;;
+		"$flag"=*) fallback="${args[i]#*=}" ;;
+		esac
+	done
+	printf '%s' "$fallback"
+}
+
+output_dir="$(flag_value --output_dir "${OUTPUT_DIR:-outputs}" "$@")"
+mkdir -p "$output_dir/logs" "$output_dir/configs"
+exec > >(tee -a "$output_dir/logs/$NODE_RANK.log") 2> >(tee -a "$output_dir/logs/$NODE_RANK.log" >&2)
+for pair in --model_config:MODEL_CONFIG --dataset_config:DATASET_CONFIG --eval_dataset_config:EVAL_DATASET_CONFIG \
+	--sftaux_dataset_config:SFTAUX_DATASET_CONFIG --deepspeed:; do
+	flag="${pair%%:*}" var="${pair#*:}"
+	file="$(flag_value "$flag" "${var:+${!var:-}}" "$@")"
+	if [[ -f "$file" ]]; then cp "$file" "$output_dir/configs/"; fi
+done
+cp "$(realpath "$0")" "$output_dir/configs/"
+
+echo "train.sh: node $NODE_RANK of $NNODES, $NGPUS process(es), master $MASTER_ADDR:$MASTER_PORT," \
+	"log $output_dir/logs/$NODE_RANK.log" >&2
 # exec: torchrun replaces the shell and receives SIGTERM directly (from tini under compose's init).
 exec torchrun \
 	--nnodes "$NNODES" \

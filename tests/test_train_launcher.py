@@ -13,7 +13,17 @@ import pytest
 from tests.helpers import REPO
 
 SCRIPT = REPO / "scripts" / "train.sh"
-LAYOUT = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NGPUS")
+LAYOUT = (
+    "NNODES",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NGPUS",
+    "NODE_IP_LIST",
+    "INDEX",
+    "CHIEF_IP",
+    "OUTPUT_DIR",
+)
 
 
 @pytest.fixture
@@ -29,6 +39,7 @@ def fake_bin(tmp_path: Path) -> Path:
 def launch(fake_bin: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k not in LAYOUT}
     base["PATH"] = f"{fake_bin}:{base['PATH']}"
+    base["OUTPUT_DIR"] = str(fake_bin / "out")  # the node's log and the copied configs go there
     return subprocess.run(["bash", str(SCRIPT), *args], env={**base, **env}, capture_output=True, text=True,
                           timeout=30, check=False)  # fmt: skip
 
@@ -38,7 +49,7 @@ def test_defaults_one_node_every_gpu(fake_bin: Path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [
         "--nnodes", "1", "--node_rank", "0", "--nproc_per_node", "4", "--master_addr", "127.0.0.1",
-        "--master_port", "29500", "-m", "deepgen_trainer.train", "--model", "tiny", "--max_steps", "2",
+        "--master_port", "29700", "-m", "deepgen_trainer.train", "--model", "tiny", "--max_steps", "2",
     ]  # fmt: skip
 
 
@@ -63,3 +74,34 @@ def test_bad_layout_fails_with_a_message(fake_bin: Path, env: dict[str, str], me
     assert done.returncode == 2
     assert message in done.stderr
     assert done.stdout == ""  # torchrun never started
+
+
+def test_the_original_launchers_variables_are_fallbacks(fake_bin: Path):
+    done = launch(fake_bin, NODE_IP_LIST="10.0.0.1,10.0.0.2,10.0.0.3", INDEX="2", CHIEF_IP="10.0.0.1")
+    assert done.returncode == 0, done.stderr
+    argv = done.stdout.split()
+    for flag, value in [("--nnodes", "3"), ("--node_rank", "2"), ("--master_addr", "10.0.0.1"),
+                        ("--master_port", "29700")]:  # fmt: skip
+        assert argv[argv.index(flag) + 1] == value
+    ours = launch(fake_bin, NODE_IP_LIST="a,b,c", INDEX="2", CHIEF_IP="c", NNODES="2", NODE_RANK="1", MASTER_ADDR="m")
+    argv = ours.stdout.split()
+    assert [argv[argv.index(f) + 1] for f in ("--nnodes", "--node_rank", "--master_addr")] == ["2", "1", "m"]
+
+
+def test_the_node_log_and_the_run_configs_land_in_the_output_dir(fake_bin: Path, tmp_path: Path):
+    model, dataset, ds = tmp_path / "model.py", tmp_path / "train.yaml", tmp_path / "zero2.json"
+    for path in (model, dataset, ds):
+        path.write_text("# used by the run\n")
+    out = tmp_path / "run"
+    done = launch(fake_bin, "--output_dir", str(out), "--dataset_config", str(dataset), f"--deepspeed={ds}",
+                  MODEL_CONFIG=str(model), NODE_RANK="0")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "deepgen_trainer.train" in (out / "logs" / "0.log").read_text()
+    assert sorted(p.name for p in (out / "configs").iterdir()) == ["model.py", "train.sh", "train.yaml", "zero2.json"]
+    assert not (fake_bin / "out").exists()  # --output_dir wins over OUTPUT_DIR
+
+
+def test_unigenbench_defaults_to_the_original_launchers_address_unless_set(fake_bin: Path):
+    (fake_bin / "torchrun").write_text('#!/bin/sh\necho "UNIGENBENCH_API_URL=${UNIGENBENCH_API_URL-unset}"\n')
+    assert launch(fake_bin).stdout.strip() == "UNIGENBENCH_API_URL=http://localhost:8000"
+    assert launch(fake_bin, UNIGENBENCH_API_URL="").stdout.strip() == "UNIGENBENCH_API_URL="  # compose: off

@@ -196,7 +196,11 @@ def test_compose_eval_profile(docker_engine: None) -> None:
 
     assert flag("--model") == "CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1"
     assert json.loads(flag("--limit-mm-per-prompt")) == {"image": 1}
-    assert flag("--tensor-parallel-size") == "2"
+    # The parallelism comes from the entrypoint (tests/test_compose_judges.py): tp over UNIGENBENCH_TP GPUs.
+    assert (judge["environment"]["VLLM_PARALLEL_MODE"], judge["environment"]["VLLM_TENSOR_PARALLEL_SIZE"]) == (
+        "tp",
+        "2",
+    )
     assert flag("--max-model-len") == "16384"
     assert "--enable-prefix-caching" in command
     assert not set(SLEEP_FLAGS[:2]) & set(command)  # sleep mode only with the override

@@ -224,7 +224,9 @@ def test_compose_judges_profile(docker_engine: None) -> None:
         return command[command.index(name) + 1]
 
     assert json.loads(flag("--limit-mm-per-prompt")) == {"image": 2}
-    assert flag("--tensor-parallel-size") == "2"
+    # The parallelism comes from the entrypoint (tests/test_compose_judges.py): tp over UNIFIEDREWARD_TP GPUs.
+    judge_env = judge_service["environment"]
+    assert (judge_env["VLLM_PARALLEL_MODE"], judge_env["VLLM_TENSOR_PARALLEL_SIZE"]) == ("tp", "2")
     assert "--enable-prefix-caching" in command
     adapter_env = adapter_service["environment"]
     assert flag("--served-model-name") == adapter_env["JUDGE_MODEL"]

@@ -108,7 +108,7 @@ def test_train_and_monitoring_profiles_resolve(docker_engine: None) -> None:
     assert env["SD3_5_MODEL_NAME_OR_PATH"].startswith("/models/")
     assert env["QWEN2_5_VL_MODEL_NAME_OR_PATH"].startswith("/models/")
     assert {env[k] for k in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NGPUS")} == {
-        "1", "0", "127.0.0.1", "29500", "all",
+        "1", "0", "127.0.0.1", "29700", "all",
     }  # fmt: skip
     targets = {v.split(":")[1] for v in trainer["volumes"]}
     assert {"/models", "/outputs", "/home/trainer/.cache/huggingface", "/data/train"} <= targets

@@ -57,7 +57,7 @@ DESIGN_DEFAULTS = {
     "model": "hf",
     "max_steps": -1,
     "dataset_config": None,
-    "ocr_url": None,
+    "ocr_url": "http://localhost:18082",  # the original's default when OCR_URL is not set at all
 }
 
 
@@ -69,7 +69,8 @@ def test_parse_defaults_equal_the_design() -> None:
     cfg = parse()
     for name, value in DESIGN_DEFAULTS.items():
         assert getattr(cfg, name) == value, name
-    assert cfg == TrainConfig()
+    # Reward URLs whose variable is not set at all: the original's local addresses.
+    assert cfg == TrainConfig(ocr_url="http://localhost:18082", unifiedreward_think_url="http://localhost:18087")
     assert cfg.num_train_timesteps == 30  # int(50 · 0.6)
     assert cfg.images_per_rank(world_size=8) == 32
 
@@ -96,8 +97,11 @@ def test_env_fills_deployment_facts_only_and_flags_win() -> None:
         "UNIGENBENCH_API_URL": "grpcs://eval-1:50053,eval-2:50053",
         "CHECKPOINT": "",
         "METRICS_PORT": "9400",
+        "WANDB_MODE": "online",
+        "SWANLAB_MODE": "disabled",
     }
     cfg = parse("--output_dir", "/flag/out", env=env)
+    assert (cfg.wandb_mode, cfg.swanlab_mode) == ("online", "disabled")
     assert cfg.metrics_port == 9400
     assert cfg.output_dir == "/flag/out"
     assert cfg.ocr_url == "grpc://ocr:50051"
@@ -105,7 +109,11 @@ def test_env_fills_deployment_facts_only_and_flags_win() -> None:
     assert cfg.sftaux_dataset_config == "/env/sftaux_dataset_config"
     assert cfg.checkpoint is None  # an empty variable counts as unset
     assert (cfg.learning_rate, cfg.rollout_n) == (2e-6, 8)  # algorithm switches never come from the env
-    assert deployment_env({"PATH": "/bin"}) == {}
+    # Only the reward URLs have defaults (the original's local addresses), and only for unset variables.
+    assert deployment_env({"PATH": "/bin"}) == {
+        "ocr_url": "http://localhost:18082", "unifiedreward_think_url": "http://localhost:18087"
+    }  # fmt: skip
+    assert deployment_env({"OCR_URL": "", "UNIFIEDREWARD_THINK_URL": ""}) == {}  # compose: set but empty = off
 
 
 def test_to_dict_round_trips_and_is_json() -> None:
@@ -129,7 +137,7 @@ BAD_FLAGS = [
     (["--atrain_sde_sampler", "euler"], "valid values: cps_sde, flowgrpo_sde, dance_sde"),
     (["--atrain_adv_type", "ppo"], "valid values: gdpo, grpo, grpo_global_std, reinforcepp"),
     (["--atrain_kl_type", "k3"], "valid values: v-based, x-based"),
-    (["--lr_scheduler_type", "step"], "valid values: constant, constant_with_warmup, linear, cosine"),
+    (["--lr_scheduler_type", "step"], "valid values: linear, cosine, cosine_with_restarts"),
     (["--model", "big"], "valid values: hf, tiny"),
     (["--learning_rate=-1e-6"], "--learning_rate must be a finite number >= 0"),
     (["--beta", "nan"], "--beta must be a finite number >= 0"),
@@ -138,10 +146,9 @@ BAD_FLAGS = [
     (["--image_height", "500"], "--image_height must be a positive multiple of 16"),
     (["--num_inference_steps", "1"], "--num_inference_steps must be >= 2"),
     (["--max_steps", "0"], "or -1 to train --num_train_epochs"),
-    (["--save_total_limit", "0"], "omit it to keep every checkpoint"),
-    (["--report_to", "tensorboard"], "valid values: wandb,swanlab (comma-separated) or none"),
+    (["--report_to", "neptune"], "valid values: wandb,swanlab (comma-separated) or none"),
     (["--deepspeed", "zero4"], "neither a config name (zero2, zero3, zero3_offload, zero3_sd3)"),
-    (["--ocr_url", "reward-ocr:50051"], "--ocr_url (OCR_URL): unsupported service URL 'reward-ocr:50051': use"),
+    (["--ocr_url", "ftp://reward-ocr:50051"], "(OCR_URL): unsupported service URL 'ftp://reward-ocr:50051': use"),
     (["--unigenbench_api_url", "grpc://h"], "(UNIGENBENCH_API_URL): service URL 'grpc://h': address 'h' needs a port"),
     (["--rollout_nn", "8"], "unrecognized arguments: --rollout_nn 8; see --help"),
     (["--rollout_n", "eight"], "invalid int value"),
@@ -233,12 +240,12 @@ def test_deepspeed_accepts_the_resolved_configs() -> None:
 
 def test_deepspeed_config_errors_say_what_to_change(tmp_path: Path) -> None:
     cfg = parse()
-    with pytest.raises(ConfigError, match="remove the 'optimizer' block; the trainer passes a torch AdamW"):
-        resolve_deepspeed_config({"optimizer": {"type": "AdamW"}}, cfg)
-    with pytest.raises(
-        ConfigError, match=r"train_micro_batch_size_per_gpu is 16 but the trainer's flags give 32 .* set it to \"auto\""
-    ):
-        resolve_deepspeed_config({"train_micro_batch_size_per_gpu": 16}, cfg)
+    with pytest.raises(ConfigError, match="optimizer type 'SGD' is not supported; use \"AdamW\""):
+        resolve_deepspeed_config({"optimizer": {"type": "SGD"}}, cfg)
+    with pytest.raises(ConfigError, match=r"gradient_clipping is 2.0 but the trainer's flags give 1.0 .* \"auto\""):
+        resolve_deepspeed_config({"gradient_clipping": 2.0}, cfg)
+    # A fixed micro batch is DeepSpeed's bookkeeping only: reconciled with the flags.
+    assert resolve_deepspeed_config({"train_micro_batch_size_per_gpu": 16}, cfg)["train_micro_batch_size_per_gpu"] == 32
     with pytest.raises(ConfigError, match=r"zero_optimization.reduce_bucket_size is \"auto\" .* set a value"):
         resolve_deepspeed_config({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}, cfg)
     custom = tmp_path / "mine.json"

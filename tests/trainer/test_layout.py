@@ -18,6 +18,7 @@ PACKAGE = Path(deepgen_trainer.__file__).parent
 LEVELS = {
     "model": 0,
     "algorithms": 0,
+    "original": 0,
     "config": 1,
     "data": 2,
     "rewards": 2,

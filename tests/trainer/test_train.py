@@ -265,8 +265,9 @@ def test_zero3_saves_whole_weights_and_resumes(tmp_path: Path):
     ],
 )  # fmt: skip
 def test_bad_configs_fail_fast_with_the_fix(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, yaml_text: str, extra: list[str], message: str
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch, yaml_text: str, extra: list[str], message: str
 ):
+    monkeypatch.setenv("OCR_URL", "")  # set but empty: no OCR service (unset means the original's localhost:18082)
     yaml = write_yaml(tmp_path / "train.yaml", yaml_text.format(prompts=PROMPTS / "geneval.txt"))
     out = tmp_path / "out"
     assert main([*SMALL, "--dataset_config", str(yaml), "--output_dir", str(out), "--max_steps", "1", *extra]) == 2

@@ -16,7 +16,10 @@ Checks that need the world size (the per-rank batch when ``--prompts_per_step`` 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import json
+import logging
 import math
 import os
 import types
@@ -29,11 +32,11 @@ from deepgen_common.client.urls import parse_service_url
 from deepgen_trainer.algorithms.advantages import ADVANTAGE_TYPES, GROUP_NORMALISING_TYPES, AdvantageType
 from deepgen_trainer.algorithms.policy_loss import KL_TYPES, KLType
 from deepgen_trainer.algorithms.sde import LOGPROB_MIN_STD, SAMPLERS, Sampler
+from deepgen_trainer.original import flags as original_flags
+from deepgen_trainer.original import urls as original_urls
 
 ModelKind = Literal["hf", "tiny"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
-LrSchedulerType = Literal["constant", "constant_with_warmup", "linear", "cosine"]
-LR_SCHEDULER_TYPES: tuple[str, ...] = get_args(LrSchedulerType)
 REPORT_TO: tuple[str, ...] = ("wandb", "swanlab")
 DEFAULT_REPORT_TO: tuple[str, ...] = ("wandb", "swanlab")  # the seed's; both offline unless WANDB_MODE / SWANLAB_MODE
 DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "deepspeed"
@@ -57,7 +60,22 @@ ENV_FIELDS: dict[str, str] = {
         "EVAL_DATASET_CONFIG",
         "SFTAUX_DATASET_CONFIG",
         "METRICS_PORT",
+        "MODEL_CONFIG",
+        "WANDB_MODE",
+        "SWANLAB_MODE",
+        "WANDB_PROJECT",
     )
+}
+# Service URLs: `host:port` means http://host:port, as the original accepted (`deepgen_trainer.original.urls`).
+URL_FIELDS: tuple[str, ...] = ("ocr_url", "unifiedreward_think_url", "unigenbench_api_url")
+# Deployment facts several variables of the seed can set: the first one set wins.
+ENV_ALIASES: dict[str, tuple[str, ...]] = {
+    "swanlab_project": ("SWANLAB_PROJECT", "SWANLAB_PROJ_NAME"),
+    "run_name": ("WANDB_RUN_NAME", "WANDB_NAME", "RUN_NAME", "SWANLAB_EXP_NAME"),
+}
+TRACKER_MODES: dict[str, tuple[str, ...]] = {
+    "wandb_mode": ("online", "offline", "disabled"),
+    "swanlab_mode": ("online", "offline", "local", "disabled"),
 }
 
 
@@ -143,7 +161,9 @@ class TrainConfig:
     sftaux_coef: float = field(default=1e-4, metadata=_help("λ of (1 − λ)·L_grpo + λ·L_sft, in [0, 1]"))
     # Optimisation.
     learning_rate: float = 2e-6
-    lr_scheduler_type: LrSchedulerType = "constant_with_warmup"
+    lr_scheduler_type: str = field(
+        default="constant_with_warmup", metadata=_help("any name of transformers' get_scheduler (SchedulerType)")
+    )
     warmup_steps: int = 20
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping (0: off)"))
     num_train_epochs: float = 1.0
@@ -183,6 +203,25 @@ class TrainConfig:
     eval_cfg_scale: float = 4.0
     report_to: tuple[str, ...] = field(
         default=DEFAULT_REPORT_TO, metadata=_help("comma-separated trackers among wandb,swanlab, or none")
+    )
+    # Coming from DeepGen-RL: its model config, scheduler options and tracker settings.
+    model_config: str | None = field(
+        default=None, metadata=_help("the original's MMEngine model config (.py): checked against the model built")
+    )
+    lr_scheduler_kwargs: str | None = field(
+        default=None, metadata=_help("JSON of extra get_scheduler arguments, e.g. '{\"min_lr_rate\": 0.1}'")
+    )
+    run_name: str | None = field(
+        default=None, metadata=_help("run name in wandb / swanlab [env WANDB_RUN_NAME, WANDB_NAME, RUN_NAME, "
+                                     "SWANLAB_EXP_NAME]")
+    )  # fmt: skip
+    wandb_mode: str = field(default="offline", metadata=_help(f"one of {', '.join(TRACKER_MODES['wandb_mode'])}"))
+    swanlab_mode: str = field(
+        default="offline", metadata=_help(f"one of {', '.join(TRACKER_MODES['swanlab_mode'])} (disabled: no files)")
+    )
+    wandb_project: str = field(default="deepgen-rl", metadata=_help("wandb project"))
+    swanlab_project: str = field(
+        default="deepgen-rl", metadata=_help("swanlab project [env SWANLAB_PROJECT, SWANLAB_PROJ_NAME]")
     )
 
     def __post_init__(self) -> None:
@@ -277,7 +316,10 @@ def _validate(cfg: TrainConfig) -> None:
     one_of("atrain_sde_sampler", cfg.atrain_sde_sampler, SAMPLERS)
     one_of("atrain_adv_type", cfg.atrain_adv_type, ADVANTAGE_TYPES)
     one_of("atrain_kl_type", cfg.atrain_kl_type, KL_TYPES)
-    one_of("lr_scheduler_type", cfg.lr_scheduler_type, LR_SCHEDULER_TYPES)
+    one_of("lr_scheduler_type", cfg.lr_scheduler_type, lr_scheduler_types())
+    _check_lr_scheduler(cfg)
+    for flag, modes in TRACKER_MODES.items():
+        one_of(flag, getattr(cfg, flag), modes)
     for flag in ("ocr_url", "unifiedreward_think_url", "unigenbench_api_url"):
         if getattr(cfg, flag):
             try:
@@ -362,7 +404,7 @@ def _validate(cfg: TrainConfig) -> None:
     )
     _require(
         cfg.save_total_limit is None or cfg.save_total_limit >= 1,
-        f"--save_total_limit must be >= 1 (omit it to keep every checkpoint), got {cfg.save_total_limit}",
+        f"--save_total_limit must be >= 1 (omit it or pass -1 to keep every checkpoint), got {cfg.save_total_limit}",
     )
     _require(
         cfg.prompts_per_step is None or cfg.prompts_per_step >= 1,
@@ -389,15 +431,53 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message}; see --help for the valid flags")
 
 
+def shown_default(value: Any) -> str:
+    """A default as it would be typed on the command line: lists comma-separated (``none`` when empty),
+    None as ``unset``."""
+    if value is None:
+        return "unset"
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Names every option's default in --help, also for options without a help text and options added
+    later, unless the help already names it (``(default: all)``, argparse's ``%(default)s``)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.option_strings and not (action.help or "").strip():
+            action = copy.copy(action)  # argparse prints no help line for an empty help
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        names_it = "(default" in help_text or "%(default)" in help_text
+        if not action.option_strings or action.default is argparse.SUPPRESS or names_it:
+            return help_text
+        shown = shown_default(action.default).replace("%", "%%")  # the help is %-formatted afterwards
+        return f"{help_text} (default: {shown})".strip()
+
+
 def deployment_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Field values of the deployment facts set in the environment (the only environment read)."""
     environ = os.environ if environ is None else environ
-    return {name: environ[var] for var, name in ENV_FIELDS.items() if environ.get(var)}
+    values = {name: environ[var] for var, name in ENV_FIELDS.items() if environ.get(var)}
+    values |= {ENV_FIELDS[var]: url for var, url in original_urls.unset_url_defaults(environ).items()}
+    values |= {name: original_urls.with_scheme(values[name]) for name in URL_FIELDS if values.get(name)}
+    for name, variables in ENV_ALIASES.items():
+        first = next((environ[v] for v in variables if environ.get(v)), None)
+        if first is not None:
+            values[name] = first
+    return values
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """One ``--flag`` per `TrainConfig` field; env-backed flags default to their environment variable."""
-    parser = _Parser(prog="deepgen_trainer", description="MR-GRPO training of DeepGen 1.0.")
+    parser = _Parser(
+        prog="deepgen_trainer", description="MR-GRPO training of DeepGen 1.0.", formatter_class=DefaultsHelpFormatter
+    )
     env = deployment_env(environ)
     hints = get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -405,20 +485,84 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help_text = f.metadata.get("help", "")
         if f.name in ENV_FIELDS.values():
             help_text += f" [env {f.name.upper()}]"
+        if f.name == "save_total_limit":
+            parser.add_argument(f"--{f.name}", type=_keep_limit, default=default, help=help_text + "; -1: keep all")
+            continue
         kind = _scalar_type(hints[f.name])
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif f.name == "report_to":
             parser.add_argument(f"--{f.name}", type=_report_to, default=default, help=help_text)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=default, help=f"{help_text} (default: {default})")
+            parser.add_argument(f"--{f.name}", type=kind, default=default, help=help_text)
+    original_flags.add_original_flags(parser)
     return parser
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> TrainConfig:
-    """Flags > environment (deployment facts only) > defaults, validated. Raises `ConfigError`."""
+    """Flags > environment (deployment facts only) > defaults, validated. Raises `ConfigError`.
+    The original DeepGen-RL's flags are translated (`deepgen_trainer.original.flags`), each with one
+    INFO line."""
     namespace = build_parser(environ).parse_args(argv)
-    return TrainConfig(**vars(namespace))
+    given = original_flags.pop_original_flags(namespace)
+    values = vars(namespace)
+    values |= {name: original_urls.with_scheme(values[name]) for name in URL_FIELDS if values[name]}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    try:
+        overrides, notices = original_flags.translate(given, values, defaults)
+    except original_flags.OriginalFlagError as exc:
+        raise ConfigError(str(exc)) from None
+    values["report_to"], report_notices = original_flags.translate_report_to(values["report_to"])
+    for notice in [*notices, *report_notices]:
+        logging.getLogger(__name__).info("%s", notice)
+    return TrainConfig(**{**values, **overrides})
+
+
+def lr_scheduler_types() -> tuple[str, ...]:
+    """Every scheduler name transformers' `get_scheduler` takes (imported on first use: transformers is slow
+    to import)."""
+    from transformers.trainer_utils import SchedulerType
+
+    return tuple(s.value for s in SchedulerType)
+
+
+# Schedulers that step on a validation metric, which this trainer does not compute per optimizer step.
+_METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
+
+
+def _check_lr_scheduler(cfg: TrainConfig) -> None:
+    """The schedule builds with --lr_scheduler_kwargs (a dry run on a one-parameter optimizer)."""
+    _require(
+        cfg.lr_scheduler_type not in _METRIC_SCHEDULERS,
+        f"--lr_scheduler_type {cfg.lr_scheduler_type} steps on a validation metric, which this trainer does not "
+        "compute each optimizer step; use constant_with_warmup, cosine, linear, ...",
+    )
+    try:
+        kwargs = json.loads(cfg.lr_scheduler_kwargs) if cfg.lr_scheduler_kwargs else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--lr_scheduler_kwargs is not JSON ({exc}); e.g. '{{\"min_lr_rate\": 0.1}}'") from None
+    _require(isinstance(kwargs, dict), "--lr_scheduler_kwargs must be a JSON object, e.g. '{\"min_lr_rate\": 0.1}'")
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        get_scheduler(
+            cfg.lr_scheduler_type, optimizer, num_warmup_steps=1, num_training_steps=2, scheduler_specific_kwargs=kwargs
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"--lr_scheduler_type {cfg.lr_scheduler_type} cannot be built with --lr_scheduler_kwargs "
+            f"{cfg.lr_scheduler_kwargs or '{}'}: {exc}; pass what it needs as JSON, e.g. "
+            "--lr_scheduler_kwargs '{\"min_lr_rate\": 0.1}' (cosine_with_min_lr) or '{\"num_decay_steps\": 100}' "
+            "(warmup_stable_decay)"
+        ) from None
+
+
+def _keep_limit(value: str) -> int | None:
+    """``--save_total_limit``: -1 (the original's default) or 0 keeps every checkpoint, as in HF's Trainer."""
+    limit = int(value)
+    return None if limit <= 0 else limit
 
 
 def _report_to(value: str | Sequence[str]) -> tuple[str, ...]:

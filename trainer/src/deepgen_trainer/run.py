@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepgen_common.client import EvalClient
+from deepgen_common.client import EvalClient, is_ready
 from deepgen_trainer.checkpoints.ema import DitEma
 from deepgen_trainer.checkpoints.loading import build_model
 from deepgen_trainer.checkpoints.original_run import OriginalCheckpoint, scan_output_dir
@@ -33,6 +33,7 @@ from deepgen_trainer.engine.optim import Updater, build_updater
 from deepgen_trainer.model.deepgen import DEEPGEN_ONLY_PREFIXES, NEGATIVE_PROMPT, Conditioning, DeepGen
 from deepgen_trainer.observe.tracking import Tracker
 from deepgen_trainer.rewards.clip_sim import ClipSimReward, build_tiny_clip
+from deepgen_trainer.rewards.original_services import recognise_original_service
 from deepgen_trainer.rewards.outage import wait_for_reward_services
 from deepgen_trainer.rewards.scorer import REWARD_NAMES, REWARD_URL_ENV, RewardFn, RewardScorer, build_reward
 
@@ -130,13 +131,14 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     if world.is_main:
         (Path(cfg.output_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    tracker = Tracker(
-        cfg.report_to, output_dir=cfg.output_dir, config=cfg.to_dict(), prometheus_port=cfg.metrics_port,
-        rank=world.rank,
-    )  # fmt: skip
+    tracker = build_tracker(cfg, world.rank)
     eval_client = None
     if cfg.unigenbench_api_url and (cfg.eval_freq or cfg.eval_before_train):
         eval_client = EvalClient(cfg.unigenbench_api_url)
+        if not is_ready(cfg.unigenbench_api_url):  # stop at once if it is one of the original's services
+            fix = recognise_original_service("UNIGENBENCH_API_URL", cfg.unigenbench_api_url)
+            if fix is not None:
+                raise ConfigError(fix)
     # The eval service owns the prompts and duplicates; the eval YAML sets how each evaluation samples.
     eval_plans = [("", cfg.eval_cfg_scale, cfg.num_inference_steps)]  # "": named after the service's set
     if cfg.eval_dataset_config:
@@ -151,6 +153,16 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     return Run(
         cfg, world, model, reference, data, reward_names, sampler, sftaux, scorer, updater, tracker, eval_client,
         eval_plans, start_step, total_steps, uncond, ema,
+    )  # fmt: skip
+
+
+def build_tracker(cfg: TrainConfig, rank: int) -> Tracker:
+    """The run's trackers: --report_to, with the modes, projects and run name of the config (from the flags
+    or the original's WANDB_* / SWANLAB_* / RUN_NAME variables)."""
+    return Tracker(
+        cfg.report_to, output_dir=cfg.output_dir, config=cfg.to_dict(), prometheus_port=cfg.metrics_port, rank=rank,
+        project=cfg.wandb_project, swanlab_project=cfg.swanlab_project, run_name=cfg.run_name,
+        wandb_mode=cfg.wandb_mode, swanlab_mode=cfg.swanlab_mode,
     )  # fmt: skip
 
 

@@ -31,6 +31,7 @@ peft ≥ 0.22), with the target modules and rank read off the checkpoint and α 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections import Counter
@@ -44,8 +45,10 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 from deepgen_trainer.checkpoints.formats import CheckpointContents, CheckpointReadError, read_checkpoint
 from deepgen_trainer.config import ConfigError, TrainConfig
+from deepgen_trainer.model.connector import ConnectorConfig
 from deepgen_trainer.model.deepgen import DEEPGEN_ONLY_PREFIXES, DeepGen, DeepGenConfig
 from deepgen_trainer.model.tiny import build_tiny
+from deepgen_trainer.original.model_config import ModelConfigError, read_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -335,6 +338,7 @@ def build_model(cfg: TrainConfig) -> DeepGen:
     """The tiny model or the HF folders, with `--checkpoint` applied; a checkpoint that would leave
     weights at init is a ConfigError unless `--allow_partial_checkpoint` (no checkpoint at all, for
     `--model tiny`, is its random init by design)."""
+    cfg, deepgen_config = _apply_model_config(cfg)
     try:
         if cfg.model == "tiny":
             model = build_tiny(seed=cfg.seed)
@@ -350,10 +354,44 @@ def build_model(cfg: TrainConfig) -> DeepGen:
                 )
             dtype = torch.bfloat16 if cfg.bf16 else torch.float32
             model, report = load_deepgen(
-                cfg.sd3_5_model_name_or_path, cfg.qwen2_5_vl_model_name_or_path, cfg.checkpoint, dtype=dtype
-            )
+                cfg.sd3_5_model_name_or_path, cfg.qwen2_5_vl_model_name_or_path, cfg.checkpoint, dtype=dtype,
+                config=deepgen_config,
+            )  # fmt: skip
         logger.info("model loaded: %s", report.summary())
         check_complete(report, cfg.allow_partial_checkpoint)
     except (PartialCheckpointError, CheckpointReadError, FileNotFoundError) as exc:
         raise ConfigError(f"--checkpoint: {exc}") from exc
     return model
+
+
+def _apply_model_config(cfg: TrainConfig) -> tuple[TrainConfig, DeepGenConfig | None]:
+    """``--model_config`` (the original's MMEngine model config): checked, then its model folders and
+    ``pretrained_pth`` fill what the flags and environment leave unset, and its shape (think tokens,
+    fused layers, connector, prompt template) builds the model. ``--model tiny`` checks it only."""
+    if cfg.model_config is None:
+        return cfg, None
+    try:
+        original = read_model_config(cfg.model_config)
+    except ModelConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    for note in original.notes:
+        logger.info("%s", note)
+    if cfg.model == "tiny":
+        logger.info("--model_config %s checked; --model tiny builds its tiny random model instead", cfg.model_config)
+        return cfg, None
+    try:
+        deepgen_config = DeepGenConfig(
+            num_queries=original.num_queries,
+            fused_layers=original.fused_layers,
+            connector=ConnectorConfig(**original.connector),
+            prompt_template=original.prompt_template,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"--model_config {cfg.model_config}: {exc}") from None
+    filled = {
+        name: getattr(original, name)
+        for name in ("sd3_5_model_name_or_path", "qwen2_5_vl_model_name_or_path", "checkpoint")
+        if getattr(cfg, name) is None and getattr(original, name)
+    }
+    logger.info("--model_config %s: %s; model folders from it: %s", cfg.model_config, deepgen_config, filled or "none")
+    return dataclasses.replace(cfg, **filled), deepgen_config

@@ -9,7 +9,6 @@ from __future__ import annotations
 import _codecs
 import collections
 import math
-import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 MAX_DIMS = 32
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(ValueError):
     """The pickle asks for something outside what `SafeUnpickler` builds; nothing was called."""
 
 

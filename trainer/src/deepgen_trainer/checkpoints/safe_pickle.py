@@ -222,6 +222,8 @@ class SafeUnpickler:
                 return stack[0]
             try:
                 stack = handler(self, stack, metastack)
+            except UnsafePickleError:
+                raise
             except _MALFORMED as e:
                 raise UnsafePickleError(f"malformed pickle at byte {self.pos}: {type(e).__name__}: {e}") from None
             budget.used += 1  # one stack slot per opcode (inline: this loop is the hot path)

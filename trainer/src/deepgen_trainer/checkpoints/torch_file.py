@@ -17,7 +17,7 @@ The container is checked before anything is unpickled:
 The pickle (``data.pkl``) is then read by `safe_pickle.SafeUnpickler` with a budget of
 `BUDGET_PER_PICKLE_BYTE` × its size + `BUDGET_BASE` bytes of Python objects; tensors come only from
 the records (at most the file's size in total). With ``mmap=True`` records are views of one
-private mapping of the file, as ``torch.load(mmap=True)`` makes them.
+private mapping of the file, as torch's own loader makes them with ``mmap=True``.
 """
 
 from __future__ import annotations

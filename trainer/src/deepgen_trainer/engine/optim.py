@@ -17,6 +17,7 @@ step and one LR-schedule tick.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import math
 import os
@@ -69,12 +70,16 @@ def build_updater(dit: nn.Module, cfg: TrainConfig, world: World, total_steps: i
     # reference); --warmup_steps counts rollout steps.
     per_step = cfg.optimizer_steps(world.world_size)
     ticks, warmup = total_steps * per_step, cfg.warmup_steps * per_step
-    scheduler = get_scheduler(
-        cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max(ticks, 1)
-    )
+
+    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return get_scheduler(
+            cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max(ticks, 1),
+            scheduler_specific_kwargs=json.loads(cfg.lr_scheduler_kwargs) if cfg.lr_scheduler_kwargs else None,
+        )  # fmt: skip
+
     if cfg.deepspeed == "none":
-        return TorchUpdater(dit, params, optimizer, scheduler, world, cfg.max_grad_norm)
-    return DeepSpeedUpdater(dit, optimizer, scheduler, cfg, world)
+        return TorchUpdater(dit, params, optimizer, schedule(optimizer), world, cfg.max_grad_norm)
+    return DeepSpeedUpdater(dit, optimizer, schedule, cfg, world)
 
 
 class TorchUpdater:
@@ -160,7 +165,7 @@ class DeepSpeedUpdater:
         self,
         dit: nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler],
         cfg: TrainConfig,
         world: World,
     ) -> None:
@@ -174,11 +179,21 @@ class DeepSpeedUpdater:
 
         from deepgen_trainer.engine.ds_config import deepspeed_config
 
-        config = deepspeed_config(cfg.deepspeed, cfg, world.world_size)
+        config = deepspeed_config(
+            cfg.deepspeed, cfg, world.world_size, hidden_size=_hidden_size(dit), cpu=world.device.type == "cpu"
+        )
         if not dist.is_initialized():  # DeepSpeed needs a process group, also for a single process
             init_single_process_group(world.device)
+        # An 'optimizer' block (the original's zero2 / zero3_offload JSONs): DeepSpeed builds the optimizer
+        # from the config, and the schedule is built on it; otherwise it gets the torch AdamW.
+        builds_optimizer = "optimizer" in config
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=dit, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False
+            model=dit,
+            optimizer=None if builds_optimizer else optimizer,
+            model_parameters=[p for p in dit.parameters() if p.requires_grad] if builds_optimizer else None,
+            lr_scheduler=schedule if builds_optimizer else schedule(optimizer),
+            config=config,
+            dist_init_required=False,
         )
         self._steps = 0
 
@@ -224,7 +239,7 @@ class DeepSpeedUpdater:
         if checkpoint.deepspeed_dir is None:
             raise ValueError(f"{checkpoint.path} was not written by DeepSpeed; resume it with the same --deepspeed")
         # DeepSpeed's own state holds the (possibly partitioned) weights, the optimizer and the schedule.
-        # Its checkpoint engine reads them with torch.load(weights_only=False): read them with the safe
+        # Its checkpoint engine unpickles them with torch's full (code-running) loader: read them with the safe
         # loader instead, confined to the checkpoint's deepspeed/ folder.
         root = checkpoint.deepspeed_dir
         engine_files = self.engine.checkpoint_engine
@@ -236,3 +251,10 @@ class DeepSpeedUpdater:
         finally:
             del engine_files.load  # the class's own method again
         self._steps = self.engine.global_steps
+
+
+def _hidden_size(dit: nn.Module) -> int | None:
+    """The DiT's hidden size (heads × head dim of an SD3 transformer), for ZeRO-3's "auto" bucket sizes."""
+    config = getattr(dit, "config", None)
+    heads, head_dim = getattr(config, "num_attention_heads", None), getattr(config, "attention_head_dim", None)
+    return heads * head_dim if heads and head_dim else None

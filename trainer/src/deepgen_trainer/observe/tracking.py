@@ -51,10 +51,11 @@ class Tracker:
         report_to: backends among ``TRACKER_BACKENDS``; ``none`` alone (or an empty list) disables
             wandb and swanlab.
         output_dir: run directories are written under it (``wandb/``, ``swanlog/``).
-        project, run_name: names of the run in wandb / swanlab.
+        project, run_name: names of the run in wandb / swanlab (``swanlab_project``: swanlab's project,
+            default ``project``).
         config: the resolved run config, stored with the run.
-        wandb_mode: ``offline`` (default), ``online`` or ``disabled``.
-        swanlab_mode: ``offline`` (default), ``local``, ``online`` or ``disabled``.
+        wandb_mode: ``offline`` (default), ``online`` or ``disabled`` (no run: nothing written).
+        swanlab_mode: ``offline`` (default), ``local``, ``online`` or ``disabled`` (no run: nothing written).
         prometheus_port: serve ``/metrics`` on this port (0 = any free port, see
             ``prometheus_port`` after construction); None = no endpoint.
         prometheus_addr: address the endpoint binds.
@@ -69,6 +70,7 @@ class Tracker:
         output_dir: str | Path = ".",
         project: str = "deepgen-rl",
         run_name: str | None = None,
+        swanlab_project: str | None = None,
         config: Mapping[str, Any] | None = None,
         wandb_mode: str = "offline",
         swanlab_mode: str = "offline",
@@ -100,10 +102,10 @@ class Tracker:
             return
         output_dir = Path(output_dir)
         try:
-            if "wandb" in report_to:
+            if "wandb" in report_to and wandb_mode != "disabled":
                 self._runs.append(_WandbRun(output_dir, project, run_name, config, wandb_mode))
-            if "swanlab" in report_to:
-                self._runs.append(_SwanlabRun(output_dir, project, run_name, config, swanlab_mode))
+            if "swanlab" in report_to and swanlab_mode != "disabled":
+                self._runs.append(_SwanlabRun(output_dir, swanlab_project or project, run_name, config, swanlab_mode))
             if prometheus_port is not None:
                 self._server, self._server_thread = start_http_server(
                     prometheus_port, addr=prometheus_addr, registry=self.registry

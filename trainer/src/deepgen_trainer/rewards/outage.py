@@ -2,7 +2,8 @@
 
 - At start, `wait_for_reward_services` waits up to ``--reward_ready_timeout`` seconds for each remote
   reward to report ready (HTTP ``/readyz`` or gRPC health) and raises `RewardOutage` naming its URL
-  variable and address when one is not.
+  variable and address when one is not; an address that answers like one of the original DeepGen-RL's
+  services (`original_services`) stops the run at once with the fix.
 - During training, `FailureWatch` counts, per reward, the consecutive steps in which the reward failed
   for every sample it was asked for (call failures and per-sample errors alike; *not applicable* is
   an answer, not a failure). When a reward with non-zero weight reaches ``--reward_failure_patience``
@@ -18,7 +19,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from deepgen_common.client import wait_ready
+from deepgen_common.client import is_ready, wait_ready
+from deepgen_trainer.rewards.original_services import recognise_original_service
 from deepgen_trainer.rewards.scorer import REWARD_URL_ENV, RewardStatus
 
 
@@ -35,6 +37,10 @@ def wait_for_reward_services(urls: Mapping[str, str], timeout_s: float) -> None:
     if timeout_s <= 0:
         return
     for name, url in urls.items():
+        if not is_ready(url):  # not (yet) ready: stop at once if it is one of the original's services
+            fix = recognise_original_service(REWARD_URL_ENV[name], url)
+            if fix is not None:
+                raise RewardOutage(f"reward {name}: {fix}")
         try:
             wait_ready(url, timeout_s=timeout_s)
         except TimeoutError:

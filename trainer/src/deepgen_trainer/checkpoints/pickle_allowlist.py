@@ -111,11 +111,7 @@ class StorageRef:
         self.storage = storage
         self.dtype = dtype
         self.key = key
-        self.numel = storage.nbytes() // _itemsize(dtype)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+        self.numel = storage.nbytes() // dtype.itemsize
 
 
 def _rebuild_tensor_v2(

@@ -80,7 +80,7 @@ def load_torch_file(path: str | Path, map_location: MapLocation = "cpu", *, mmap
                     raise UnsafePickleError(f"storage {key} is declared with two dtypes")
                 return storages[key]
             record = f"{archive.prefix}data/{key}"
-            nbytes = numel * torch.empty((), dtype=storage_type.dtype).element_size()
+            nbytes = numel * storage_type.dtype.itemsize
             held = archive.record_size(record)
             if numel < 0 or nbytes != held:
                 raise UnsafePickleError(

@@ -313,7 +313,7 @@ def test_states_that_need_unpickling_are_refused_before_writing(tmp_path: Path):
 def test_a_pickled_object_in_a_checkpoint_is_not_loaded(tmp_path: Path):
     path = save_simple(tmp_path, 1, optimizer_state={"state": {}})
     torch.save({"state": {}, "evil": Opaque()}, path / "optimizer.pt")
-    with pytest.raises(CheckpointError, match=r"optimizer.pt with weights_only=True"):
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt: refused: the file names the class .*Opaque"):
         load_checkpoint(path)
 
 

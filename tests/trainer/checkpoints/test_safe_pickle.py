@@ -1,4 +1,5 @@
-"""deepgen_trainer.checkpoints.safe_pickle: what the restricted unpickler builds, what it turns into placeholders,
+"""deepgen_trainer.checkpoints.safe_pickle (through torch_file.load_torch_file): what the unpickler builds,
+what it turns into placeholders,
 and that a pickle which would run code is refused before anything runs."""
 
 from __future__ import annotations
@@ -14,12 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepgen_trainer.checkpoints.safe_pickle import (
-    ForeignObject,
-    UnsafePickleError,
-    foreign_classes,
-    restricted_torch_load,
-)
+from deepgen_trainer.checkpoints.safe_pickle import ForeignObject, UnsafePickleError, foreign_classes
+from deepgen_trainer.checkpoints.torch_file import load_torch_file as restricted_torch_load
 
 
 @dataclass
@@ -118,3 +115,13 @@ def test_deepspeed_zero_stage_enum_is_allowed(tmp_path: Path) -> None:
 
     torch.save({"zero_stage": ZeroStageEnum.weights}, tmp_path / "optim.pt")
     assert restricted_torch_load(tmp_path / "optim.pt")["zero_stage"] == 3
+
+
+def test_map_location_moves_every_storage(tmp_path: Path) -> None:
+    """A resume loads optimizer state onto the run's device. The meta device stands in for a GPU here
+    (none on this machine): the tensors must be rebuilt on the storages' device, not on the CPU."""
+    torch.save({"w": torch.arange(6.0).view(2, 3), "state": {0: {"exp_avg": torch.ones(3)}}}, tmp_path / "f.pt")
+    got = restricted_torch_load(tmp_path / "f.pt", map_location="meta")
+    assert got["w"].device.type == "meta"
+    assert got["w"].shape == (2, 3)
+    assert got["state"][0]["exp_avg"].device.type == "meta"

@@ -23,7 +23,7 @@ from deepgen_trainer.checkpoints.ema import DitEma
 from deepgen_trainer.checkpoints.loading import build_model
 from deepgen_trainer.checkpoints.original_run import OriginalCheckpoint, scan_output_dir
 from deepgen_trainer.checkpoints.rng_state import apply_rng
-from deepgen_trainer.checkpoints.run_checkpoint import DIT_PREFIX, latest_checkpoint, load_checkpoint
+from deepgen_trainer.checkpoints.run_checkpoint import DIT_PREFIX, CheckpointError, latest_checkpoint, load_checkpoint
 from deepgen_trainer.config import ConfigError, TrainConfig
 from deepgen_trainer.data.prompt_sampler import PromptSampler
 from deepgen_trainer.data.prompts import (
@@ -99,7 +99,10 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else epochs_steps
     resume, original = _resume_source(cfg.output_dir)
     if original is not None:  # its weights go in before DeepSpeed wraps (and under ZeRO-3 partitions) the DiT
-        _load_original_weights(model, original)
+        try:
+            _load_original_weights(model, original)
+        except CheckpointError as exc:
+            raise ConfigError(f"cannot resume from {original.path}: {exc}") from exc
     updater = build_updater(model.transformer, cfg, world, total_steps)
     # Every rank keeps the EMA (evaluation runs on all of them); under ZeRO-3 its update gathers the DiT.
     ema = DitEma(updater.trainable_state(is_main=True), cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -117,8 +120,11 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
             "; the EMA starts at the resumed DiT" if ema is not None else "",
         )  # fmt: skip
     elif resume is not None:
-        ckpt = load_checkpoint(resume, map_location=world.device, rank=world.rank)
-        updater.restore(ckpt)
+        try:  # a refused file (hostile, or pointing outside the folder) stops the run before it trains: exit 2
+            ckpt = load_checkpoint(resume, map_location=world.device, rank=world.rank)
+            updater.restore(ckpt)
+        except CheckpointError as exc:
+            raise ConfigError(f"cannot resume from {resume}: {exc}") from exc
         if ema is not None:
             if ckpt.ema is not None:
                 ema.load_state_dict(ckpt.ema)
@@ -274,7 +280,10 @@ def reward_url(cfg: TrainConfig, name: str) -> str | None:
 def _resume_source(output_dir: str) -> tuple[Path | None, OriginalCheckpoint | None]:
     """The newest checkpoint to resume from: this trainer's, or the original trainer's when it is newer.
     Raises ConfigError when the folder holds ``checkpoint-N`` folders of neither kind."""
-    foreign = scan_output_dir(output_dir)
+    try:
+        foreign = scan_output_dir(output_dir)
+    except CheckpointError as exc:
+        raise ConfigError(f"--output_dir {output_dir}: {exc}") from exc
     if foreign.unknown:
         raise ConfigError(
             f"--output_dir {output_dir} holds checkpoints this trainer did not write and cannot resume from: "

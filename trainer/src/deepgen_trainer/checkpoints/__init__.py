@@ -3,7 +3,9 @@ and the SFT model's formats, loading them into a model, conversion, RNG state an
 
 - `run_checkpoint`: this trainer's ``checkpoint-N`` folders (atomic save, resume, retention);
 - `formats`: reading ``.pth``, ``.safetensors``, DeepSpeed and mmengine files into tensors;
-- `safe_pickle`: the restricted unpickler those readers use;
+- `torch_file`: the one reader of torch files (zip container checks, then `safe_pickle`);
+- `safe_pickle`, `pickle_allowlist`: the bounded unpickler and the calls it may make;
+- `paths`: entries of a checkpoint folder confined to it;
 - `loading`: building the model a config names and applying a checkpoint to it;
 - `original_run`: output folders of the original DeepGen-RL trainer;
 - `rng_state`: RNG states saved with a checkpoint;

@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from deepgen_trainer.checkpoints.formats import CheckpointReadError, read_checkpoint
+from deepgen_trainer.checkpoints.formats import CheckpointReadError, is_refusal, read_checkpoint
 from deepgen_trainer.checkpoints.run_checkpoint import (
     DEEPGEN_ONLY_FILE,
     DIT_PREFIX,
@@ -228,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
     except (FileNotFoundError, CheckpointError, CheckpointReadError, MergeMismatch) as e:
         logger.error("%s", e)
-        return 1
+        # A file the safe loader refused (hostile, or pointing outside the folder): exit 2, like the trainer.
+        return 2 if is_refusal(e) else 1
     merged = (
         f"; merged onto {args.merge_onto}: replaced {result.report.replaced}, added {result.report.added}, "
         f"kept {result.report.kept} of other families"

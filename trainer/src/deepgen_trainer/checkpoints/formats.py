@@ -16,9 +16,11 @@ DeepSpeed) write or read, read into one flat ``{key: tensor}`` dict without runn
 - a checkpoint of this trainer (``checkpoint-N/`` with its ``complete`` marker): the DiT under
   ``transformer.`` and the DeepGen-only weights it was trained with.
 
-Torch files go through `safe_pickle.restricted_torch_load`: objects of unknown classes (mmengine's
-``HistoryBuffer``, DeepSpeed's ``LossScaler``, a client state's own classes) become inert
-placeholders, and a pickle that would call anything outside the allowlist is refused.
+Torch files go through `torch_file.load_torch_file` (DeepSpeed's ``zero_to_fp32`` too, for the
+shards it reads): objects of unknown classes (mmengine's ``HistoryBuffer``, a client state's own
+classes) become inert placeholders, and a file that asks for anything else is refused. Every file read
+from a folder, and whatever ``latest`` / ``last_checkpoint`` names, must resolve (symlinks included)
+inside the folder the user named (`paths`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from deepgen_trainer.checkpoints.safe_pickle import UnsafePickleError, foreign_classes, restricted_torch_load
+from deepgen_trainer.checkpoints.paths import PathEscapeError, inside, named_entry
+from deepgen_trainer.checkpoints.safe_pickle import UnsafePickleError, foreign_classes
+from deepgen_trainer.checkpoints.torch_file import load_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,11 @@ _STATE_DICT_WRAPPERS = ("state_dict", "module", "model")
 
 class CheckpointReadError(ValueError):
     """A checkpoint that cannot be read safely or is not in a known format; the message says why."""
+
+
+class UnsafeCheckpointError(CheckpointReadError):
+    """A file refused by the safe loader (it asks for code, memory or files it may not have); the
+    message names the file and the reason. Commands exit with code 2 on it."""
 
 
 @dataclass
@@ -70,15 +79,39 @@ class CheckpointContents:
 
 def read_checkpoint(path: str | Path) -> CheckpointContents:
     """Read `path` in any format of the module docstring. Raises FileNotFoundError for a missing
-    path and CheckpointReadError for an unknown layout or an unsafe pickle (naming the callable)."""
+    path, UnsafeCheckpointError for a file the safe loader refuses or an entry pointing outside
+    `path`, and CheckpointReadError for an unknown layout."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist (pass a .pth/.pt/.safetensors file, a DeepSpeed or mmengine "
             "checkpoint folder, or a checkpoint-<step> folder)"
         )
+    from deepgen_trainer.checkpoints.run_checkpoint import CheckpointError
+
+    path = path.resolve()  # the user named it: everything it points at must stay inside
+    try:
+        return _read(path, path)
+    except PathEscapeError as exc:
+        raise UnsafeCheckpointError(str(exc)) from exc
+    except CheckpointError as exc:  # a checkpoint of this trainer (run_checkpoint) that cannot be read
+        raise (UnsafeCheckpointError if is_refusal(exc) else CheckpointReadError)(str(exc)) from exc
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether `exc` (or an error it was raised from) is the safe loader refusing a file: a hostile
+    file or an entry pointing outside the folder, which commands report with exit code 2."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, UnsafeCheckpointError | UnsafePickleError | PathEscapeError):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def _read(path: Path, root: Path) -> CheckpointContents:
     if path.is_dir():
-        return _read_directory(path)
+        return _read_directory(path, root)
     if path.suffix == ".safetensors":
         return CheckpointContents(path, "safetensors file", load_file(str(path)))
     return _read_torch_file(path)
@@ -86,11 +119,9 @@ def read_checkpoint(path: str | Path) -> CheckpointContents:
 
 def _torch_load(path: Path, mmap: bool = False) -> Any:
     try:
-        return restricted_torch_load(path, map_location="cpu", mmap=mmap)
-    except UnsafePickleError as exc:
-        raise CheckpointReadError(f"{path}: {exc}") from exc
-    except Exception as exc:  # a corrupt or non-torch file: torch raises several types
-        raise CheckpointReadError(f"{path} is not a readable torch file: {exc}") from exc
+        return load_torch_file(path, map_location="cpu", mmap=mmap)
+    except (UnsafePickleError, OSError) as exc:
+        raise UnsafeCheckpointError(f"{path}: {exc}") from exc
 
 
 def _read_torch_file(path: Path) -> CheckpointContents:
@@ -115,22 +146,21 @@ def _read_torch_file(path: Path) -> CheckpointContents:
     return CheckpointContents(path, fmt, tensors, foreign=foreign | foreign_classes(obj))
 
 
-def _read_directory(path: Path) -> CheckpointContents:
+def _read_directory(path: Path, root: Path) -> CheckpointContents:
     from deepgen_trainer.checkpoints.run_checkpoint import is_complete, sft_state_dict
 
     if is_complete(path):
         return CheckpointContents(path, "checkpoint of this trainer", sft_state_dict(path))
     last = path / "last_checkpoint"  # an mmengine work dir: the file names the latest checkpoint
     if last.is_file():
-        named = Path(last.read_text().strip())
-        target = named if named.exists() else path / named.name
+        target = named_entry(root, inside(root, last, str(last)))
         logger.info("%s: mmengine's last_checkpoint names %s", path, target)
-        return read_checkpoint(target)
+        return _read(target, root)
     latest = path / "latest"  # DeepSpeed's root folder: the file names the tag folder
-    tag_dir = path / latest.read_text().strip() if latest.is_file() else path
+    tag_dir = named_entry(root, inside(root, latest, str(latest))) if latest.is_file() else path
     if list(tag_dir.glob("*model_states.pt")):
-        return _read_deepspeed(tag_dir)
-    shards = sorted(path.glob("*.safetensors"))
+        return _read_deepspeed(tag_dir, root)
+    shards = [inside(root, shard, str(shard)) for shard in sorted(path.glob("*.safetensors"))]
     if not shards:
         raise CheckpointReadError(
             f"checkpoint folder {path} holds none of: {DEEPSPEED_MODEL_FILE} (a DeepSpeed tag folder, or one "
@@ -143,7 +173,10 @@ def _read_directory(path: Path) -> CheckpointContents:
     return CheckpointContents(path, f"safetensors folder ({len(shards)} files)", tensors)
 
 
-def _read_deepspeed(tag_dir: Path) -> CheckpointContents:
+def _read_deepspeed(tag_dir: Path, root: Path) -> CheckpointContents:
+    # zero_to_fp32 globs the tag folder itself: every file it may open must stay inside the root.
+    for file in [*tag_dir.glob("*model_states.pt"), *tag_dir.glob("*optim_states.pt")]:
+        inside(root, file, str(file))
     model_file = tag_dir / DEEPSPEED_MODEL_FILE
     if not model_file.is_file():  # ZeRO-3 writes one model-states file per rank
         model_file = sorted(tag_dir.glob("*model_states.pt"))[0]
@@ -183,7 +216,7 @@ def _zero_stage(optim_file: Path) -> int | None:
 
 def _rebuild_from_zero_shards(tag_dir: Path) -> dict[str, Tensor]:
     """Full fp32 parameters from the ZeRO shards, by DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`
-    (which reads the files with plain ``torch.load``: it runs here with the restricted loader)."""
+    (which reads the files with plain ``torch.load``: it runs here with `load_torch_file`)."""
     from deepspeed.utils import zero_to_fp32
 
     captured = io.StringIO()
@@ -191,20 +224,20 @@ def _rebuild_from_zero_shards(tag_dir: Path) -> dict[str, Tensor]:
         try:
             state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         except UnsafePickleError as exc:
-            raise CheckpointReadError(f"{tag_dir}: {exc}") from exc
+            raise UnsafeCheckpointError(f"{tag_dir}: {exc}") from exc
     logger.debug("zero_to_fp32: %s", captured.getvalue().strip())
     return {k: v for k, v in state.items() if isinstance(v, Tensor)}
 
 
 class _TorchWithRestrictedLoad:
-    """The torch module as `zero_to_fp32` sees it, with `load` replaced by `restricted_torch_load`."""
+    """The torch module as `zero_to_fp32` sees it, with `load` replaced by `load_torch_file`."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
 
     @staticmethod
     def load(f: Any, map_location: Any = None, *, mmap: bool = False, **_: Any) -> Any:
-        return restricted_torch_load(f, map_location=map_location or "cpu", mmap=bool(mmap))
+        return load_torch_file(f, map_location=map_location or "cpu", mmap=bool(mmap))
 
 
 @contextlib.contextmanager

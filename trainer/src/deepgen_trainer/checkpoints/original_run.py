@@ -8,7 +8,8 @@ The original (an HF ``Trainer`` with DeepSpeed) writes ``<output_dir>/checkpoint
 
 `scan_output_dir` sorts the ``checkpoint-N`` folders that lack this trainer's ``complete`` marker
 into the original's (resumable: weights from ``model.safetensors``, step from ``trainer_state.json``)
-and unknown ones (the run refuses to start rather than write next to them). Nothing pickled is read.
+and unknown ones (the run refuses to start rather than write next to them). Nothing pickled is read,
+and both files must resolve (symlinks included) inside the output folder.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 from torch import Tensor
 
-from deepgen_trainer.checkpoints.run_checkpoint import is_complete
+from deepgen_trainer.checkpoints.paths import PathEscapeError, inside
+from deepgen_trainer.checkpoints.run_checkpoint import CheckpointError, is_complete
 
 ORIGINAL_WEIGHTS_FILE = "model.safetensors"
 ORIGINAL_STATE_FILE = "trainer_state.json"
@@ -37,7 +39,7 @@ class OriginalCheckpoint:
 
     def weights(self) -> dict[str, Tensor]:
         """``model.safetensors``: the SFT model's key names (``transformer.*`` and the DeepGen-only families)."""
-        return load_file(self.path / ORIGINAL_WEIGHTS_FILE)
+        return load_file(_inside_output_dir(self.path / ORIGINAL_WEIGHTS_FILE))
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,17 @@ def _original_step(path: Path) -> int:
     """``global_step`` of ``trainer_state.json``, else the N of the folder name."""
     state_file = path / ORIGINAL_STATE_FILE
     if state_file.is_file():
-        step = json.loads(state_file.read_text(encoding="utf-8")).get("global_step")
+        step = json.loads(_inside_output_dir(state_file).read_text(encoding="utf-8")).get("global_step")
         if isinstance(step, int):
             return step
     match = _CHECKPOINT_RE.match(path.name)
     assert match is not None
     return int(match.group(1))
+
+
+def _inside_output_dir(file: Path) -> Path:
+    """`file` of ``<output_dir>/checkpoint-N/`` resolved; CheckpointError when it leaves the output dir."""
+    try:
+        return inside(file.parent.parent, file, str(file))
+    except PathEscapeError as exc:
+        raise CheckpointError(str(exc)) from exc

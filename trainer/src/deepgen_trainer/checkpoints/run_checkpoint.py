@@ -27,8 +27,10 @@ of a deletion never leaves a ``checkpoint-<step>`` with a marker but missing fil
 A ``checkpoint-<step>`` directory without the marker was not written here (the original trainer's
 ``checkpoint-N/``, a copy): saving never replaces one (`CheckpointError`), pruning leaves it alone.
 
-Everything ``torch.save``-d holds tensors and primitives only, so loading uses ``weights_only=True``
-(no arbitrary unpickling); `save_checkpoint` checks this before writing and names the offending entry.
+Everything ``torch.save``-d holds tensors and primitives only (`save_checkpoint` checks this before
+writing and names the offending entry), so loading goes through `torch_file.load_torch_file` with
+objects of other classes refused; every file read must resolve (symlinks included) inside the
+checkpoint folder (`paths.inside`).
 
 Multiple ranks: every rank calls `save_checkpoint` with its own ``rank`` and a ``barrier`` callable (e.g.
 ``torch.distributed.barrier``); this module never imports ``torch.distributed``. ``output_dir`` must be
@@ -53,7 +55,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from deepgen_trainer.checkpoints.paths import PathEscapeError, inside
 from deepgen_trainer.checkpoints.rng_state import RngState, capture_rng
+from deepgen_trainer.checkpoints.safe_pickle import UnsafePickleError
+from deepgen_trainer.checkpoints.torch_file import MapLocation, load_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -361,10 +366,18 @@ def sft_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, Tensor]
     dit_file = path / (EMA_FILE if use_ema else WEIGHTS_FILE)
     if not dit_file.is_file():
         raise CheckpointError(f"{path} has no {EMA_FILE}: the run was trained without --ema_decay")
-    state = {DIT_PREFIX + k: v for k, v in load_file(dit_file).items()}
+    state = {DIT_PREFIX + k: v for k, v in load_file(_inside(path, dit_file)).items()}
     if (path / DEEPGEN_ONLY_FILE).is_file():
-        state.update(load_file(path / DEEPGEN_ONLY_FILE))
+        state.update(load_file(_inside(path, path / DEEPGEN_ONLY_FILE)))
     return state
+
+
+def _inside(checkpoint: Path, file: Path) -> Path:
+    """`file` resolved, or CheckpointError when it (a symlink) leaves the checkpoint folder."""
+    try:
+        return inside(checkpoint, file, str(file))
+    except PathEscapeError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, rank: int = 0) -> Checkpoint:
@@ -380,26 +393,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             f"{path} is not a complete checkpoint (expected a checkpoint-<step> directory with a "
             f"'{COMPLETE_MARKER}' marker); use latest_checkpoint(output_dir) to find one"
         )
-    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    meta = json.loads(_inside(path, path / META_FILE).read_text(encoding="utf-8"))
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
     step = int(meta["step"])
     if step != _step_of(path):
         raise CheckpointError(f"{path}: meta.json says step {step}, the directory name says {_step_of(path)}")
     world_size = int(meta["world_size"])
-    rng_path, sampler_path = path / rng_file(rank), path / sampler_file(rank)
+    rng_path, sampler_path = _inside(path, path / rng_file(rank)), _inside(path, path / sampler_file(rank))
     if not rng_path.is_file():
         logger.warning("%s has no RNG state for rank %d (saved with world_size=%d)", path, rank, world_size)
     deepspeed_dir = path / DEEPSPEED_DIR
     return Checkpoint(
         path=path,
         step=step,
-        trainable=load_file(path / WEIGHTS_FILE, device=str(map_location)),
+        trainable=load_file(_inside(path, path / WEIGHTS_FILE), device=str(map_location)),
         optimizer_state=_load_torch(path / OPTIMIZER_FILE, map_location),
         scheduler_state=_load_torch(path / SCHEDULER_FILE, map_location),
         rng=_load_torch(rng_path, "cpu"),
         sampler_state=json.loads(sampler_path.read_text(encoding="utf-8")) if sampler_path.is_file() else None,
-        config=json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")),
+        config=json.loads(_inside(path, path / CONFIG_FILE).read_text(encoding="utf-8")),
         metadata=meta["metadata"],
         world_size=world_size,
         deepspeed_dir=deepspeed_dir if deepspeed_dir.is_dir() else None,
@@ -409,16 +422,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 
 
 def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str, Tensor] | None:
-    return load_file(path, device=str(map_location)) if path.is_file() else None
+    return load_file(_inside(path.parent, path), device=str(map_location)) if path.is_file() else None
 
 
-def _load_torch(path: Path, map_location: str | torch.device) -> Any:
+def _load_torch(path: Path, map_location: MapLocation) -> Any:
     if not path.is_file():
         return None
+    return load_checkpoint_file(path.parent, path, map_location, allow_foreign=False)
+
+
+def load_checkpoint_file(root: Path, path: Path, map_location: MapLocation = "cpu", *, allow_foreign: bool) -> Any:
+    """A torch file of a checkpoint folder `root` through the safe loader; CheckpointError naming the
+    file and the reason when it is refused or leaves `root` (also for DeepSpeed's engine resume)."""
+    resolved = _inside(root, path)
     try:
-        return torch.load(path, weights_only=True, map_location=map_location)
-    except Exception as e:  # torch raises UnpicklingError or RuntimeError for unsafe or corrupt files
-        raise CheckpointError(f"cannot load {path} with weights_only=True: {e}") from e
+        return load_torch_file(resolved, map_location, allow_foreign=allow_foreign)
+    except (UnsafePickleError, OSError) as e:
+        raise CheckpointError(f"{path}: refused: {e}") from e
 
 
 def _step_of(path: Path) -> int:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import get_scheduler
 
-from deepgen_trainer.checkpoints.run_checkpoint import Checkpoint
+from deepgen_trainer.checkpoints.run_checkpoint import Checkpoint, load_checkpoint_file
 from deepgen_trainer.config import TrainConfig
 from deepgen_trainer.engine.distributed import World
 
@@ -239,7 +239,17 @@ class DeepSpeedUpdater:
         if checkpoint.deepspeed_dir is None:
             raise ValueError(f"{checkpoint.path} was not written by DeepSpeed; resume it with the same --deepspeed")
         # DeepSpeed's own state holds the (possibly partitioned) weights, the optimizer and the schedule.
-        self.engine.load_checkpoint(str(checkpoint.deepspeed_dir), tag=_DEEPSPEED_TAG, load_module_strict=True)
+        # Its checkpoint engine unpickles them with torch's full (code-running) loader: read them with the safe
+        # loader instead, confined to the checkpoint's deepspeed/ folder.
+        root = checkpoint.deepspeed_dir
+        engine_files = self.engine.checkpoint_engine
+        engine_files.load = lambda path, map_location=None: load_checkpoint_file(
+            root, Path(path), map_location, allow_foreign=True
+        )
+        try:
+            self.engine.load_checkpoint(str(root), tag=_DEEPSPEED_TAG, load_module_strict=True)
+        finally:
+            del engine_files.load  # the class's own method again
         self._steps = self.engine.global_steps
 
 

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from deepgen_common.client import EvalClient, EvalImage, RewardServiceError, TransientError
 from deepgen_common.eval_results import read_summary_json, summarize_results
 from deepgen_common.types import ImageResult, RunSummary
-from deepgen_trainer.checkpoints.formats import read_checkpoint
+from deepgen_trainer.checkpoints.formats import CheckpointReadError, read_checkpoint
 from deepgen_trainer.checkpoints.loading import LoadReport, apply_checkpoint, build_model
 from deepgen_trainer.checkpoints.run_checkpoint import CONFIG_FILE, CheckpointError, resolve_checkpoint
 from deepgen_trainer.config import MODEL_KINDS, ConfigError, TrainConfig, deployment_env
@@ -108,9 +108,12 @@ def load_model(source: Source) -> DeepGen:
     on the GPU if any."""
     model = build_model(source.config)
     if source.kind == "rl":
-        report = apply_checkpoint(
-            model, read_checkpoint(source.path), LoadReport(checkpoint=str(source.path)), fallback="from the run's base"
-        )
+        try:
+            contents = read_checkpoint(source.path)
+        except CheckpointReadError as exc:  # refused (hostile, or pointing outside the folder): exit 2
+            raise ConfigError(f"CKPT {source.path}: {exc}") from exc
+        report = LoadReport(checkpoint=str(source.path))
+        apply_checkpoint(model, contents, report, fallback="from the run's base")
         log.info("checkpoint loaded: %s", report.summary())
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 

@@ -62,7 +62,10 @@ ORIGINAL_FLAGS: tuple[OriginalFlag, ...] = (
         "atrain_num_actor_update_steps", int, 1, "translated",
         "the original's actor updates per rollout: becomes --optimizer_steps_per_rollout",
     ),
-    OriginalFlag("ema_diffusion", float, 0.0, "translated", "the original's EMA decay: becomes --ema_decay"),
+    OriginalFlag(
+        "ema_diffusion", float, 0.0, "translated",
+        "the original's EMA decay: becomes --ema_decay (and --eval_with_ema when > 0)",
+    ),
     OriginalFlag(
         "log_prob_micro_batch_size", int, None, "no_effect",
         "no effect (unused in the original too): old log-probs come from the rollout itself",
@@ -95,8 +98,9 @@ def add_original_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("flags of the original DeepGen-RL (translated, or without effect here)")
     for flag in ORIGINAL_FLAGS:
         group.add_argument(
-            f"--{flag.name}", dest=DEST_PREFIX + flag.name, type=flag.type, default=argparse.SUPPRESS, help=flag.help
-        )
+            f"--{flag.name}", dest=DEST_PREFIX + flag.name, metavar=flag.name.upper(), type=flag.type,
+            default=argparse.SUPPRESS, help=flag.help,
+        )  # fmt: skip
 
 
 def pop_original_flags(namespace: argparse.Namespace) -> dict[str, Any]:

@@ -481,8 +481,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     except original_flags.OriginalFlagError as exc:
         raise ConfigError(str(exc)) from None
     values["report_to"], report_notices = original_flags.translate_report_to(values["report_to"])
-    for notice in [*notices, *report_notices]:
-        logging.getLogger(__name__).info("%s", notice)
+    if (os.environ if environ is None else environ).get("RANK", "0") == "0":  # one line per run, not per rank
+        for notice in [*notices, *report_notices]:
+            logging.getLogger(__name__).info("%s", notice)
     return TrainConfig(**{**values, **overrides})
 
 

@@ -10,7 +10,7 @@ ARGS ?=
 # docker compose v2 when installed, else docker-compose 1.29.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
 
-.PHONY: help setup setup-judges fetch-judge-data test lint format proto certs bench-ocr bench-load bench-sde bench-judges bench-train bench-flops bench-gpu demo demo-learn \
+.PHONY: help setup setup-judges fetch-judge-data test lint format proto pip-ca certs bench-ocr bench-load bench-sde bench-judges bench-train bench-flops bench-gpu demo demo-learn \
 	train train-local convert eval scale-ocr
 
 help:  ## List the targets
@@ -53,6 +53,11 @@ proto:  ## Regenerate the Python stubs from proto/ (with the pinned grpcio-tools
 	rm -rf proto/python/deepgen
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto/python --pyi_out=proto/python \
 		--grpc_python_out=proto/python $(addprefix proto/,$(PROTOS))
+
+# `make pip-ca [CA=/path/to/ca.pem]`: for image builds behind a proxy that re-signs TLS.
+CA ?=
+pip-ca:  ## pip's CA bundle (PIP_CERT / pip config) or CA= to build/pip-ca.pem, and PIP_CA_BUNDLE in .env
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/pip_ca.py$(if $(CA), --ca $(CA))
 
 # `make certs CERT_HOSTS=reward-host.example,10.0.0.5 [CERTS_DIR=certs] [FORCE=1]`
 CERTS_DIR ?= certs

@@ -81,6 +81,7 @@ RUN set -eu; \
     /opt/venv/bin/pip install --constraint /tmp/torch-constraint.txt \
         /src/proto /src/common --editable "/opt/deepgen/trainer${TRAINER_EXTRAS}" $EXTRA_PACKAGES; \
     /opt/venv/bin/python -c 'import torch, transformers, diffusers, peft, deepspeed, deepgen_common.client, deepgen_trainer.train, deepgen_trainer.convert'; \
+    /opt/venv/bin/python -c 'import sys; from deepgen_trainer.observe.cjk_font import package_font; sys.exit(package_font() is None)'; \
     /opt/venv/bin/python -c 'from deepgen_trainer.config import DEEPSPEED_CONFIG_NAMES, deepspeed_config_path as p; [p(n) for n in DEEPSPEED_CONFIG_NAMES]'; \
     rm -rf /tmp/pip-ca.pem /tmp/wheels /src
 
@@ -89,11 +90,9 @@ FROM python AS runtime
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/deepgen /opt/deepgen
 # Folders the trainer writes, owned by its user: a named volume mounted there starts writable (Docker
-# copies the folder's owner into a new volume). A CJK font, so contact sheets show Chinese prompts.
+# copies the folder's owner into a new volume). The CJK font of the contact sheets is a pip dependency
+# of the trainer (noto-cjk-sans-otc), found through its package as on the host.
 RUN set -eu; \
-    apt-get update; \
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends fonts-wqy-microhei; \
-    apt-get clean; rm -rf /var/lib/apt/lists/*; \
     useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin trainer; \
     install -d -o trainer -g trainer /outputs /home/trainer/.cache /home/trainer/.cache/huggingface
 USER trainer

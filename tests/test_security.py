@@ -16,7 +16,7 @@ FORBIDDEN = re.compile(
 # Checkpoints of DeepSpeed / mmengine / xtuner hold pickled objects; this module unpickles them with an
 # allowlist, placeholders for unknown classes and a refusal of every other call
 # (tests/trainer/checkpoints/test_safe_pickle.py shows hostile payloads never run).
-RESTRICTED_UNPICKLER = REPO / "trainer" / "src" / "deepgen_trainer" / "safe_pickle.py"
+RESTRICTED_UNPICKLER = REPO / "trainer" / "src" / "deepgen_trainer" / "checkpoints" / "safe_pickle.py"
 
 
 def product_sources() -> list:

@@ -7,14 +7,14 @@ CI, where they fail: CI must not go green by skipping them.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import shutil
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
@@ -22,7 +22,6 @@ import yaml
 from tests.helpers import REPO
 
 BASE_IMAGE = os.environ.get("DEEPGEN_TEST_BASE_IMAGE", "local/debian:bookworm")
-CA_BUNDLE_IN_CONTEXT = "build/pip-ca.pem"  # relative to the build context (the repository root)
 HEALTHY_WITHIN_S = 300.0
 # Only these variables of the caller's environment reach docker-compose, so a developer's settings or
 # .env cannot change what the tests run (the tests also replace the .env file by an empty one).
@@ -78,26 +77,22 @@ def free_port_range(n: int) -> str:
     raise RuntimeError(f"no {n} consecutive free ports in 20000-30000")
 
 
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_pip_ca = _script("pip_ca")
+
+
 def pip_ca_bundle() -> str:
-    """The CA bundle pip trusts on this machine, copied into the build context; "" when pip uses its
-    own store (the image then builds with plain PyPI)."""
-    cert = os.environ.get("PIP_CERT", "")
-    if not cert:
-        listing = run([sys.executable, "-m", "pip", "config", "list"], timeout=60).stdout
-        for line in listing.splitlines():
-            key, _, value = line.partition("=")
-            if key.endswith(".cert"):
-                cert = value.strip().strip("'\"")
-    if not cert or not Path(cert).is_file():
-        return ""
-    target = REPO / CA_BUNDLE_IN_CONTEXT
-    source = Path(cert).read_bytes()
-    if not target.is_file() or target.read_bytes() != source:  # unchanged file: the build cache holds
-        target.parent.mkdir(exist_ok=True)
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(source)
-        tmp.replace(target)
-    return CA_BUNDLE_IN_CONTEXT
+    """The CA bundle pip trusts on this machine, copied into the build context as `make pip-ca` does
+    (scripts/pip_ca.py); "" when pip uses its own store (the image then builds with plain PyPI)."""
+    return _pip_ca.prepare_bundle(REPO, os.environ, _pip_ca.pip_config_listing())
 
 
 def service_build_args(service: str) -> list[str]:

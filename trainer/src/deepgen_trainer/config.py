@@ -16,6 +16,7 @@ Checks that need the world size (the per-rank batch when ``--prompts_per_step`` 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -430,6 +431,35 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message}; see --help for the valid flags")
 
 
+def shown_default(value: Any) -> str:
+    """A default as it would be typed on the command line: lists comma-separated (``none`` when empty),
+    None as ``unset``."""
+    if value is None:
+        return "unset"
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Names every option's default in --help, also for options without a help text and options added
+    later, unless the help already names it (``(default: all)``, argparse's ``%(default)s``)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.option_strings and not (action.help or "").strip():
+            action = copy.copy(action)  # argparse prints no help line for an empty help
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        names_it = "(default" in help_text or "%(default)" in help_text
+        if not action.option_strings or action.default is argparse.SUPPRESS or names_it:
+            return help_text
+        shown = shown_default(action.default).replace("%", "%%")  # the help is %-formatted afterwards
+        return f"{help_text} (default: {shown})".strip()
+
+
 def deployment_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Field values of the deployment facts set in the environment (the only environment read)."""
     environ = os.environ if environ is None else environ
@@ -445,7 +475,9 @@ def deployment_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """One ``--flag`` per `TrainConfig` field; env-backed flags default to their environment variable."""
-    parser = _Parser(prog="deepgen_trainer", description="MR-GRPO training of DeepGen 1.0.")
+    parser = _Parser(
+        prog="deepgen_trainer", description="MR-GRPO training of DeepGen 1.0.", formatter_class=DefaultsHelpFormatter
+    )
     env = deployment_env(environ)
     hints = get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -462,7 +494,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         elif f.name == "report_to":
             parser.add_argument(f"--{f.name}", type=_report_to, default=default, help=help_text)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=default, help=f"{help_text} (default: {default})")
+            parser.add_argument(f"--{f.name}", type=kind, default=default, help=help_text)
     original_flags.add_original_flags(parser)
     return parser
 

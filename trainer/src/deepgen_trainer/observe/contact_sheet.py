@@ -6,10 +6,10 @@ satisfied testpoint, a red one for a failed one, then its name. An image without
 failure, error, never judged) says so in grey. The subset is the same at every step and for every
 checkpoint, so sheets compare side by side.
 
-Text is wrapped and cut to the cell's width in pixels. The font is the first of `CJK_FONTS` that is
-installed (Debian packages fonts-noto-cjk, fonts-wqy-microhei, fonts-droid-fallback), else Pillow's
-built-in font, which has no CJK glyphs: Chinese prompts and testpoint names then show as boxes, the
-coloured squares still carry the verdicts. `font_path` picks a font explicitly.
+Text is wrapped and cut to the cell's width in pixels. The font is the CJK font of `cjk_font.py` (Noto
+Sans CJK SC, a dependency of the trainer), else Pillow's built-in font after one warning: Chinese
+prompts and testpoint names then show as boxes, the coloured squares still carry the verdicts.
+`font_path` picks a font explicitly.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from deepgen_common.types import ImageResult
+from deepgen_trainer.observe.cjk_font import cjk_font
 
 SHEET_PROMPTS = 8
 SHEET_COLUMNS = 4
@@ -31,11 +32,6 @@ TESTPOINT_LINES = 8
 LINE_HEIGHT = 14
 FONT_SIZE = 11
 PADDING = 4
-CJK_FONTS = (
-    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
-    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
-    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
-)
 _OK, _WRONG, _NONE = (46, 160, 67), (207, 34, 46), (140, 140, 140)
 
 
@@ -80,8 +76,7 @@ def render_contact_sheet(
     """The RGB sheet of `entries`, row by row, of size `sheet_size(len(entries), columns, cell_side)`."""
     sheet = Image.new("RGB", sheet_size(len(entries), columns, cell_side), "white")
     draw = ImageDraw.Draw(sheet)
-    font_path = font_path or next((p for p in CJK_FONTS if Path(p).is_file()), None)
-    font = ImageFont.truetype(str(font_path), FONT_SIZE) if font_path else ImageFont.load_default(FONT_SIZE)
+    font = ImageFont.truetype(str(font_path), FONT_SIZE) if font_path else cjk_font(FONT_SIZE)
     width, height = cell_size(cell_side)
     used = min(columns, len(entries))
     for n, entry in enumerate(entries):

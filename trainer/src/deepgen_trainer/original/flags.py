@@ -94,21 +94,21 @@ _BY_NAME = {flag.name: flag for flag in ORIGINAL_FLAGS}
 
 
 def add_original_flags(parser: argparse.ArgumentParser) -> None:
-    """Register the flags of `ORIGINAL_FLAGS`; a flag not given leaves no attribute on the namespace."""
-    group = parser.add_argument_group("flags of the original DeepGen-RL (translated, or without effect here)")
+    """Register the flags of `ORIGINAL_FLAGS` (default None: not given; each takes a number)."""
     for flag in ORIGINAL_FLAGS:
-        group.add_argument(
-            f"--{flag.name}", dest=DEST_PREFIX + flag.name, metavar=flag.name.upper(), type=flag.type,
-            default=argparse.SUPPRESS, help=flag.help,
+        parser.add_argument(
+            f"--{flag.name}", dest=DEST_PREFIX + flag.name, metavar=flag.name.upper(), type=flag.type, default=None,
+            help=f"[the original DeepGen-RL's] {flag.help}",
         )  # fmt: skip
 
 
 def pop_original_flags(namespace: argparse.Namespace) -> dict[str, Any]:
-    """The original flags given on the command line (removed from the namespace), by name."""
+    """The original flags given on the command line (all removed from the namespace), by name."""
     given = {}
     for name in list(vars(namespace)):
         if name.startswith(DEST_PREFIX):
-            given[name.removeprefix(DEST_PREFIX)] = getattr(namespace, name)
+            if getattr(namespace, name) is not None:
+                given[name.removeprefix(DEST_PREFIX)] = getattr(namespace, name)
             delattr(namespace, name)
     return given
 

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import textwrap
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -588,6 +589,10 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         shown = shown_default(action.default).replace("%", "%%")  # the help is %-formatted afterwards
         return f"{help_text} (default: {shown})".strip()
 
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # As argparse's, but never breaking a hyphenated value (deepgen-rl) across lines.
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
 
 def deployment_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Field values of the deployment facts set in the environment (the only environment read)."""
@@ -615,7 +620,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         if f.name in ENV_FIELDS.values():
             help_text += f" [env {f.name.upper()}]"
         if f.name == "save_total_limit":
-            parser.add_argument(f"--{f.name}", type=_keep_limit, default=default, help=help_text)
+            parser.add_argument(f"--{f.name}", type=_keep_limit, default=default, help=help_text)  # -1 or 0: all
             continue
         kind = _scalar_type(hints[f.name])
         if kind is bool:
@@ -648,8 +653,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     except original_flags.OriginalFlagError as exc:
         raise ConfigError(str(exc)) from None
     values["report_to"], report_notices = original_flags.translate_report_to(values["report_to"])
-    for notice in [*notices, *report_notices]:
-        logging.getLogger(__name__).info("%s", notice)
+    if (os.environ if environ is None else environ).get("RANK", "0") == "0":  # one line per run, not per rank
+        for notice in [*notices, *report_notices]:
+            logging.getLogger(__name__).info("%s", notice)
     return TrainConfig(**{**values, **overrides})
 
 

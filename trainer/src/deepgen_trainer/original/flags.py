@@ -62,7 +62,10 @@ ORIGINAL_FLAGS: tuple[OriginalFlag, ...] = (
         "atrain_num_actor_update_steps", int, 1, "translated",
         "the original's actor updates per rollout: becomes --optimizer_steps_per_rollout",
     ),
-    OriginalFlag("ema_diffusion", float, 0.0, "translated", "the original's EMA decay: becomes --ema_decay"),
+    OriginalFlag(
+        "ema_diffusion", float, 0.0, "translated",
+        "the original's EMA decay: becomes --ema_decay (and --eval_with_ema when > 0)",
+    ),
     OriginalFlag(
         "log_prob_micro_batch_size", int, None, "no_effect",
         "no effect (unused in the original too): old log-probs come from the rollout itself",
@@ -91,24 +94,21 @@ _BY_NAME = {flag.name: flag for flag in ORIGINAL_FLAGS}
 
 
 def add_original_flags(parser: argparse.ArgumentParser) -> None:
-    """Register the flags of `ORIGINAL_FLAGS`; a flag not given leaves no attribute on the namespace."""
-    group = parser.add_argument_group("flags of the original DeepGen-RL (translated, or without effect here)")
+    """Register the flags of `ORIGINAL_FLAGS` (default None: not given; each takes a number)."""
     for flag in ORIGINAL_FLAGS:
-        group.add_argument(
-            f"--{flag.name}",
-            dest=DEST_PREFIX + flag.name,
-            type=flag.type,
-            default=argparse.SUPPRESS,
-            help=f"{flag.help} (default: unset; the original's: {flag.default})",
-        )
+        parser.add_argument(
+            f"--{flag.name}", dest=DEST_PREFIX + flag.name, metavar=flag.name.upper(), type=flag.type, default=None,
+            help=f"[the original DeepGen-RL's] {flag.help}",
+        )  # fmt: skip
 
 
 def pop_original_flags(namespace: argparse.Namespace) -> dict[str, Any]:
-    """The original flags given on the command line (removed from the namespace), by name."""
+    """The original flags given on the command line (all removed from the namespace), by name."""
     given = {}
     for name in list(vars(namespace)):
         if name.startswith(DEST_PREFIX):
-            given[name.removeprefix(DEST_PREFIX)] = getattr(namespace, name)
+            if getattr(namespace, name) is not None:
+                given[name.removeprefix(DEST_PREFIX)] = getattr(namespace, name)
             delattr(namespace, name)
     return given
 

@@ -79,9 +79,16 @@ def test_demo_reward_scores_brightness_over_both_transports(services) -> None:
         ("bright", "http_url", ["--one_step_off_policy"]),
         ("bright", "grpc_url", ["--optimizer_steps_per_rollout", "2"]),
         ("dark", "http_url", ["--exact_logprob"]),
+        ("bright", "http_url", ["--atrain_algorithm", "grpoguard"]),
+        ("dark", "grpc_url", ["--atrain_algorithm", "grpoguard", "--atrain_sde_sampler", "flowgrpo_sde"]),
+        ("bright", "http_url", ["--atrain_algorithm", "diffusionnft"]),
+        ("dark", "http_url", ["--atrain_algorithm", "diffusionnft", "--atrain_nft_off_policy"]),
     ],
-    ids=["bright", "opposite-objective", "one-step-off-policy", "two-optimizer-steps", "cps-exact-logprob"],
-)
+    ids=[
+        "bright", "opposite-objective", "one-step-off-policy", "two-optimizer-steps", "cps-exact-logprob",
+        "grpoguard-cps", "grpoguard-flowgrpo-sde-opposite", "diffusionnft", "diffusionnft-off-policy-opposite",
+    ],
+)  # fmt: skip
 def test_tiny_model_learns_the_served_reward(
     tmp_path: Path, services, objective: str, transport: str, extra: list[str]
 ) -> None:

@@ -84,7 +84,9 @@ def test_unknown_classes_become_inert_placeholders(tmp_path: Path) -> None:
     assert note.state["value"] == 3  # the pickled state, itself built under the same rules
     np.testing.assert_array_equal(note.state["history"], np.ones(2))
     assert foreign_classes(got) == {f"{__name__}.Unknown", f"{__name__}.Stats.mean"}
-    with pytest.raises(UnsafePickleError, match=r"calls tests\.trainer\.checkpoints\.test_safe_pickle\.Unknown\(\.\.\.\)"):
+    with pytest.raises(
+        UnsafePickleError, match=r"calls tests\.trainer\.checkpoints\.test_safe_pickle\.Unknown\(\.\.\.\)"
+    ):
         type(note)(1)  # a placeholder class is not callable: it has no behaviour to run
 
 

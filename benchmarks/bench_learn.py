@@ -15,8 +15,8 @@ The gain: the smoothed reward (running mean of 3 steps) reaching the run's first
 to flowgrpo's medians, and the reward gained by the end. Curves: `--out`/curves.png (reward against
 cumulative FLOPs and against wall time, one line per seed).
 
-Usage: `python benchmarks/bench_learn.py [--seeds 3] [--steps 15] [--gain 0.02] [--variants a,b]`.
-The default takes minutes on an idle 2-core machine (12 runs of 15 steps). Not a timed test: the
+Usage: `python benchmarks/bench_learn.py [--seeds 3] [--steps 20] [--gain 0.01] [--variants a,b]`.
+The default takes minutes on an idle 2-core machine (12 runs of 20 steps). Not a timed test: the
 figures go in the README's performance section, whatever they are.
 """
 
@@ -210,8 +210,8 @@ def plot(curves: dict[str, list[Curve]], png: Path, gain: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--gain", type=float, default=0.02, help="brightness gain over the first step's reward")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--gain", type=float, default=0.01, help="brightness gain over the first step's reward")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"among {', '.join(VARIANTS)}")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench-learn")
     args = parser.parse_args()

@@ -8,7 +8,8 @@ One step, on every rank, in the order of `train()`:
 2. rewards: wait for the scores, an (N, K) matrix with NaN for failed / not-applicable entries;
 3. advantages (`--atrain_adv_type`, per-dataset reward weights; missing rewards are neutral);
 4. policy update (`update_policy`): `num_train_timesteps` random SDE steps (never the last), every
-   training micro-batch: clipped ratio loss + β·KL against the frozen initial DiT, one backward each;
+   training micro-batch: clipped ratio loss + β·KL against the frozen initial DiT, one backward each
+   (`--atrain_algorithm grpoguard`: after RatioNorm; `diffusionnft`: the forward-process loss);
 5. SFT auxiliary loss on one image-caption batch (`--sftaux_dataset_config`), in the last backward;
 6. `--optimizer_steps_per_rollout` optimizer steps (1 by default) over consecutive chunks of the
    trained timesteps (`--step_per_backward` emulates the reference's step after every backward);

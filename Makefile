@@ -10,7 +10,7 @@ ARGS ?=
 # docker compose v2 when installed, else docker-compose 1.29.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
 
-.PHONY: help setup setup-judges fetch-judge-data test lint format proto pip-ca certs bench-ocr bench-load bench-sde bench-judges bench-train bench-flops bench-gpu demo demo-learn \
+.PHONY: help setup setup-judges fetch-judge-data test lint format proto pip-ca certs bench-ocr bench-load bench-sde bench-judges bench-train bench-flops bench-gpu bench-learn demo demo-learn \
 	train train-local convert eval scale-ocr
 
 help:  ## List the targets
@@ -82,6 +82,11 @@ bench-train:  ## Training step on CPU (tiny model): time per phase, reward wait,
 
 bench-flops:  ## FLOPs of one default training step per GPU (analytic, checked with FlopCounterMode) and MFU
 	$(BIN)/python benchmarks/flops.py
+
+# `make bench-learn [LEARN_ARGS="--seeds 5 --steps 30 --gain 0.03"]`
+LEARN_ARGS ?=
+bench-learn:  ## Compute to reward: FLOPs and wall time each algorithm needs for a brightness gain (tiny model, CPU); outputs/bench-learn/curves.png
+	$(BIN)/python benchmarks/bench_learn.py $(LEARN_ARGS)
 
 bench-gpu:  ## Default training step, DeepGen at real size (random weights) on 1 GPU and on all: img/s/GPU, MFU
 	$(BIN)/python benchmarks/bench_gpu.py

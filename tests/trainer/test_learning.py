@@ -4,8 +4,9 @@ service through the reward contract (`deepgen_trainer.rewards.demo`), raises its
 Each case trains 20 steps in process and regresses the per-step reward on the step: the slope's
 t-statistic must be large (a rising curve, not noise). The opposite objective (darkness instead of
 brightness) must rise too, so the loop follows the reward rather than drifting one way; and the same
-holds with --one_step_off_policy, with two optimizer steps per rollout, and with cps_sde's exact
-log-prob (well scaled by the std floor)."""
+holds with --one_step_off_policy, with two optimizer steps per rollout, with cps_sde's exact
+log-prob (well scaled by the std floor), with GRPO-Guard on cps_sde and on flowgrpo_sde, and with
+DiffusionNFT on- and off-policy (each update rule once towards each objective)."""
 
 from __future__ import annotations
 
@@ -79,9 +80,22 @@ def test_demo_reward_scores_brightness_over_both_transports(services) -> None:
         ("bright", "http_url", ["--one_step_off_policy"]),
         ("bright", "grpc_url", ["--optimizer_steps_per_rollout", "2"]),
         ("dark", "http_url", ["--exact_logprob"]),
+        ("bright", "http_url", ["--atrain_algorithm", "grpoguard"]),
+        # flowgrpo_sde at 4 steps and η = 1 adds noise of std ≈ 1 per step (its σ/(1 − σ) near σ = 1): no
+        # trend in 20 steps with either rule (flowgrpo t = 4.0 dark at a third of this slope, GRPO-Guard
+        # t < 3); at 6 steps GRPO-Guard's t is 11 (bright) and 38 (dark).
+        (
+            "dark", "grpc_url",
+            ["--atrain_algorithm", "grpoguard", "--atrain_sde_sampler", "flowgrpo_sde", "--num_inference_steps", "6"],
+        ),
+        ("bright", "http_url", ["--atrain_algorithm", "diffusionnft"]),
+        ("dark", "http_url", ["--atrain_algorithm", "diffusionnft", "--atrain_nft_off_policy"]),
     ],
-    ids=["bright", "opposite-objective", "one-step-off-policy", "two-optimizer-steps", "cps-exact-logprob"],
-)
+    ids=[
+        "bright", "opposite-objective", "one-step-off-policy", "two-optimizer-steps", "cps-exact-logprob",
+        "grpoguard-cps", "grpoguard-flowgrpo-sde-opposite", "diffusionnft", "diffusionnft-off-policy-opposite",
+    ],
+)  # fmt: skip
 def test_tiny_model_learns_the_served_reward(
     tmp_path: Path, services, objective: str, transport: str, extra: list[str]
 ) -> None:
@@ -100,6 +114,8 @@ def test_tiny_model_learns_the_served_reward(
     rewards = [row["reward/total"] for row in rows]
     assert len(rewards) == STEPS
     assert all(row["reward/ocr/fail_rate"] == 0 for row in rows)
+    if "grpoguard" in extra:  # one optimizer step per rollout: RatioNorm of the rollout's own μ_old, log p_old is 1
+        assert all(row["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6) for row in rows)
     curve = summarize(rewards)
     assert curve.slope > 0, rewards
     assert curve.t > 3, (curve, rewards)  # one-sided p < 0.005 with 18 degrees of freedom

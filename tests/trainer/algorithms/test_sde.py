@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from torch.testing import assert_close
 
 from deepgen_trainer.algorithms.policy_loss import kl_penalty
@@ -431,3 +433,54 @@ def test_floor_changes_neither_sampling_nor_steps_with_larger_noise() -> None:
 def test_negative_min_std_is_rejected() -> None:
     with pytest.raises(ValueError, match="min_std must be a finite number >= 0"):
         sde_step_with_logprob("cps_sde", torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), 0.5, 0.4, 1.0, min_std=-1.0)
+
+
+def _grid(num_inference_steps: int) -> list[float]:
+    """The trainer's sigma grid (FlowMatchEulerDiscreteScheduler, shift 3, as DeepGen's scheduler)."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(num_inference_steps)
+    return scheduler.sigmas.tolist()
+
+
+def test_dance_sde_at_50_steps_is_scored_with_its_exact_unfloored_density() -> None:
+    # dance_sde's std is η·√(−dt); the shifted grid is dense near σ = 1, so at 50 steps and η = 1 the
+    # first 13 steps have std 0.083-0.099 < LOGPROB_MIN_STD. They are a normal part of the grid: the
+    # floor must leave them (and every other step) exact. Naive density, per element:
+    # log N(x'; μ, s²) = −(x' − μ)²/(2s²) − log s − ½·log 2π, averaged over C·H·W.
+    sigmas = _grid(50)
+    g = torch.Generator().manual_seed(5)
+    x, v = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    small = 0
+    for sigma, s_next in itertools.pairwise(sigmas[:-1]):
+        x_next, log_prob, mean, std = sde_step_with_logprob(
+            "dance_sde", v, x, sigma, s_next, 1.0, generator=g, min_std=LOGPROB_MIN_STD
+        )
+        true_std = math.sqrt(sigma - s_next)
+        small += true_std < LOGPROB_MIN_STD
+        naive = (-((x_next - mean) ** 2) / (2 * true_std**2) - math.log(true_std) - 0.5 * math.log(2 * math.pi)).mean(
+            dim=(1, 2, 3)
+        )
+        torch.testing.assert_close(std, torch.full((3,), true_std))
+        torch.testing.assert_close(log_prob, naive, rtol=1e-5, atol=1e-5)
+    assert small == 13  # the case the floor used to change (log p by up to 0.22, step 0's gradient × 0.69)
+
+
+@pytest.mark.parametrize("sampler", ["cps_sde", "flowgrpo_sde"])
+def test_floor_touches_only_the_steps_landing_below_it(sampler: str) -> None:
+    # At 50 steps both samplers' std collapses on the last two stochastic steps (σ' = 0.067, 0.0089):
+    # only those are floored; every step with σ' >= LOGPROB_MIN_STD is scored exactly.
+    sigmas = _grid(50)
+    x, v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    floored = []
+    for i, (sigma, s_next) in enumerate(itertools.pairwise(sigmas[:-1])):
+        exact = sde_step_with_logprob(sampler, v, x, sigma, s_next, 1.0, generator=torch.Generator().manual_seed(i))
+        with_floor = sde_step_with_logprob(
+            sampler, v, x, sigma, s_next, 1.0, generator=torch.Generator().manual_seed(i), min_std=LOGPROB_MIN_STD
+        )
+        if not torch.equal(exact[3], with_floor[3]):
+            floored.append(i)
+            assert s_next < LOGPROB_MIN_STD
+            assert torch.equal(with_floor[3], torch.full((2,), LOGPROB_MIN_STD))
+        else:
+            assert torch.equal(exact[1], with_floor[1])
+    assert floored == [47, 48]

@@ -89,7 +89,7 @@ ORIGINAL_FLAGS: list[tuple[str, str | None, str]] = [
 # The original's deprecated flags, refused by it and here, each naming its replacement.
 REFUSED = {"--num_generations": "--rollout_n", "--per_device_train_batch_size": "--prompts_per_rank",
            "--gradient_accumulation_steps": "--optimizer_steps_per_rollout"}  # fmt: skip
-OWNED_ELSEWHERE = {"19"}
+OWNED_ELSEWHERE: set[str] = set()
 
 
 def parse(*argv: str, env: dict[str, str] | None = None) -> TrainConfig:

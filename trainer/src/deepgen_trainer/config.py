@@ -31,6 +31,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from deepgen_common.client.urls import parse_service_url
 from deepgen_trainer.algorithms.advantages import ADVANTAGE_TYPES, GROUP_NORMALISING_TYPES, AdvantageType
+from deepgen_trainer.algorithms.diffusion_nft import DECAY_SCHEDULES
 from deepgen_trainer.algorithms.policy_loss import KL_TYPES, KLType
 from deepgen_trainer.algorithms.sde import LOGPROB_MIN_STD, SAMPLERS, Sampler
 from deepgen_trainer.original import flags as original_flags
@@ -80,6 +81,29 @@ TRACKER_MODES: dict[str, tuple[str, ...]] = {
     "wandb_mode": ("online", "offline", "disabled"),
     "swanlab_mode": ("online", "offline", "local", "disabled"),
 }
+
+
+# --atrain_algorithm: the update rule (DESIGN §4 "The original's other algorithms").
+Algorithm = Literal["flowgrpo", "grpoguard", "diffusionnft"]
+ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
+NftRollout = Literal["ode", "sde"]
+NFT_ROLLOUTS: tuple[str, ...] = get_args(NftRollout)
+# The original trainer's environment knobs of its algorithms, and the flag each one is the default of
+# (a flag given on the command line wins; `parse_args` logs where each value came from).
+ALGORITHM_ENV_FIELDS: dict[str, str] = {
+    "ATRAIN_NFT_BETA": "atrain_nft_beta",
+    "ATRAIN_NFT_ADV_CLIP_RANGE": "atrain_nft_adv_clip_range",
+    "ATRAIN_ADV_CLIP_MAX": "adv_clip",
+    "ATRAIN_GRPOGUARD_HIGHCLIP_RANGE": "clip_range_high",
+}
+# The original's switches for GRPO-Guard variants that have no meaning here: one notice each when set.
+ALGORITHM_ENV_NOTICES: dict[str, str] = {
+    "ATRAIN_GRPOGUARD_PAPER_IMPL": "GRPO-Guard always applies RatioNorm and the 1/(−dt) gradient weight (the paper's "
+    "method, the original's ATRAIN_GRPOGUARD_PAPER_IMPL=1 path)",
+    "ATRAIN_CLAMP_LOGPROB_DIFF": "the log-ratio is not clamped: old log-probs are kept in float32, so it stays finite",
+    "ATRAIN_CLAMP_LOGPROB": "log-probs are not clamped: old log-probs are kept in float32, so they stay finite",
+}
+log = logging.getLogger("deepgen_trainer")
 
 
 class ConfigError(ValueError):
@@ -162,6 +186,31 @@ class TrainConfig:
     timestep_fraction: float = field(default=0.6, metadata=_help("fraction of the SDE steps trained on, in (0, 1]"))
     atrain_micro_batch_size: int = field(default=32, metadata=_help("samples per GPU per training forward"))
     sftaux_coef: float = field(default=1e-4, metadata=_help("λ of (1 − λ)·L_grpo + λ·L_sft, in [0, 1]"))
+    # The update rule (flowgrpo: the clipped ratio above) and its algorithms' knobs.
+    atrain_algorithm: Algorithm = field(default="flowgrpo", metadata=_help(f"one of {', '.join(ALGORITHMS)}"))
+    clip_range_high: float | None = field(
+        default=None,
+        metadata=_help(
+            "upper clip 1 + c_high of the ratio (default: --clip_range) [env ATRAIN_GRPOGUARD_HIGHCLIP_RANGE]"
+        ),
+    )
+    atrain_nft_beta: float = field(
+        default=0.1, metadata=_help("diffusionnft: β of the implicit policies, in (0, 1] [env ATRAIN_NFT_BETA]")
+    )
+    atrain_nft_adv_clip_range: float = field(
+        default=5.0, metadata=_help("diffusionnft: r = ½ + ½·clip(A/a, ±1), a > 0 [env ATRAIN_NFT_ADV_CLIP_RANGE]")
+    )
+    atrain_nft_off_policy: bool = field(
+        default=False,
+        metadata=_help("diffusionnft: roll out with a soft-updated copy of the DiT (v_old); off: the current DiT"),
+    )
+    atrain_nft_decay_type: int = field(
+        default=1,
+        metadata=_help("diffusionnft off-policy decay schedule: 1: min(0.001·step, 0.5); 2: 0 for 75 steps, then up"),
+    )
+    atrain_nft_rollout: NftRollout = field(
+        default="ode", metadata=_help("diffusionnft rollout: ode (Euler), or sde (--atrain_sde_sampler, --sde_eta)")
+    )
     # Optimisation.
     learning_rate: float = 2e-6
     lr_scheduler_type: str = field(
@@ -327,6 +376,53 @@ class TrainConfig:
     def images_per_rank(self, world_size: int) -> int:
         """Rollout images per rank per step (prompts per rank × rollout_n)."""
         return self.prompts_per_rank_for(world_size) * self.rollout_n
+
+    @property
+    def advantage_type(self) -> AdvantageType:
+        """The advantages the update uses: DiffusionNFT's r comes from the per-prompt mean and a global
+        std (``grpo_global_std``), the others use ``--atrain_adv_type``."""
+        return "grpo_global_std" if self.atrain_algorithm == "diffusionnft" else self.atrain_adv_type
+
+    @property
+    def scores_exact_logprob(self) -> bool:
+        """cps_sde transitions are scored with the exact Gaussian log-density: ``--exact_logprob``, or
+        GRPO-Guard, whose RatioNorm is only right for the exact density."""
+        return self.exact_logprob or self.atrain_algorithm == "grpoguard"
+
+    @property
+    def rollout_eta(self) -> float:
+        """η of the rollout: 0 (the ODE) for DiffusionNFT's default ``--atrain_nft_rollout ode``."""
+        return 0.0 if self.atrain_algorithm == "diffusionnft" and self.atrain_nft_rollout == "ode" else self.sde_eta
+
+    @property
+    def shared_initial_noise(self) -> bool:
+        """A group shares one initial noise (``--init_same_noise``), except under DiffusionNFT: its
+        images must differ for r to carry a signal (one noise through an ODE gives identical images)."""
+        return self.init_same_noise and self.atrain_algorithm != "diffusionnft"
+
+    def algorithm_notices(self) -> list[str]:
+        """One line per flag that would ask for one of the original's defects under the chosen
+        algorithm, saying what is done instead (logged once at start)."""
+        notes = []
+        if self.atrain_algorithm == "diffusionnft":
+            if self.atrain_adv_type != "grpo_global_std":
+                notes.append(
+                    f"diffusionnft: r uses the per-prompt mean and a global std (grpo_global_std), as the paper; "
+                    f"--atrain_adv_type {self.atrain_adv_type} is not used"
+                )
+            if self.init_same_noise:
+                notes.append(
+                    "diffusionnft: one initial noise per image (--init_same_noise would give a group identical "
+                    "images under the ODE rollout, hence r = 1/2 and no signal)"
+                )
+            if self.atrain_kl_type != "v-based" and self.beta > 0:
+                notes.append(
+                    f"diffusionnft: the KL is mean((v_θ − v_ref)²) on velocities, without a variance divisor; "
+                    f"--atrain_kl_type {self.atrain_kl_type} is not used"
+                )
+        if self.atrain_algorithm == "grpoguard" and self.atrain_sde_sampler == "cps_sde" and not self.exact_logprob:
+            notes.append("grpoguard: cps_sde is scored with its exact Gaussian log-density (RatioNorm needs it)")
+        return notes
 
     @property
     def uses_sftaux(self) -> bool:
@@ -501,6 +597,7 @@ def _validate(cfg: TrainConfig) -> None:
         "whole groups",
     )
 
+    _validate_algorithm(cfg)
     deepspeed_config_path(cfg.deepspeed)
     _validate_original_options(cfg)
 
@@ -549,6 +646,45 @@ def _validate_original_options(cfg: TrainConfig) -> None:
     _require(
         cfg.reward_funcs is None or len(cfg.reward_funcs) > 0,
         "--reward_funcs names no reward; pass at least one (e.g. --reward_funcs jpeg_compressibility)",
+    )
+
+
+def _validate_algorithm(cfg: TrainConfig) -> None:
+    _require(
+        cfg.atrain_algorithm in ALGORITHMS,
+        f"--atrain_algorithm {cfg.atrain_algorithm!r} is unknown; valid values: {', '.join(ALGORITHMS)}",
+    )
+    _require(
+        cfg.atrain_nft_rollout in NFT_ROLLOUTS,
+        f"--atrain_nft_rollout {cfg.atrain_nft_rollout!r} is unknown; valid values: {', '.join(NFT_ROLLOUTS)}",
+    )
+    _require(
+        cfg.atrain_nft_decay_type in DECAY_SCHEDULES,
+        f"--atrain_nft_decay_type {cfg.atrain_nft_decay_type} is unknown; valid values: "
+        f"{', '.join(map(str, DECAY_SCHEDULES))}",
+    )
+    _require(
+        cfg.clip_range_high is None or (math.isfinite(cfg.clip_range_high) and cfg.clip_range_high > 0),
+        f"--clip_range_high (ATRAIN_GRPOGUARD_HIGHCLIP_RANGE) must be a finite number > 0, got {cfg.clip_range_high}",
+    )
+    _require(
+        math.isfinite(cfg.atrain_nft_beta) and 0 < cfg.atrain_nft_beta <= 1,
+        f"--atrain_nft_beta (ATRAIN_NFT_BETA) must be in (0, 1] (the paper uses 0.1-1), got {cfg.atrain_nft_beta}",
+    )
+    _require(
+        math.isfinite(cfg.atrain_nft_adv_clip_range) and cfg.atrain_nft_adv_clip_range > 0,
+        f"--atrain_nft_adv_clip_range (ATRAIN_NFT_ADV_CLIP_RANGE) must be a finite number > 0, got "
+        f"{cfg.atrain_nft_adv_clip_range}",
+    )
+    _require(
+        cfg.atrain_algorithm == "diffusionnft" or not cfg.atrain_nft_off_policy,
+        f"--atrain_nft_off_policy is DiffusionNFT's; add --atrain_algorithm diffusionnft or drop it (the run uses "
+        f"{cfg.atrain_algorithm})",
+    )
+    _require(
+        cfg.atrain_algorithm != "diffusionnft" or cfg.rollout_n >= 2,
+        f"--atrain_algorithm diffusionnft compares images of one prompt (per-prompt mean) and needs --rollout_n >= 2, "
+        f"got {cfg.rollout_n}",
     )
 
 
@@ -607,12 +743,39 @@ def deployment_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return values
 
 
+def algorithm_env(environ: Mapping[str, str] | None = None) -> dict[str, float]:
+    """Flag defaults from the original's algorithm knobs (``ATRAIN_NFT_BETA``, ...) set in the
+    environment, and a notice for each of its switches that have no meaning here."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for var, name in ALGORITHM_ENV_FIELDS.items():
+        if environ.get(var):
+            try:
+                values[name] = float(environ[var])
+            except ValueError:
+                raise ConfigError(f"{var}={environ[var]!r} is not a number (it is the default of --{name})") from None
+    for var, note in ALGORITHM_ENV_NOTICES.items():
+        if environ.get(var):
+            log.info("%s=%s has no effect: %s", var, environ[var], note)
+    return values
+
+
+class _RecordGiven(argparse.Action):
+    """Stores the value and remembers that the flag was on the command line (to log its source)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.__dict__.setdefault("_given", set()).add(self.dest)
+
+
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """One ``--flag`` per `TrainConfig` field; env-backed flags default to their environment variable."""
     parser = _Parser(
         prog="deepgen_trainer", description="MR-GRPO training of DeepGen 1.0.", formatter_class=DefaultsHelpFormatter
     )
-    env = deployment_env(environ)
+    env = deployment_env(environ) | algorithm_env(environ)
     hints = get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         default = env.get(f.name, f.default)
@@ -629,6 +792,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
             parser.add_argument(f"--{f.name}", type=_report_to, default=default, help=help_text)
         elif f.name == "reward_funcs":  # the original's nargs="+"; commas also separate
             parser.add_argument(f"--{f.name}", nargs="+", default=default, help=help_text)
+        elif f.name in ALGORITHM_ENV_FIELDS.values():
+            parser.add_argument(f"--{f.name}", type=kind, default=default, help=help_text, action=_RecordGiven)
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=default, help=help_text)
     original_flags.add_original_flags(parser)
@@ -644,6 +809,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         namespace.reward_funcs = tuple(
             n.strip() for part in namespace.reward_funcs for n in part.split(",") if n.strip()
         )
+    given_algorithm = namespace.__dict__.pop("_given", set())
     given = original_flags.pop_original_flags(namespace)
     values = vars(namespace)
     values |= {name: original_urls.with_scheme(values[name]) for name in URL_FIELDS if values[name]}
@@ -656,7 +822,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     if (os.environ if environ is None else environ).get("RANK", "0") == "0":  # one line per run, not per rank
         for notice in [*notices, *report_notices]:
             logging.getLogger(__name__).info("%s", notice)
-    return TrainConfig(**{**values, **overrides})
+    cfg = TrainConfig(**{**values, **overrides})
+    _log_algorithm_sources(cfg, given_algorithm, os.environ if environ is None else environ)
+    return cfg
 
 
 def lr_scheduler_types() -> tuple[str, ...]:
@@ -704,6 +872,20 @@ def _keep_limit(value: str) -> int | None:
     """``--save_total_limit``: -1 (the original's default) or 0 keeps every checkpoint, as in HF's Trainer."""
     limit = int(value)
     return None if limit <= 0 else limit
+
+
+def _log_algorithm_sources(cfg: TrainConfig, given: set[str], environ: Mapping[str, str]) -> None:
+    """One line: each algorithm knob's value and where it came from (command line, environment, default)."""
+    parts = []
+    for var, name in ALGORITHM_ENV_FIELDS.items():
+        if name in given:
+            source = "command line" + (f", over {var}={environ[var]}" if environ.get(var) else "")
+        elif environ.get(var):
+            source = f"env {var}"
+        else:
+            source = "default"
+        parts.append(f"--{name} {getattr(cfg, name)} ({source})")
+    log.info("algorithm %s: %s", cfg.atrain_algorithm, ", ".join(parts))
 
 
 def _report_to(value: str | Sequence[str]) -> tuple[str, ...]:

@@ -37,6 +37,7 @@ from deepgen_trainer.data.sftaux import SftAuxLoader, load_sftaux_data
 from deepgen_trainer.data.sftaux_mmengine import load_mmengine_sftaux
 from deepgen_trainer.engine.distributed import World
 from deepgen_trainer.engine.optim import Updater, build_updater
+from deepgen_trainer.engine.sampling_policy import SamplingPolicy
 from deepgen_trainer.evaluation.evaluate import EvalPlan
 from deepgen_trainer.model.deepgen import DEEPGEN_ONLY_PREFIXES, NEGATIVE_PROMPT, Conditioning, DeepGen
 from deepgen_trainer.observe.flops import DeepGenShape
@@ -77,6 +78,7 @@ class Run:
     window: MetricWindow | None = None
     grad_parts: GradParts | None = None
     shape: DeepGenShape | None = None
+    sampling_policy: SamplingPolicy | None = None  # DiffusionNFT --atrain_nft_off_policy: v_old, the rollout's DiT
 
 
 def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
@@ -90,6 +92,9 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     reference = None
     if cfg.beta > 0:  # the KL reference: a frozen copy of the initial DiT
         reference = copy.deepcopy(model.transformer).requires_grad_(False).eval()
+    sampling_policy = None
+    if cfg.atrain_algorithm == "diffusionnft" and cfg.atrain_nft_off_policy:  # copied before DeepSpeed wraps the DiT
+        sampling_policy = SamplingPolicy(model)
     remote = {name: reward_url(cfg, name) for name in reward_names if name in REWARD_URL_ENV}
     wait_for_reward_services({n: u for n, u in remote.items() if u}, cfg.reward_ready_timeout)
     scorer = RewardScorer({name: _reward(name, cfg, world) for name in reward_names})
@@ -139,6 +144,11 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
             apply_rng(ckpt.rng)
         start_step = ckpt.step
         log.info("resumed from %s at step %d", resume, start_step)
+    if sampling_policy is not None and start_step > 0:
+        sampling_policy.soft_update(updater.trainable_state(is_main=True), 0.0)
+        log.warning(
+            "diffusionnft off-policy: the sampling copy of the DiT restarts at the resumed DiT (not checkpointed)"
+        )
 
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     if world.is_main:
@@ -146,6 +156,8 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     tracker = build_tracker(cfg, world.rank)
     eval_client, eval_plans = evaluation_plans(cfg)
     uncond = model.encode_prompts([NEGATIVE_PROMPT]) if cfg.cfg_scale > 0 else None
+    for note in cfg.algorithm_notices():
+        log.info("%s", note)
     log.info(
         "training %d steps from step %d: %d prompts × %d images per rank, %d ranks, rewards %s, DiT %.3g M parameters",
         total_steps, start_step, cfg.prompts_per_rank_for(world.world_size), cfg.rollout_n, world.world_size,
@@ -156,6 +168,7 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
         eval_plans, start_step, total_steps, uncond, ema, window=MetricWindow(cfg.logging_steps),
         grad_parts=component_grad_parts(cfg, model),
         shape=DeepGenShape.from_model(model) if cfg.log_tflops else None,
+        sampling_policy=sampling_policy,
     )  # fmt: skip
 
 

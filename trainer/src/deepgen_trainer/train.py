@@ -8,7 +8,8 @@ One step, on every rank, in the order of `train()`:
 2. rewards: wait for the scores, an (N, K) matrix with NaN for failed / not-applicable entries;
 3. advantages (`--atrain_adv_type`, per-dataset reward weights; missing rewards are neutral);
 4. policy update (`update_policy`): `num_train_timesteps` random SDE steps (never the last), every
-   training micro-batch: clipped ratio loss + β·KL against the frozen initial DiT, one backward each;
+   training micro-batch: clipped ratio loss + β·KL against the frozen initial DiT, one backward each
+   (`--atrain_algorithm grpoguard`: after RatioNorm; `diffusionnft`: the forward-process loss);
 5. SFT auxiliary loss on one image-caption batch (`--sftaux_dataset_config`), in the last backward;
 6. `--optimizer_steps_per_rollout` optimizer steps (1 by default) over consecutive chunks of the
    trained timesteps (`--step_per_backward` emulates the reference's step after every backward);
@@ -29,7 +30,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,14 @@ import torch
 from tqdm import tqdm
 
 from deepgen_trainer.algorithms.advantages import clamp_fraction, compute_advantages, weighted_reward_sum
+from deepgen_trainer.algorithms.diffusion_nft import (
+    forward_noised,
+    nft_loss,
+    old_policy_decay,
+    optimality_probability,
+    velocity_kl,
+)
+from deepgen_trainer.algorithms.grpo_guard import grpo_guard_loss, guard_metrics
 from deepgen_trainer.algorithms.policy_loss import (
     approx_kl,
     clipped_policy_loss,
@@ -95,9 +104,10 @@ def train(cfg: TrainConfig, world: World | None = None, model: DeepGen | None = 
             rewards: RewardBatch = run.scorer.gather(rollout.pending)
 
             # 3. advantages
+            global_stats = cfg.global_adv_stats or cfg.atrain_algorithm == "diffusionnft"  # NFT: a global std
             advantages = compute_advantages(
-                cfg.atrain_adv_type, rewards.rewards, rollout.weights, cfg.rollout_n, eps=cfg.adv_eps,
-                clip=cfg.adv_clip, all_gather=world.all_gather_cat if cfg.global_adv_stats else None,
+                cfg.advantage_type, rewards.rewards, rollout.weights, cfg.rollout_n, eps=cfg.adv_eps,
+                clip=cfg.adv_clip, all_gather=world.all_gather_cat if global_stats else None,
             ).to(world.device)  # fmt: skip
 
             if cfg.log_images_interval and step % cfg.log_images_interval == 0 and world.is_main:
@@ -178,7 +188,9 @@ class Rollout:
     cond: the N conditionings; latents: (T + 1, N, C, h, w) float32; old_log_probs: (T, N) float32
     under the generating policy; sigmas: (T + 1,) grid; pending: the reward micro-batches in flight;
     generator: the step's RNG, which continues into the update (SFT noise); policy_version: optimizer
-    steps taken when it was generated; sampler_state: the prompt sampler before this batch was drawn.
+    steps taken when it was generated; sampler_state: the prompt sampler before this batch was drawn;
+    old_means: (len(mean_steps), N, C, h, w) float32, the step means μ_old of the trained steps
+    `mean_steps` (GRPO-Guard only, else None).
     """
 
     prompts: list[str]
@@ -193,6 +205,8 @@ class Rollout:
     sampler_state: dict[str, Any]
     seconds: float
     first_group: torch.Tensor | None = None  # uint8 (rollout_n, H, W, 3), the first prompt's images
+    old_means: torch.Tensor | None = None
+    mean_steps: list[int] = field(default_factory=list)
 
 
 def generate(run: Run, step: int) -> Rollout:
@@ -213,11 +227,14 @@ def generate(run: Run, step: int) -> Rollout:
     trajectories, pending = [], []
     first_group = None
     mb = cfg.rollout_micro_batch_size
+    # GRPO-Guard keeps μ_old of the steps the update will train; DiffusionNFT off-policy samples with its copy.
+    mean_steps = trained_steps(cfg, step) if cfg.atrain_algorithm == "grpoguard" else []
+    policy = run.sampling_policy or model
     for s in range(0, len(prompts), mb):
         trajectory = sde_rollout(
-            model, noise[s : s + mb], cond[s : s + mb], model.sigmas(cfg.num_inference_steps),
-            cfg.atrain_sde_sampler, cfg.sde_eta, cfg_scale=cfg.cfg_scale, uncond=run.uncond, generator=g,
-            exact_logprob=cfg.exact_logprob, min_std=cfg.logprob_min_std,
+            policy, noise[s : s + mb], cond[s : s + mb], model.sigmas(cfg.num_inference_steps),
+            cfg.atrain_sde_sampler, cfg.rollout_eta, cfg_scale=cfg.cfg_scale, uncond=run.uncond, generator=g,
+            exact_logprob=cfg.scores_exact_logprob, min_std=cfg.logprob_min_std, keep_means=mean_steps,
         )  # fmt: skip
         trajectories.append(trajectory)
         images = to_uint8(model.decode(trajectory.final))
@@ -232,20 +249,21 @@ def generate(run: Run, step: int) -> Rollout:
         sigmas=trajectories[0].sigmas, pending=pending, generator=g,
         policy_version=run.updater.optimizer_steps, sampler_state=sampler_state,
         seconds=time.perf_counter() - t0, first_group=first_group,
+        old_means=torch.cat([t.means for t in trajectories], dim=1) if mean_steps else None, mean_steps=mean_steps,
     )  # fmt: skip
 
 
 def update_policy(run: Run, rollout: Rollout, advantages: torch.Tensor, step: int) -> tuple[_Mean, float]:
-    """Clipped policy loss (+ β·KL) on `num_train_timesteps` random SDE steps (never the last,
-    deterministic one), every training micro-batch, one backward each; the SFT auxiliary loss joins
-    the last backward. The chosen timesteps are split into `optimizer_steps` consecutive chunks with
-    one optimizer step each (Flow-GRPO uses 2), so from the second on the ratios move off 1 and
-    clipping acts. Returns the pass statistics and the last gradient norm."""
-    cfg, model = run.cfg, run.model
+    """Policy loss (+ β·KL) on `num_train_timesteps` random SDE steps (never the last, deterministic
+    one), every training micro-batch, one backward each; the SFT auxiliary loss joins the last
+    backward. The loss is `--atrain_algorithm`'s: the clipped ratio (flowgrpo), the same after
+    RatioNorm (grpoguard, `ratio_pass`) or DiffusionNFT's forward-process loss (`nft_pass`). The
+    chosen timesteps are split into `optimizer_steps` consecutive chunks with one optimizer step each
+    (Flow-GRPO uses 2), so from the second on the ratios move off 1 and clipping acts. Returns the
+    pass statistics and the last gradient norm."""
+    cfg, model, updater = run.cfg, run.model, run.updater
     model.train()
-    sigmas, latents, cond = rollout.sigmas, rollout.latents, rollout.cond
-    chosen = torch.randperm(len(sigmas) - 2, generator=torch.Generator().manual_seed(_step_seed(cfg.seed, step, 0)))
-    chosen = chosen[: cfg.num_train_timesteps].tolist()
+    chosen = trained_steps(cfg, step)
     micro = cfg.atrain_micro_batch_size
     passes = [(j, s) for j in chosen for s in range(0, len(rollout.prompts), micro)]
     n_steps = cfg.optimizer_steps(run.world.world_size)
@@ -261,19 +279,20 @@ def update_policy(run: Run, rollout: Rollout, advantages: torch.Tensor, step: in
     )
     if parts is not None:
         parts.start()
+    if cfg.atrain_algorithm == "diffusionnft":
+        r = optimality_probability(advantages, cfg.atrain_nft_adv_clip_range)
+        for name, value in (("mean", r.mean()), ("min", r.min()), ("max", r.max())):
+            stats.add(f"nft/r_{name}", value)
     for i, (j, s) in enumerate(passes):
         sl = slice(s, s + micro)
-        x, x_next = latents[j, sl], latents[j + 1, sl]
-        v = model.velocity(x, sigmas[j].item(), cond[sl], cfg.cfg_scale, run.uncond)
-        _, log_prob, mean, std = sde_step_with_logprob(
-            cfg.atrain_sde_sampler, v, x, sigmas[j].item(), sigmas[j + 1].item(), cfg.sde_eta,
-            prev_sample=x_next, exact_logprob=cfg.exact_logprob, min_std=cfg.logprob_min_std,
-        )  # fmt: skip
-        old = rollout.old_log_probs[j, sl]
-        loss, ratio, clipped = clipped_policy_loss(log_prob, old, advantages[sl], cfg.clip_range)
+        # The one dispatch on the update rule: a per-sample loss, the KL to the reference (None without
+        # one) and which samples the ratio clipped (None for DiffusionNFT, which has no ratio).
+        if cfg.atrain_algorithm == "diffusionnft":
+            loss, kl, clipped = nft_pass(run, rollout, r[sl], j, sl, stats)
+        else:
+            loss, kl, clipped = ratio_pass(run, rollout, advantages[sl], j, sl, stats)
         pieces = [("policy", loss.mean() * grpo_scale)]
-        if run.reference is not None:
-            kl = kl_to_reference(run, x, x_next, v, mean, std, sigmas[j].item(), sigmas[j + 1].item(), cond[sl])
+        if kl is not None:
             pieces.append(("beta_kl", (cfg.beta * kl).mean() * grpo_scale))
             loss = loss + cfg.beta * kl
             stats.add("policy/kl", kl.mean())
@@ -287,14 +306,17 @@ def update_policy(run: Run, rollout: Rollout, advantages: torch.Tensor, step: in
         if (i + 1) % per_step == 0:
             grad_norm = optimizer_step(run)
         stats.add("policy/loss", loss.mean())
-        stats.add("policy/clipfrac", clipped.float().mean())
-        if cfg.optimizer_steps_per_rollout > 1:
-            stats.add(f"policy/clipfrac/opt_step{i // per_step + 1}", clipped.float().mean())
-        stats.add("policy/ratio_mean", ratio.mean())
-        stats.add("policy/approx_kl", approx_kl(log_prob, old))
+        if clipped is not None:
+            stats.add("policy/clipfrac", clipped.float().mean())
+            if cfg.optimizer_steps_per_rollout > 1:
+                stats.add(f"policy/clipfrac/opt_step{i // per_step + 1}", clipped.float().mean())
     if parts is not None:
         for name, value in parts.finish(run.world.all_reduce_mean).items():
             stats.add(name, value)
+    if run.sampling_policy is not None:  # DiffusionNFT off-policy: the sampling copy follows the trained DiT
+        decay = old_policy_decay(step, cfg.atrain_nft_decay_type)
+        run.sampling_policy.soft_update(updater.trainable_state(is_main=True), decay)
+        stats.add("nft/old_decay", decay)
     return stats, grad_norm
 
 
@@ -312,12 +334,80 @@ def backward(run: Run, pieces: list[tuple[str, torch.Tensor]], parts: GradParts 
             loss.backward(retain_graph=k < len(pieces) - 1)  # the policy and β·KL pieces share a graph
 
 
+def trained_steps(cfg: TrainConfig, step: int) -> list[int]:
+    """The step's `num_train_timesteps` SDE step indices (never the last), drawn from the run seed and
+    the step alone: every rank, and the rollout that keeps GRPO-Guard's μ_old, draws the same."""
+    g = torch.Generator().manual_seed(_step_seed(cfg.seed, step, 0))
+    return torch.randperm(cfg.num_inference_steps - 1, generator=g)[: cfg.num_train_timesteps].tolist()
+
+
+def ratio_pass(
+    run: Run, rollout: Rollout, advantages: torch.Tensor, j: int, sl: slice, stats: _Mean
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """flowgrpo and grpoguard on step j of the micro-batch `sl`: recompute v_θ (with grad), score the
+    stored transition with the same sampler, clip the ratio (GRPO-Guard: after RatioNorm, weighted
+    by 1/(−dt), metrics per noise bucket). Returns the per-sample loss, KL (or None) and clip mask."""
+    cfg, model = run.cfg, run.model
+    sigma, sigma_next = rollout.sigmas[j].item(), rollout.sigmas[j + 1].item()
+    x, x_next, cond = rollout.latents[j, sl], rollout.latents[j + 1, sl], rollout.cond[sl]
+    v = model.velocity(x, sigma, cond, cfg.cfg_scale, run.uncond)
+    _, log_prob, mean, std = sde_step_with_logprob(
+        cfg.atrain_sde_sampler, v, x, sigma, sigma_next, cfg.sde_eta, prev_sample=x_next,
+        exact_logprob=cfg.scores_exact_logprob, min_std=cfg.logprob_min_std,
+    )  # fmt: skip
+    old = rollout.old_log_probs[j, sl]
+    if cfg.atrain_algorithm == "grpoguard":
+        assert rollout.old_means is not None, "a GRPO-Guard rollout keeps the trained steps' means"
+        old_mean = rollout.old_means[rollout.mean_steps.index(j), sl]
+        guard = grpo_guard_loss(
+            log_prob, old, mean, old_mean, std, sigma_next - sigma, advantages, cfg.clip_range, cfg.clip_range_high
+        )
+        loss, ratio, clipped = guard.loss, guard.ratio, guard.clipped
+        for name, value in guard_metrics(guard, sigma).items():
+            stats.add(name, value)
+    else:
+        loss, ratio, clipped = clipped_policy_loss(log_prob, old, advantages, cfg.clip_range, cfg.clip_range_high)
+    stats.add("policy/ratio_mean", ratio.mean())
+    stats.add("policy/approx_kl", approx_kl(log_prob, old))
+    kl = None
+    if run.reference is not None:
+        kl = kl_to_reference(run, x, x_next, v, mean, std, sigma, sigma_next, cond)
+    return loss, kl, clipped
+
+
+def nft_pass(
+    run: Run, rollout: Rollout, r: torch.Tensor, j: int, sl: slice, stats: _Mean
+) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+    """diffusionnft at step j's noise level t = σ_j for the micro-batch `sl`: fresh noise per sample on
+    the final clean latent, x_t = (1 − t)·x0 + t·ε; v_θ (with grad) against v_old (the sampling copy
+    off-policy, v_θ detached on-policy) weighted by the optimality probabilities r. Returns the
+    per-sample loss, the KL mean((v_θ − v_ref)²) (or None) and None (no ratio to clip)."""
+    cfg, model, g = run.cfg, run.model, rollout.generator
+    t, x0, cond = rollout.sigmas[j].item(), rollout.latents[-1, sl], rollout.cond[sl]
+    x_t = forward_noised(x0, torch.randn(x0.shape, generator=g, device=g.device).to(x0.device), t)
+    v = model.velocity(x_t, t, cond, cfg.cfg_scale, run.uncond)
+    if run.sampling_policy is not None:
+        v_old = run.sampling_policy.velocity(x_t, t, cond, cfg.cfg_scale, run.uncond)
+    else:
+        v_old = v.detach()
+    out = nft_loss(v, v_old, x_t, x0, t, r, cfg.atrain_nft_beta)
+    stats.add("nft/positive_loss", out.positive.mean())
+    stats.add("nft/negative_loss", out.negative.mean())
+    kl = None
+    if run.reference is not None:
+        with torch.no_grad():
+            v_ref = model.velocity(x_t, t, cond, cfg.cfg_scale, run.uncond, dit=run.reference)
+        kl = velocity_kl(v, v_ref)
+    return out.loss, kl, None
+
+
 def initial_noise(model: DeepGen, cfg: TrainConfig, n_prompts: int, generator: torch.Generator) -> torch.Tensor:
     """(n_prompts · rollout_n, C, h, w): with `--init_same_noise` the images of a group share one noise,
-    so their differences come from the SDE noise alone."""
+    so their differences come from the SDE noise alone (never under DiffusionNFT: see
+    `TrainConfig.shared_initial_noise`)."""
     shape = model.latent_shape(cfg.image_height, cfg.image_width)
     n = cfg.rollout_n
-    if cfg.init_same_noise:
+    if cfg.shared_initial_noise:
         noise = torch.randn((n_prompts, *shape), generator=generator, device=generator.device)
         return noise.repeat_interleave(n, dim=0)
     return torch.randn((n_prompts * n, *shape), generator=generator, device=generator.device)

@@ -19,9 +19,10 @@ _KL_STD_FLOOR = 1e-7
 
 
 def clipped_policy_loss(
-    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float, clip_range_high: float | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """PPO clipped surrogate: loss = max(−A·r, −A·clip(r, 1 − c, 1 + c)), r = exp(log p − log p_old).
+    """PPO clipped surrogate: loss = max(−A·r, −A·clip(r, 1 − c, 1 + c_high)), r = exp(log p − log p_old),
+    c_high = c unless ``clip_range_high`` is given (asymmetric clipping).
 
     ``old_log_prob`` must be float32 or float64: with c = 1e-4 (``--clip_range``) the ratio is
     compared against 1 ± 1e-4, and the reference kept old log-probs in bf16, whose rounding error
@@ -38,19 +39,21 @@ def clipped_policy_loss(
         old_log_prob: (B,) float32/float64 log-probs recorded at rollout.
         advantages: (B,).
         clip_range: c > 0.
+        clip_range_high: c_high > 0 (default c).
 
     Returns:
         loss: (B,) per-sample loss, dtype of the promoted inputs (>= float32).
         ratio: (B,) r, same dtype.
-        clipped: (B,) bool, r outside [1 − c, 1 + c] (``policy/clipfrac`` is its mean).
+        clipped: (B,) bool, r outside [1 − c, 1 + c_high] (``policy/clipfrac`` is its mean).
     """
     if old_log_prob.dtype not in (torch.float32, torch.float64):
         raise TypeError(
             f"old_log_prob must be float32 or float64, got {old_log_prob.dtype}: keep rollout log-probs in "
             "float32 (bf16 rounding is ~20x the 1e-4 clip range)"
         )
-    if not clip_range > 0:
-        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    high = clip_range if clip_range_high is None else clip_range_high
+    if not (clip_range > 0 and high > 0):
+        raise ValueError(f"clip_range must be > 0 and clip_range_high > 0, got {clip_range} and {clip_range_high}")
     if not log_prob.shape == old_log_prob.shape == advantages.shape:
         raise ValueError(
             f"log_prob {tuple(log_prob.shape)}, old_log_prob {tuple(old_log_prob.shape)} and advantages "
@@ -59,7 +62,7 @@ def clipped_policy_loss(
     dtype = torch.promote_types(torch.promote_types(log_prob.dtype, old_log_prob.dtype), torch.float32)
     ratio = torch.exp(log_prob.to(dtype) - old_log_prob.to(dtype))
     adv = advantages.detach().to(dtype)
-    low, high = 1.0 - clip_range, 1.0 + clip_range
+    low, high = 1.0 - clip_range, 1.0 + high
     loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(low, high))
     clipped = (ratio < low) | (ratio > high)
     return loss, ratio, clipped

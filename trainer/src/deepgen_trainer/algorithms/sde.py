@@ -35,8 +35,11 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 # `sde_step_with_logprob`). Measured with benchmarks/bench_logprob_scale.py (exact log-prob, η = 1):
 # cps_sde's step to σ' = 0.0089 takes 94% of the summed per-step gradient norms at 8 steps (an even
 # share is 14%) and 30% at 50 (even 2%), and its v-based KL is ~6,000× the median step's; with the
-# floor at 0.1: 11% and 0.4%, KL 48×. 0.05 leaves it at 33% at 8 steps. dance_sde never reaches the
-# floor on these grids; flowgrpo_sde does on its last steps at 50 (their share 14% → 6%).
+# floor at 0.1: 11% and 0.4%, KL 48×. 0.05 leaves it at 33% at 8 steps. The floor applies only where
+# the noise level itself is below it (σ' < min_std), the steps whose std collapses with σ' → 0: cps_sde's
+# and flowgrpo_sde's last two at 50 steps (flowgrpo_sde's share 14% → 6%). A step with σ' ≥ min_std
+# keeps its exact std however small: dance_sde's std η·√(−dt) does not shrink with σ', and its first
+# 13 of 50 steps at η = 1 (√(−dt) = 0.083-0.099, the shifted grid is dense near σ = 1) are exact.
 LOGPROB_MIN_STD = 0.1
 # flowgrpo_sde divides by 1 − σ (σ' on the first step, where σ = 1). A zero-length first step
 # (σ = σ' = 1) would divide by 0; flooring the denominator keeps it finite, and dt = 0 then makes the
@@ -87,9 +90,13 @@ def sde_step_with_logprob(
     with a tiny but non-zero std dominates the policy gradient, and the KL penalty divides by 2·std²
     too. cps_sde has one such step: the grid's last positive σ' is the scheduler's smallest sigma
     (e.g. ..., 0.34, 0.0089, 0 for 8 steps), so the step before the last has std ≈ 0.009 while it
-    hardly changes the image. ``min_std`` scores every stochastic step with max(std, min_std):
-    x' − μ = std·ε stays small, so that step's gradient shrinks to std·ε/min_std² instead of ε/std.
-    The trainer passes ``LOGPROB_MIN_STD`` by default (``--logprob_min_std``).
+    hardly changes the image. ``min_std`` scores such a step with max(std, min_std): x' − μ = std·ε
+    stays small, so that step's gradient shrinks to std·ε/min_std² instead of ε/std. The floor applies
+    only to the steps that land below it, σ' < min_std, where the std collapses with σ' → 0 (cps_sde:
+    s = σ'·sin(ηπ/2); flowgrpo_sde: std_t ∝ √σ). Every step with σ' ≥ min_std is scored with its exact
+    std, however small: a small std there is a normal part of the grid (dance_sde at 50 steps, η = 1:
+    √(−dt) = 0.083-0.099 on its first 13 steps; any sampler at small η). The trainer passes
+    ``LOGPROB_MIN_STD`` by default (``--logprob_min_std``).
 
     Args:
         sampler: one of ``SAMPLERS``.
@@ -105,14 +112,15 @@ def sde_step_with_logprob(
             every device.
         exact_logprob: cps_sde only: exact Gaussian log-density instead of the simplified score.
         min_std: floor on the std that scores the transition (log-prob and returned std), on
-            stochastic steps only; sampling keeps the true std. See "Small noise" above.
+            stochastic steps with σ' < min_std only; sampling keeps the true std. See "Small noise".
 
     Returns:
         prev_sample: x_{σ'}, (B, C, H, W), compute dtype (sampled, or the given one cast).
         log_prob: (B,), compute dtype, the per-element log-density averaged over C·H·W.
         prev_sample_mean: μ, (B, C, H, W), compute dtype (carries the gradient of ``velocity``).
         std: (B,), compute dtype, the transition's standard deviation floored at ``min_std`` (the
-            noise scale s of the log-prob and of the KL penalty); 0 on deterministic steps.
+            noise scale s of the log-prob and of the KL penalty) where σ' < min_std; 0 on
+            deterministic steps.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
@@ -149,7 +157,9 @@ def sde_step_with_logprob(
     else:
         prev_sample = prev_sample.to(dtype)
     simplified = sampler == "cps_sde" and not exact_logprob
-    score_std = torch.where(std > 0, std.clamp_min(min_std), 0.0)
+    # The floor only where the std collapses with the noise level (σ' < min_std), never elsewhere.
+    collapsing = (std > 0) & (sig_next < min_std)
+    score_std = torch.where(collapsing, std.clamp_min(min_std), std)
     log_prob = _log_prob(prev_sample.detach(), mean, score_std, simplified)
     return prev_sample, log_prob, mean, score_std
 

@@ -1,0 +1,51 @@
+"""DiffusionNFT's sampling policy for ``--atrain_nft_off_policy``: a soft-updated copy of the DiT.
+
+The copy generates the rollouts and gives v_old in the loss; after every training step it moves
+towards the trained DiT, v_old ← d·v_old + (1 − d)·v_θ, with the paper's decay schedule
+(`algorithms.diffusion_nft.old_policy_decay`). The original trainer took its "old" policy from an EMA
+whose update never ran (the initial DiT for the whole run) and rolled out with the current weights;
+here the policy that samples is the one the loss calls old.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deepgen_trainer.model.deepgen import DeepGen
+
+
+class SamplingPolicy:
+    """A frozen copy of `model`'s DiT, soft-updated towards the trained one; `velocity` runs `model`
+    with it, so it can stand in for the model in `algorithms.rollout.sde_rollout`."""
+
+    def __init__(self, model: DeepGen) -> None:
+        self.model = model
+        self.dit = copy.deepcopy(model.transformer).requires_grad_(False).eval()
+        self.decay = 0.0
+
+    def velocity(
+        self, latents: Tensor, sigma: float | Tensor, cond: Any, cfg_scale: float = 0.0, uncond: Any = None
+    ) -> Tensor:
+        """v_old (B, C, h, w) at `latents`, as `DeepGen.velocity` with this DiT; no gradient."""
+        with torch.no_grad():
+            return self.model.velocity(latents, sigma, cond, cfg_scale, uncond, dit=self.dit)
+
+    @torch.no_grad()
+    def soft_update(self, state: Mapping[str, Tensor], decay: float) -> None:
+        """v_old ← decay·v_old + (1 − decay)·θ for every floating-point entry of the trained DiT's
+        full state dict `state` (`Updater.trainable_state(is_main=True)`, on every rank)."""
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        own = self.dit.state_dict()
+        missing = [k for k, v in own.items() if v.is_floating_point() and k not in state]
+        if missing:
+            raise KeyError(f"sampling policy update: the DiT state lacks {missing[:5]} ({len(missing)} keys)")
+        for key, value in own.items():
+            if value.is_floating_point():
+                value.lerp_(state[key].to(value.device, value.dtype), 1.0 - decay)
+        self.decay = decay

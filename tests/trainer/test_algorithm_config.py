@@ -59,11 +59,18 @@ def test_a_bad_env_knob_names_the_variable_and_switches_without_meaning_get_a_no
     )
 
 
+def test_an_nft_flag_without_diffusionnft_has_no_effect_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    # The original accepts --atrain_nft_off_policy with any algorithm; it only acts under diffusionnft.
+    with caplog.at_level(logging.INFO, logger="deepgen_trainer"):
+        cfg = parse_args(["--atrain_nft_off_policy"], environ={})
+    assert cfg.atrain_algorithm == "flowgrpo"
+    assert "--atrain_nft_off_policy has no effect with --atrain_algorithm flowgrpo" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("argv", "fix"),
     [
         (["--atrain_algorithm", "ppo"], "valid values: flowgrpo, grpoguard, diffusionnft"),
-        (["--atrain_nft_off_policy"], "add --atrain_algorithm diffusionnft"),
         (["--clip_range_high", "-1"], "--clip_range_high .* must be a finite number > 0"),
         (["--atrain_algorithm", "diffusionnft", "--atrain_nft_adv_clip_range", "0"], "must be a finite number > 0"),
         (["--atrain_nft_decay_type", "3"], "valid values: 1, 2"),

@@ -677,11 +677,6 @@ def _validate_algorithm(cfg: TrainConfig) -> None:
         f"{cfg.atrain_nft_adv_clip_range}",
     )
     _require(
-        cfg.atrain_algorithm == "diffusionnft" or not cfg.atrain_nft_off_policy,
-        f"--atrain_nft_off_policy is DiffusionNFT's; add --atrain_algorithm diffusionnft or drop it (the run uses "
-        f"{cfg.atrain_algorithm})",
-    )
-    _require(
         cfg.atrain_algorithm != "diffusionnft" or cfg.rollout_n >= 2,
         f"--atrain_algorithm diffusionnft compares images of one prompt (per-prompt mean) and needs --rollout_n >= 2, "
         f"got {cfg.rollout_n}",
@@ -886,6 +881,9 @@ def _log_algorithm_sources(cfg: TrainConfig, given: set[str], environ: Mapping[s
             source = "default"
         parts.append(f"--{name} {getattr(cfg, name)} ({source})")
     log.info("algorithm %s: %s", cfg.atrain_algorithm, ", ".join(parts))
+    if cfg.atrain_nft_off_policy and cfg.atrain_algorithm != "diffusionnft":
+        log.info("--atrain_nft_off_policy has no effect with --atrain_algorithm %s (it is DiffusionNFT's)",
+                 cfg.atrain_algorithm)  # fmt: skip
 
 
 def _report_to(value: str | Sequence[str]) -> tuple[str, ...]:

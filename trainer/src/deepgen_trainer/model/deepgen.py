@@ -284,12 +284,18 @@ class DeepGen(nn.Module):
     def _dit(self, latents: Tensor, sigma: Tensor, cond: Conditioning, dit: SD3Transformer2DModel | None) -> Tensor:
         dit = self.transformer if dit is None else dit
         dtype = dit.dtype
+        # No mask when no row is padded: the masked and unmasked attention are then equal, and SDPA only
+        # takes its flash kernel without a mask.
+        mask = None if bool(cond.mask.all()) else cond.mask
         return dit(
             hidden_states=latents.to(dtype),
             encoder_hidden_states=cond.prompt_embeds.to(dtype),
             pooled_projections=cond.pooled.to(dtype),
-            timestep=(sigma * 1000.0).to(dtype),
-            joint_attention_kwargs={"encoder_attention_mask": cond.mask},
+            # float32, as diffusers' SD3 pipeline passes it: the sinusoidal embedding is computed from it
+            # in float32 and cast to the DiT's dtype after. A bf16 timestep moves 28 of the 50 default
+            # grid's values by more than 0.5 (up to 1.94), turning the fast channels' phase.
+            timestep=(sigma * 1000.0).float(),
+            joint_attention_kwargs={"encoder_attention_mask": mask},
             return_dict=False,
         )[0]
 

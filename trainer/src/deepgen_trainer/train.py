@@ -9,7 +9,7 @@ One step, on every rank, in the order of `train()`:
 3. advantages (`--atrain_adv_type`, per-dataset reward weights; missing rewards are neutral);
 4. policy update (`update_policy`): `num_train_timesteps` random SDE steps (never the last), every
    training micro-batch: clipped ratio loss + β·KL against the frozen initial DiT, one backward each;
-5. SFT auxiliary loss on one image-caption batch (`--sftaux_dataset_config`), in the last backward;
+5. SFT auxiliary loss on one image-caption batch (`--sftaux_dataset_config`), its own backward before the last;
 6. `--optimizer_steps_per_rollout` optimizer steps (1 by default) over consecutive chunks of the
    trained timesteps (`--step_per_backward` emulates the reference's step after every backward);
 7. evaluate every `--eval_freq` (the DiT's EMA with `--eval_with_ema`), log, checkpoint every
@@ -250,7 +250,7 @@ def update_policy(run: Run, rollout: Rollout, advantages: torch.Tensor, step: in
         total = loss.mean() * grpo_scale
         if run.sftaux is not None and i == len(passes) - 1:
             sft_loss = sft_auxiliary_loss(model, run.sftaux, micro, rollout.generator)
-            total = total + cfg.sftaux_coef * sft_loss
+            updater.backward_small(cfg.sftaux_coef * sft_loss)  # its own backward: a bf16 sum would drop it
             stats.add("sft/loss", sft_loss)
         updater.backward(total)
         if (i + 1) % per_step == 0:

@@ -67,10 +67,23 @@ def ema_dit(model: DeepGen, ema: DitEma) -> Iterator[None]:
     so a DeepSpeed-wrapped or ZeRO-3-partitioned training DiT is left untouched); the training DiT is
     put back on exit."""
     live = model.transformer
-    dit = SD3Transformer2DModel.from_config(live.config).to(device=model.device, dtype=live.dtype)
-    missing, unexpected = dit.load_state_dict(ema.state_dict(), strict=False)
-    if unexpected or [k for k in missing if dit.state_dict()[k].is_floating_point()]:
+    # Built on the meta device and given the EMA's tensors (assign): no random init of a 2 B-parameter DiT
+    # on the GPU before its weights are replaced anyway.
+    with torch.device("meta"):
+        dit = SD3Transformer2DModel.from_config(live.config)
+    state = {k: v.to(model.device, live.dtype) for k, v in ema.state_dict().items()}
+    live_state = live.state_dict()
+    for key in dit.state_dict().keys() - state.keys():  # entries the EMA does not average (integer buffers)
+        if key in live_state and not live_state[key].is_floating_point():
+            state[key] = live_state[key]
+    missing, unexpected = dit.load_state_dict(state, strict=False, assign=True)
+    if unexpected or missing:
         raise KeyError(f"EMA state does not fit the DiT: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    live_buffers = dict(live.named_buffers())
+    for name, buffer in list(dit.named_buffers()):  # non-persistent buffers (not in any state dict)
+        if buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            dit.get_submodule(owner).register_buffer(attr, live_buffers[name].clone(), persistent=False)
     dit.set_attn_processor(MaskedJointAttnProcessor())
     model.transformer = dit.eval().requires_grad_(False)
     try:

@@ -82,11 +82,11 @@ def train(cfg: TrainConfig, world: World | None = None, model: DeepGen | None = 
             # next one is generated now, while this one is scored (never across a checkpoint: the
             # pipeline drains at save steps, so a resumed run regenerates the next batch exactly).
             rollout = ahead if ahead is not None else generate(run, step)
-            t_rollout = rollout.seconds if ahead is None else 0.0
+            t_rollout, t_local = (rollout.seconds, rollout.local_reward_seconds) if ahead is None else (0.0, 0.0)
             ahead = None
             if cfg.one_step_off_policy and step < run.total_steps and not _saves(run, step):
                 ahead = generate(run, step + 1)
-                t_rollout += ahead.seconds
+                t_rollout, t_local = t_rollout + ahead.seconds, t_local + ahead.local_reward_seconds
 
             # 2. rewards
             rewards: RewardBatch = run.scorer.gather(rollout.pending)
@@ -114,7 +114,8 @@ def train(cfg: TrainConfig, world: World | None = None, model: DeepGen | None = 
                 "adv/clamp_frac": clamp_fraction(advantages, cfg.adv_clip).item(),
                 **stats.means(),
                 "policy/lag": float(lag),
-                "time/rollout": t_rollout,
+                "time/rollout": t_rollout - t_local,  # generation and decoding
+                "time/clip_sim": t_local,  # the in-process rewards, scored as each micro-batch is decoded
                 "time/reward": rewards.wait_s,
                 "time/update": t_update,
                 "time/step": t_step_total,
@@ -161,7 +162,8 @@ class Rollout:
     cond: the N conditionings; latents: (T + 1, N, C, h, w) float32; old_log_probs: (T, N) float32
     under the generating policy; sigmas: (T + 1,) grid; pending: the reward micro-batches in flight;
     generator: the step's RNG, which continues into the update (SFT noise); policy_version: optimizer
-    steps taken when it was generated; sampler_state: the prompt sampler before this batch was drawn.
+    steps taken when it was generated; sampler_state: the prompt sampler before this batch was drawn;
+    seconds: the whole generation, local_reward_seconds: the part spent in in-process rewards (clip_sim).
     """
 
     prompts: list[str]
@@ -175,6 +177,7 @@ class Rollout:
     policy_version: int
     sampler_state: dict[str, Any]
     seconds: float
+    local_reward_seconds: float
 
 
 def generate(run: Run, step: int) -> Rollout:
@@ -193,6 +196,7 @@ def generate(run: Run, step: int) -> Rollout:
     cond = model.encode_prompts(list(batch.prompts)).repeat_interleave(n)
     noise = initial_noise(model, cfg, len(batch.prompts), g)
     trajectories, pending = [], []
+    local_s = 0.0
     mb = cfg.rollout_micro_batch_size
     for s in range(0, len(prompts), mb):
         trajectory = sde_rollout(
@@ -203,14 +207,16 @@ def generate(run: Run, step: int) -> Rollout:
         trajectories.append(trajectory)
         images = to_uint8(model.decode(trajectory.final))
         sl = slice(s, s + mb)
+        t_submit = time.perf_counter()  # submit returns once the in-process rewards have scored
         pending.append(run.scorer.submit(images, prompts[sl], group_ids[sl], weights[sl]))
+        local_s += time.perf_counter() - t_submit
     return Rollout(
         prompts, weights, cond,
         latents=torch.cat([t.latents for t in trajectories], dim=1),
         old_log_probs=torch.cat([t.log_probs for t in trajectories], dim=1),
         sigmas=trajectories[0].sigmas, pending=pending, generator=g,
         policy_version=run.updater.optimizer_steps, sampler_state=sampler_state,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, local_reward_seconds=local_s,
     )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ import torch
 
 from benchmarks.bench_gpu import build_deepgen, model_shape
 from benchmarks.memory_table import items, main
+from tests.helpers import REPO
 
 
 def test_zero2_partitions_the_optimizer_state_and_the_rest_is_per_gpu():
@@ -33,3 +34,9 @@ def test_table_prints_every_item_and_the_totals(capsys: pytest.CaptureFixture[st
     assert "vision tower stays on the CPU" in out
     assert "**total counted**" in out
     assert out in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_readme_holds_the_real_size_table():
+    readme = (REPO / "trainer" / "README.md").read_text(encoding="utf-8")
+    assert main([]) in readme, "rerun python benchmarks/memory_table.py and paste its table into trainer/README.md"

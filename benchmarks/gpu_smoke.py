@@ -12,6 +12,8 @@ Run it first on a new machine, then `make bench-gpu`.
 4. The SFT-aux gradient's share under bf16: 30 policy passes and λ·L_sft (λ = 1e-4) through the trainer's
    `--deepspeed none` updater (float32 masters and accumulation, the term on its own backward); the step's
    gradient must contain λ·∇L_sft (relative error < 5%).
+And one check of the trainer's own GPU path: the EMA's update from GPU weights (a side-stream copy, the
+average in a thread) equals the formula while the weights keep changing.
 
 The model is DeepGen at its real size with random weights (as bench-gpu builds it), or `--model tiny` (the
 CPU test's variant). Exit status 1 when a fact fails its check.
@@ -42,6 +44,7 @@ sys.path.insert(0, str(REPO))  # `benchmarks.bench_gpu` when run as a script
 from benchmarks.bench_gpu import build_deepgen, model_shape  # noqa: E402
 from deepgen_trainer.algorithms.policy_loss import clipped_policy_loss, flow_matching_inputs, flow_matching_loss  # noqa: E402
 from deepgen_trainer.algorithms.sde import sde_step_with_logprob  # noqa: E402
+from deepgen_trainer.checkpoints.ema import DitEma  # noqa: E402
 from deepgen_trainer.config import parse_args  # noqa: E402
 from deepgen_trainer.engine.distributed import World  # noqa: E402
 from deepgen_trainer.engine.optim import TorchUpdater, build_updater  # noqa: E402
@@ -201,11 +204,28 @@ def sft_share(model: DeepGen, args: argparse.Namespace) -> dict:
     return {"passes": args.passes, "share": share, "relative_error": error, "ok": error < 0.05}
 
 
+def ema_update(model: DeepGen, args: argparse.Namespace) -> dict:
+    """The EMA's update from GPU weights (side-stream copy, lerp in a thread) against the formula, with the
+    weights changed right after each update as an optimizer step would."""
+    weight = torch.randn(4096, 1024, device=model.device).to(torch.bfloat16)
+    ema = DitEma({"w": weight}, decay=0.9)
+    naive = weight.float().cpu()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        ema.update({"w": weight})
+        naive.lerp_(weight.float().cpu(), 0.1)
+        weight.add_(1.0)  # the next optimizer step, queued behind the EMA's copy
+    update_s = time.perf_counter() - t0
+    diff = (ema.state_dict()["w"] - naive).abs().max().item()
+    return {"max_abs_diff": diff, "update_s": update_s, "ok": diff < 1e-5}
+
+
 FACTS: dict[str, Callable[[DeepGen, argparse.Namespace], dict]] = {
     "vae_decode": vae_decode,
     "attention_kernels": attention_kernels,
     "rollout_vs_update": rollout_vs_update,
     "sft_share": sft_share,
+    "ema_update": ema_update,
 }
 
 

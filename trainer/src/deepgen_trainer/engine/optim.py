@@ -267,7 +267,8 @@ class DeepSpeedUpdater:
             self.engine.backward(loss, scale_wrt_gas=False)
         else:
             # One dtype: ZeRO-2 keeps only the last backward of a micro-step (measured with DeepSpeed
-            # 0.19.8), so the term joins the next backward; in float32 the sum loses nothing.
+            # 0.19.8; with float32 accumulation ZeRO-2 and ZeRO-3 keep both), so the term joins the next
+            # backward; in float32 the sum loses nothing.
             self._held = loss if self._held is None else self._held + loss
 
     def step(self) -> float:

@@ -65,6 +65,13 @@ def test_place_keeps_the_vision_tower_on_the_cpu() -> None:
     others = [p for name, p in model.named_parameters() if ".visual." not in f".{name}"]
     assert {p.device.type for p in others} == {"meta"}
     assert model.device.type == "meta"
+    # A model built on the accelerator (as bench-gpu builds it) gets its vision tower moved to the CPU.
+    built_elsewhere = build_tiny(seed=0)
+    visual = built_elsewhere.lmm.model.visual
+    moves: list[object] = []
+    visual.to = lambda device: moves.append(device) or visual  # records where `place` sends it
+    built_elsewhere.place("cpu")
+    assert moves == ["cpu"]
 
 
 def test_text_prompts_encode_with_the_vision_tower_elsewhere() -> None:

@@ -341,7 +341,8 @@ class DeepGen(nn.Module):
         try:
             self.to(device)
         finally:
-            self.lmm.model.visual = visual
+            # Back on the CPU also when it was built elsewhere (bench-gpu builds the model on the GPU).
+            self.lmm.model.visual = visual.to("cpu") if visual is not None else None
         return self
 
     def sigmas(self, num_inference_steps: int) -> Tensor:

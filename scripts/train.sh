@@ -59,7 +59,7 @@ check_gpu_layout() {
 		for ((j = i + 1; j < ${#names[@]}; j++)); do
 			[[ "${names[i]}${names[j]}" == UNIFIEDREWARD_GPUSUNIGENBENCH_GPUS && "${JUDGES_SLEEP_MODE:-}" == true ]] && continue
 			shared="$(shared_gpus "${!names[i]}" "${!names[j]}")"
-			[[ -z "$shared" ]] || die "GPU clash: ${names[i]}=${!names[i]} and ${names[j]}=${!names[j]} share GPU $shared; give each its own GPUs in .env (defaults: TRAINER_GPUS=0, UNIFIEDREWARD_GPUS=1, UNIGENBENCH_GPUS=2,3)"
+			[[ -z "$shared" ]] || die "GPU clash: ${names[i]}=${!names[i]} and ${names[j]}=${!names[j]} share GPU $shared; give each its own GPUs in .env (defaults: TRAINER_GPUS=0, UNIFIEDREWARD_GPUS=1, UNIGENBENCH_GPUS=2,3), or point the judge's *_URL elsewhere when it does not run in this stack"
 		done
 	done
 }

@@ -10,7 +10,7 @@ ARGS ?=
 # docker compose v2 when installed, else docker-compose 1.29.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
 
-.PHONY: help setup setup-judges fetch-judge-data test lint format proto pip-ca certs bench-ocr bench-load bench-sde bench-judges bench-train bench-flops bench-gpu bench-learn demo demo-learn \
+.PHONY: help setup setup-judges fetch-judge-data test lint format proto pip-ca certs bench-ocr bench-load bench-sde bench-judges bench-train bench-flops bench-gpu bench-learn gpu-smoke demo demo-learn \
 	train train-local convert eval scale-ocr
 
 help:  ## List the targets
@@ -90,6 +90,9 @@ bench-learn:  ## Compute to reward: FLOPs and wall time each algorithm needs for
 
 bench-gpu:  ## Default training step, DeepGen at real size (random weights) on 1 GPU and on all: img/s/GPU, MFU
 	$(BIN)/python benchmarks/bench_gpu.py
+
+gpu-smoke:  ## First run on a GPU (minutes): VAE batch-32 decode, SDPA kernel, rollout = update velocities, bf16 SFT share
+	$(BIN)/python benchmarks/gpu_smoke.py
 
 demo:  ## Main job on the embedded default: tiny DeepGen MR-GRPO on CPU against a real reward-ocr service; outputs/demo/reward.png
 	$(BIN)/python scripts/demo.py

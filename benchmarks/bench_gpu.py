@@ -11,9 +11,17 @@ Each run is the real loop (`deepgen_trainer.train.train` under torchrun) with th
 prompts × 8 images per GPU at 512², 50 SDE steps of which 30 are trained, KL reference, SFT-aux batch,
 gradient checkpointing, bf16, ZeRO-2 (`--deepspeed zero2`). It runs on one GPU, then on every GPU of
 the machine, and reports per world size: images/s/GPU, the median time of each phase after the warm-up
-steps, peak GPU memory (max over ranks) and MFU / HFU (model FLOPs of flops.py, with and without the
-recompute of checkpointing, over the step time and the accelerator's peak), and the per-GPU throughput
-of every GPU against one GPU.
+steps (clip_sim apart from the rollout it runs in), memory (max over ranks: peak allocated and peak
+reserved by torch's allocator, and the peak the device reports in use, which adds the CUDA context, NCCL's
+buffers and any other process on the GPU) and MFU / HFU (model FLOPs of flops.py, with and without the
+recompute of checkpointing, over the step time and the accelerator's dense bf16 peak: PEAK_TFLOPS by
+device name, else --peak_tflops), and the per-GPU throughput of every GPU against one GPU.
+
+Those rows have no remote reward: their images/s is an upper bound. One more row (on the smallest world
+size; --reward_latency 0 leaves it out) adds a remote reward answering every request after a fixed
+latency (the demo reward service, as `make bench-train` uses it) with `--one_step_off_policy`, which
+scores step t while step t+1 generates. No checkpoint is written (at real size one is ~34 GiB).
+The arguments are checked before torchrun starts; a failed run ends with its worker's own error.
 
 `--depth N` keeps the real widths with N layers in every stack (VLM, vision tower, connector, DiT,
 CLIP towers): the reduced variant that tests/test_bench_gpu.py runs on CPU with small images.
@@ -34,11 +42,11 @@ import json
 import logging
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,8 +64,8 @@ from transformers import (
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `benchmarks.flops` when run as a script
 
+from benchmarks.bench_train import fixed_latency_service  # noqa: E402
 from benchmarks.flops import (  # noqa: E402
-    H100_BF16_DENSE_TFLOPS,
     DeepGenShape,
     StepShape,
     _mrope_section,
@@ -65,7 +73,8 @@ from benchmarks.flops import (  # noqa: E402
     step_flops,
     utilisation,
 )
-from deepgen_trainer.config import TrainConfig, parse_args  # noqa: E402
+from deepgen_trainer import train as train_loop  # noqa: E402
+from deepgen_trainer.config import ConfigError, TrainConfig, parse_args  # noqa: E402
 from deepgen_trainer.engine.distributed import close_world, init_world  # noqa: E402
 from deepgen_trainer.model.deepgen import DeepGen  # noqa: E402
 from deepgen_trainer.model.tiny import QWEN_SPECIAL_TOKENS, build_tiny_tokenizer  # noqa: E402
@@ -75,7 +84,19 @@ from deepgen_trainer.train import train  # noqa: E402
 log = logging.getLogger("bench_gpu")
 
 PROMPTS = REPO / "tests" / "fixtures" / "prompts" / "general.txt"
-PHASES = ("rollout", "reward", "update", "step")
+PHASES = ("rollout", "clip_sim", "reward", "update", "step")
+# Dense bf16 peak TFLOP/s (no sparsity) of the common accelerators, by a pattern of the CUDA device name;
+# the first match wins (the PCIe and NVL H100s before the SXM one). Others: pass --peak_tflops.
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    (r"H100.*PCIe", 756.0),
+    (r"H100.*NVL", 835.0),
+    (r"GH200", 989.0),
+    (r"H100", 989.0),  # SXM (HBM3)
+    (r"H200", 989.0),
+    (r"B200", 2250.0),
+    (r"A100", 312.0),
+    (r"L40S", 362.0),
+)
 # Qwen2.5-VL-3B's vision tower (its output width is the text model's) and CLIP ViT-L/14.
 VISION_DEPTH, VISION_FULL_ATTENTION = 32, (7, 15, 23, 31)
 CLIP_TEXT_LAYERS, CLIP_VISION_LAYERS = 12, 24
@@ -214,10 +235,12 @@ def prompt_tokens(template: str) -> int:
 # ------------------------------------------------------------------------------------------- one run
 
 
-def write_inputs(root: Path, image_size: int, sft_images: int) -> tuple[Path, Path]:
-    """The train YAML (the fixture prompts, clip_sim) and an SFT-aux YAML over generated images."""
+def write_inputs(root: Path, image_size: int, sft_images: int, remote: bool = False) -> tuple[Path, Path]:
+    """The train YAML (the fixture prompts, clip_sim, and the remote reward served as `ocr` when `remote`) and
+    an SFT-aux YAML over generated images."""
     train_yaml = root / "train.yaml"
-    train_yaml.write_text(f"datasets:\n  - name: general\n    path: {PROMPTS}\n    rewards: {{clip_sim: 1.0}}\n")
+    rewards = "{clip_sim: 1.0, ocr: 1.0}" if remote else "{clip_sim: 1.0}"
+    train_yaml.write_text(f"datasets:\n  - name: general\n    path: {PROMPTS}\n    rewards: {rewards}\n")
     sft = root / "sft"
     sft.mkdir(exist_ok=True)
     lines = []
@@ -245,6 +268,7 @@ def trainer_flags(args: argparse.Namespace, root: Path) -> list[str]:
         "--num_inference_steps", str(args.num_inference_steps),
         "--image_height", str(args.image_size), "--image_width", str(args.image_size),
         "--bf16" if args.bf16 else "--no-bf16",
+        *(["--ocr_url", args.reward_url, "--one_step_off_policy"] if args.reward_url else []),
     ]  # fmt: skip
 
 
@@ -254,24 +278,62 @@ def worker(args: argparse.Namespace) -> None:
     root = Path(args.root)
     world = init_world()
     if world.is_main:
-        write_inputs(root, args.image_size, args.atrain_micro_batch_size)
+        write_inputs(root, args.image_size, args.atrain_micro_batch_size, remote=bool(args.reward_url))
         write_random_clip(root / "clip", args.depth)
     if world.distributed:
         torch.distributed.barrier()
-    cfg = parse_args(trainer_flags(args, root), environ={})
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = build_deepgen(model_shape(args.depth), args.depth, world.device, dtype)
-    if world.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(world.device)
     try:
-        train(cfg, world, model=model)
+        cfg = parse_args(trainer_flags(args, root), environ={})
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        model = build_deepgen(model_shape(args.depth), args.depth, world.device, dtype)
+        if world.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(world.device)
+        # No checkpoint: the loop's last step would write one (~34 GiB at real size) before the results.
+        train_loop.checkpoint = lambda run, step: log.info("bench-gpu: checkpoint of step %d not written", step)
+        with DeviceMemory(world.device) as device_memory:
+            train(cfg, world, model=model)
+    except BaseException as exc:  # the parent reports it as the run's reason
+        (root / f"error-rank{world.rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+        raise
     finally:
         close_world(world)
     if world.device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(world.device), "GPU memory allocated (torch)"
+        memory = {
+            "allocated": torch.cuda.max_memory_allocated(world.device),
+            "reserved": torch.cuda.max_memory_reserved(world.device),
+            "device": device_memory.peak,
+        }
     else:
-        peak, kind = _peak_rss_bytes(), "host memory (peak RSS)"
-    (root / f"memory-rank{world.rank}.json").write_text(json.dumps({"peak_bytes": peak, "kind": kind}))
+        memory = {"allocated": None, "reserved": None, "device": _peak_rss_bytes()}
+    (root / f"memory-rank{world.rank}.json").write_text(json.dumps(memory))
+
+
+class DeviceMemory:
+    """The peak memory the GPU reports in use (total − free: the CUDA context, NCCL buffers and other
+    processes included), sampled every 0.2 s from a thread while the block runs. None on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> DeviceMemory:
+        if self.device.type == "cuda":
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.peak = max(self.peak or 0, total - free)
+            if self._stop.wait(0.2):
+                return
 
 
 def _peak_rss_bytes() -> int:
@@ -287,33 +349,41 @@ class Result:
     """One world size's numbers; times are medians over the measured steps, in seconds."""
 
     world_size: int
+    variant: str
     images_per_gpu: int
     times: dict[str, float]
     images_per_sec_per_gpu: float
-    peak_memory_gib: float
+    peak_allocated_gib: float | None
+    peak_reserved_gib: float | None
+    peak_device_gib: float | None
     memory_kind: str
     mfu: float | None
     hfu: float | None
 
 
-def run_world(args: argparse.Namespace, world_size: int, parent: Path) -> Result:
-    """Launch `world_size` ranks with torchrun and summarise their metrics.jsonl."""
-    root = parent / f"world{world_size}"
+def run_world(args: argparse.Namespace, world_size: int, parent: Path, reward_url: str = "") -> Result:
+    """Launch `world_size` ranks with torchrun and summarise their metrics.jsonl (with the remote reward at
+    `reward_url` and --one_step_off_policy when given)."""
+    variant = f"+{args.reward_latency:g}s reward, 1-off" if reward_url else "clip_sim only"
+    root = parent / f"world{world_size}{'-remote' if reward_url else ''}"
     root.mkdir()
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
         __file__, "--worker", "--root", str(root), *forwarded(args),
+        *(["--reward_url", reward_url] if reward_url else []),
     ]  # fmt: skip
     log.info("%s", " ".join(command))
     done = subprocess.run(command, cwd=REPO, timeout=args.timeout_s, check=False)
     if done.returncode != 0:
-        raise SystemExit(f"bench-gpu: the {world_size}-rank run exited {done.returncode} (its log is above)")
-    for checkpoint in (root / "run").glob("checkpoint-*"):  # the run's final one: tens of GB at real size
-        shutil.rmtree(checkpoint)
+        reasons = [
+            f"rank {r}: {p.read_text()}" for r in range(world_size) if (p := root / f"error-rank{r}.txt").is_file()
+        ]
+        reason = "; ".join(reasons) or "no worker reported an error (killed? its log is above)"
+        raise SystemExit(f"bench-gpu: the {world_size}-rank run ({variant}) exited {done.returncode}: {reason}")
     rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     measured = [r for r in rows if r["step"] > args.warmup]
     times = {p: statistics.median(r[f"time/{p}"] for r in measured) for p in PHASES}
-    times["other"] = times["step"] - times["rollout"] - times["reward"] - times["update"]
+    times["other"] = times["step"] - sum(times[p] for p in PHASES if p != "step")
     memory = [json.loads((root / f"memory-rank{r}.json").read_text()) for r in range(world_size)]
     images = args.prompts * args.rollout_n
     mfu = hfu = None
@@ -325,9 +395,15 @@ def run_world(args: argparse.Namespace, world_size: int, parent: Path) -> Result
         peak = args.peak_tflops * 1e12
         mfu = utilisation(model_flops(parts), times["step"], peak)
         hfu = utilisation(sum(parts.values()), times["step"], peak)
+
+    def peak_gib(kind: str) -> float | None:
+        values = [m[kind] for m in memory if m[kind] is not None]
+        return max(values) / 2**30 if values else None
+
+    on_gpu = memory[0]["allocated"] is not None
     return Result(
-        world_size, images, times, images / times["step"], max(m["peak_bytes"] for m in memory) / 2**30,
-        memory[0]["kind"], mfu, hfu,
+        world_size, variant, images, times, images / times["step"], peak_gib("allocated"), peak_gib("reserved"),
+        peak_gib("device"), "GPU" if on_gpu else "host memory (peak RSS, in the device column)", mfu, hfu,
     )  # fmt: skip
 
 
@@ -348,25 +424,80 @@ def forwarded(args: argparse.Namespace) -> list[str]:
 def report(results: list[Result], args: argparse.Namespace, device: str) -> str:
     base = results[0]
     depth = "real depth" if args.depth is None else f"{args.depth} layer(s) per stack, real widths"
+
+    def gib(value: float | None) -> str:
+        return f"{value:8.2f}" if value is not None else f"{'n/a':>8}"
+
     lines = [
         f"bench-gpu on {device}: DeepGen ({depth}), random weights, {'bf16' if args.bf16 else 'fp32'}, "
         f"--deepspeed {args.deepspeed}; per GPU {args.prompts} prompts x {args.rollout_n} images of "
         f"{args.image_size}x{args.image_size}, {args.num_inference_steps} SDE steps; medians of {args.steps} "
         f"step(s) after {args.warmup} warm-up",
-        f"{'GPUs':>5} {'img/s/GPU':>10} {'vs 1':>6} {'step s':>8} {'rollout':>8} {'reward':>8} {'update':>8} "
-        f"{'other':>8} {'peak GiB':>9} {'MFU':>7} {'HFU':>7}",
+        f"{'GPUs':>4} {'rewards':<22} {'img/s/GPU':>9} {'vs 1':>5} {'step s':>7} {'rollout':>7} {'clip_sim':>8} "
+        f"{'reward':>7} {'update':>7} {'other':>6} {'alloc GiB':>9} {'resv GiB':>8} {'dev GiB':>8} "
+        f"{'MFU':>6} {'HFU':>6}",
     ]
     for r in results:
         t = r.times
         speed = r.images_per_sec_per_gpu
-        util = f"{r.mfu:7.1%} {r.hfu:7.1%}" if r.mfu is not None and r.hfu is not None else f"{'n/a':>7} {'n/a':>7}"
+        util = f"{r.mfu:6.1%} {r.hfu:6.1%}" if r.mfu is not None and r.hfu is not None else f"{'n/a':>6} {'n/a':>6}"
         lines.append(
-            f"{r.world_size:>5} {speed:10.3f} {speed / base.images_per_sec_per_gpu:6.2f} {t['step']:8.2f} "
-            f"{t['rollout']:8.2f} {t['reward']:8.2f} {t['update']:8.2f} {t['other']:8.2f} "
-            f"{r.peak_memory_gib:9.2f} {util}"
+            f"{r.world_size:>4} {r.variant:<22} {speed:9.3f} {speed / base.images_per_sec_per_gpu:5.2f} "
+            f"{t['step']:7.2f} {t['rollout']:7.2f} {t['clip_sim']:8.2f} {t['reward']:7.2f} {t['update']:7.2f} "
+            f"{t['other']:6.2f} {gib(r.peak_allocated_gib):>9} {gib(r.peak_reserved_gib)} "
+            f"{gib(r.peak_device_gib)} {util}"
         )
-    lines.append(f"peak memory: {base.memory_kind}, max over ranks; MFU/HFU against {args.peak_tflops or 'no'} TFLOP/s")
+    lines += [
+        f"memory: {base.memory_kind}, max over ranks (alloc/resv: torch's allocator peaks; dev: what the device "
+        "reports in use, with the CUDA context, NCCL buffers and any other process); "
+        f"MFU/HFU against {args.peak_tflops or 'no'} TFLOP/s ({args.peak_source})",
+        "rows with clip_sim only have no remote reward latency: their img/s is an upper bound for a run with "
+        "remote rewards"
+        + (
+            "; the last row adds one (--reward_latency) with --one_step_off_policy"
+            if any(r.variant != base.variant for r in results)
+            else "; --reward_latency S adds a row with one"
+        ),
+    ]
     return "\n".join(lines)
+
+
+def peak_tflops_for(device_name: str) -> float | None:
+    """The dense bf16 peak of a CUDA device by name (PEAK_TFLOPS), None when it is not in the table."""
+    for pattern, tflops in PEAK_TFLOPS:
+        if re.search(pattern, device_name):
+            return tflops
+    return None
+
+
+def check(args: argparse.Namespace, gpus: int) -> list[int]:
+    """Validate the options before any torchrun starts; returns the world sizes. Raises SystemExit naming
+    the option and the fix."""
+    try:
+        sizes = sorted({(gpus or 1) if s.strip() == "all" else int(s) for s in args.gpus.split(",")})
+    except ValueError:
+        raise SystemExit(f"bench-gpu: --gpus {args.gpus!r}: give world sizes and/or 'all', comma-separated") from None
+    available = gpus or 1
+    if sizes[0] < 1 or sizes[-1] > available:
+        where = f"{gpus} GPU(s)" if gpus else "no GPU (one CPU process)"
+        raise SystemExit(f"bench-gpu: --gpus {args.gpus}: this machine has {where}; pass sizes from 1 to {available}")
+    for name in ("steps", "prompts", "rollout_n", "timeout_s"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"bench-gpu: --{name} must be > 0, got {getattr(args, name)}")
+    if args.warmup < 0 or args.reward_latency < 0:
+        raise SystemExit("bench-gpu: --warmup and --reward_latency must be >= 0")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise SystemExit(f"bench-gpu: --peak_tflops must be > 0, got {args.peak_tflops}")
+    model_shape(args.depth)  # --depth
+    with tempfile.TemporaryDirectory() as root:  # the trainer's own checks of the flags each run passes
+        for url in ("", "grpc://127.0.0.1:1" if args.reward_latency else ""):
+            try:
+                parse_args(
+                    trainer_flags(argparse.Namespace(**{**vars(args), "reward_url": url}), Path(root)), environ={}
+                )
+            except (ConfigError, SystemExit) as exc:
+                raise SystemExit(f"bench-gpu: the trainer refuses these options: {exc}") from None
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> list[Result] | None:
@@ -385,24 +516,38 @@ def main(argv: list[str] | None = None) -> list[Result] | None:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--peak_tflops", type=float, default=None,
-        help=f"accelerator peak for MFU/HFU (default on an H100: {H100_BF16_DENSE_TFLOPS:g}; none on CPU)",
+        help="accelerator's dense bf16 peak for MFU/HFU (default: by device name from PEAK_TFLOPS; none on CPU)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reward_latency", type=float, default=3.0,
+        help="seconds a remote reward takes per request in the extra --one_step_off_policy row (0: no such row)",
     )  # fmt: skip
     parser.add_argument("--report", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--timeout_s", type=float, default=3600.0, help="limit of each torchrun run")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--root", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--reward_url", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     gpus = torch.cuda.device_count()
-    if args.peak_tflops is None and gpus and "H100" in torch.cuda.get_device_name(0):
-        args.peak_tflops = H100_BF16_DENSE_TFLOPS
-    device = f"{gpus}x {torch.cuda.get_device_name(0)}" if gpus else "CPU (no GPU)"
-    sizes = sorted({(gpus or 1) if s.strip() == "all" else int(s) for s in args.gpus.split(",")})
+    name = torch.cuda.get_device_name(0) if gpus else ""
+    args.peak_source = "--peak_tflops"
+    if args.peak_tflops is None and gpus:
+        args.peak_tflops = peak_tflops_for(name)
+        args.peak_source = (
+            f"table entry for {name}" if args.peak_tflops else f"{name} is not in the table: pass --peak_tflops"
+        )
+    sizes = check(args, gpus)
+    device = f"{gpus}x {name}" if gpus else "CPU (no GPU)"
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as parent:
         results = [run_world(args, n, Path(parent)) for n in sizes]
+        if args.reward_latency:
+            with fixed_latency_service(args.reward_latency) as url:
+                if url is not None:
+                    results.append(run_world(args, sizes[0], Path(parent), reward_url=url))
     print(report(results, args, device))
     if args.report is not None:
         payload = {"device": device, "args": {k: v for k, v in vars(args).items() if k != "report"}}

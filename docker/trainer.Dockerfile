@@ -8,16 +8,20 @@
 # or `docker compose --profile train build trainer` / `make train` (docker-compose.yml passes the args).
 #
 # Build arguments:
-#   BASE_IMAGE      default: the official PyTorch CUDA runtime image (torch, CUDA, cuDNN, NCCL; Python
-#                   3.11). Any Debian/Ubuntu-based image works: python3 (>= 3.11) + venv come from apt
-#                   when the base lacks them, and torch is installed when the base has none (the tests
-#                   build on local/debian:bookworm with a CPU wheel; see TORCH_REQUIREMENT / WHEELS_DIR).
-#                   The venv sees the base's packages (--system-site-packages), so the base's CUDA
-#                   torch is used as is and pinned while the trainer's dependencies install: pip fails
-#                   instead of silently replacing it. DeepSpeed's JIT-compiled ops (fused Adam, CPU Adam of
-#                   zero3_offload) need a compiler: use the matching `-devel` base for those.
-#   TORCH_REQUIREMENT  what pip installs when the base has no torch (default torch==2.13.0: the CUDA build
-#                   from PyPI on x86_64 Linux; a CPU-only image gets its CPU wheel from WHEELS_DIR).
+#   BASE_IMAGE      default: NVIDIA's CUDA 12.8 + cuDNN runtime on Ubuntu 24.04, without torch: torch,
+#                   transformers, diffusers, DeepSpeed and peft are installed at the versions the test suite
+#                   runs (docker/trainer-pins.txt: torch 2.13.0, transformers 5.25.0, diffusers 0.42.1,
+#                   DeepSpeed 0.19.8, peft 0.21.2), not whatever a PyTorch base image ships. Any
+#                   Debian/Ubuntu-based image works: python3 (>= 3.11) + venv come from apt when the base
+#                   lacks them (the tests build on local/debian:bookworm with a CPU wheel; see
+#                   TORCH_REQUIREMENT / WHEELS_DIR). The venv sees the base's packages
+#                   (--system-site-packages): a base that has torch must have the pinned version, else the
+#                   build stops (set TORCH_REQUIREMENT=torch==<its version> to accept an untested torch).
+#                   DeepSpeed's JIT-compiled ops (fused Adam, CPU Adam of zero3_offload) need a compiler:
+#                   use the matching `-devel` base for those.
+#   TORCH_REQUIREMENT  the torch pip installs when the base has none, and the version a base's torch must
+#                   have (default torch==2.13.0, docker/trainer-pins.txt's: the CUDA build from PyPI on
+#                   x86_64 Linux; a CPU-only image gets its CPU wheel from WHEELS_DIR).
 #   WHEELS_DIR      optional: folder inside the build context with extra wheels pip may use (pip
 #                   --find-links), e.g. build/wheels holding a CPU torch wheel. Empty (default): none.
 #   TRAINER_EXTRAS  extras of the trainer package (default [parquet,tracking]: parquet prompt files, wandb
@@ -31,7 +35,7 @@
 # folder next to the sources. Model weights, data and outputs are not part of the image: compose mounts
 # them at /models (read-only), /data/train (read-only) and /outputs (see docker-compose.yml).
 
-ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 # --- python: the base plus a python3 interpreter (from apt when the base has none) ----------------
 FROM ${BASE_IMAGE} AS python
@@ -64,11 +68,17 @@ RUN set -eu; \
     if [ -n "$PIP_CA_BUNDLE" ]; then export PIP_CERT=/tmp/pip-ca.pem; fi; \
     if [ -n "$WHEELS_DIR" ]; then export PIP_FIND_LINKS=/tmp/wheels; fi; \
     if /opt/venv/bin/python -c 'import torch' >/dev/null 2>&1; then \
-        echo "torch from the base image: $(/opt/venv/bin/python -c 'import torch; print(torch.__version__)')"; \
+        have="torch==$(/opt/venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')"; \
+        if [ "$have" != "$TORCH_REQUIREMENT" ]; then \
+            echo "the base image has $have, the tests run $TORCH_REQUIREMENT: use a base without torch" \
+                "(the default) or pass --build-arg TORCH_REQUIREMENT=$have to accept it untested" >&2; exit 1; \
+        fi; \
+        echo "torch from the base image: $have"; \
     else \
         /opt/venv/bin/pip install "$TORCH_REQUIREMENT"; \
     fi; \
     /opt/venv/bin/python -c 'import torch; print(f"torch=={torch.__version__}")' > /tmp/torch-constraint.txt
+COPY docker/trainer-pins.txt /tmp/trainer-pins.txt
 COPY proto/ /src/proto/
 COPY common/ /src/common/
 COPY trainer/ /opt/deepgen/trainer/
@@ -78,6 +88,7 @@ ARG EXTRA_PACKAGES=""
 RUN set -eu; \
     if [ -n "$PIP_CA_BUNDLE" ]; then export PIP_CERT=/tmp/pip-ca.pem; fi; \
     if [ -n "$WHEELS_DIR" ]; then export PIP_FIND_LINKS=/tmp/wheels; fi; \
+    grep -v '^torch==' /tmp/trainer-pins.txt >> /tmp/torch-constraint.txt; \
     /opt/venv/bin/pip install --constraint /tmp/torch-constraint.txt \
         /src/proto /src/common --editable "/opt/deepgen/trainer${TRAINER_EXTRAS}" $EXTRA_PACKAGES; \
     /opt/venv/bin/python -c 'import torch, transformers, diffusers, peft, deepspeed, deepgen_common.client, deepgen_trainer.train, deepgen_trainer.convert'; \

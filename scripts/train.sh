@@ -45,6 +45,38 @@ done
 ((NGPUS >= 1 && NNODES >= 1)) || die "NGPUS and NNODES must be >= 1"
 ((NODE_RANK < NNODES)) || die "NODE_RANK $NODE_RANK must be below NNODES $NNODES"
 
+# The GPUs of the compose stack (docker-compose.yml passes them): the trainer and a judge of this stack
+# (a *_URL naming its compose service) must not share a GPU: the judge's vLLM claims UNIFIEDREWARD_GPU_UTIL
+# of it, and whichever starts second fails. The two judges may share GPUs in sleep mode only
+# (docker-compose.sleep.yml sets JUDGES_SLEEP_MODE=true).
+shared_gpus() { # shared_gpus LIST LIST: the entries of two comma-separated GPU lists found in both
+	local -a a b
+	local x y out=""
+	IFS=, read -ra a <<<"${1// /}"
+	IFS=, read -ra b <<<"${2// /}"
+	for x in "${a[@]}"; do
+		for y in "${b[@]}"; do
+			[[ -n "$x" && "$x" == "$y" ]] && out+="${out:+,}$x"
+		done
+	done
+	echo "$out"
+}
+check_gpu_layout() {
+	local -a names=()
+	[[ -n "${TRAINER_GPUS:-}" ]] && names+=(TRAINER_GPUS)
+	[[ -n "${UNIFIEDREWARD_GPUS:-}" && "${UNIFIEDREWARD_THINK_URL:-}" == *//reward-unified:* ]] && names+=(UNIFIEDREWARD_GPUS)
+	[[ -n "${UNIGENBENCH_GPUS:-}" && "${UNIGENBENCH_API_URL:-}" == *//eval-unigenbench:* ]] && names+=(UNIGENBENCH_GPUS)
+	local i j shared
+	for ((i = 0; i < ${#names[@]}; i++)); do
+		for ((j = i + 1; j < ${#names[@]}; j++)); do
+			[[ "${names[i]}${names[j]}" == UNIFIEDREWARD_GPUSUNIGENBENCH_GPUS && "${JUDGES_SLEEP_MODE:-}" == true ]] && continue
+			shared="$(shared_gpus "${!names[i]}" "${!names[j]}")"
+			[[ -z "$shared" ]] || die "GPU clash: ${names[i]}=${!names[i]} and ${names[j]}=${!names[j]} share GPU $shared; give each its own GPUs in .env (defaults: TRAINER_GPUS=0, UNIFIEDREWARD_GPUS=1, UNIGENBENCH_GPUS=2,3), or point the judge's *_URL elsewhere when it does not run in this stack"
+		done
+	done
+}
+check_gpu_layout
+
 # The value of a trainer flag in the arguments (--flag VALUE or --flag=VALUE), else the variable's.
 flag_value() {
 	local flag="$1" fallback="$2" args=("${@:3}") i

@@ -60,3 +60,25 @@ def test_multinode_declares_the_outputs_volume_of_env_example(env_dir: Path) -> 
 def test_replicas_publish_port_ranges_on_loopback(env_dir: Path) -> None:
     replica = compose_config(["docker-compose.yml"], env_dir)["services"]["reward-ocr-replica"]
     assert sorted(replica["ports"]) == ["127.0.0.1:18090-18099:18082/tcp", "127.0.0.1:50061-50070:50051/tcp"]
+
+
+def gpus(service: dict) -> set[str]:
+    """The GPU ids a service reserves (device_ids of its NVIDIA device requests)."""
+    found: set[str] = set()
+    for device in service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", []):
+        for ids in device.get("device_ids", []):
+            found |= {i.strip() for i in str(ids).split(",")}
+    return found
+
+
+def test_env_example_gives_trainer_and_judges_disjoint_gpus(env_dir: Path) -> None:
+    services = compose_config(["docker-compose.yml"], env_dir)["services"]
+    layout = {name: gpus(services[name]) for name in ("trainer", "unifiedreward-vllm", "unigenbench-vllm")}
+    assert layout == {"trainer": {"0"}, "unifiedreward-vllm": {"1"}, "unigenbench-vllm": {"2", "3"}}
+    # ... and the trainer is told the layout, so that its start check sees a .env that breaks it.
+    environment = services["trainer"]["environment"]
+    assert (environment["TRAINER_GPUS"], environment["UNIFIEDREWARD_GPUS"], environment["UNIGENBENCH_GPUS"]) == (
+        "0",
+        "1",
+        "2,3",
+    )

@@ -105,3 +105,41 @@ def test_unigenbench_defaults_to_the_original_launchers_address_unless_set(fake_
     (fake_bin / "torchrun").write_text('#!/bin/sh\necho "UNIGENBENCH_API_URL=${UNIGENBENCH_API_URL-unset}"\n')
     assert launch(fake_bin).stdout.strip() == "UNIGENBENCH_API_URL=http://localhost:8000"
     assert launch(fake_bin, UNIGENBENCH_API_URL="").stdout.strip() == "UNIGENBENCH_API_URL="  # compose: off
+
+
+STACK = {
+    "UNIFIEDREWARD_THINK_URL": "grpc://reward-unified:50052",
+    "UNIGENBENCH_API_URL": "grpc://eval-unigenbench:50053",
+}
+
+
+def test_gpu_layout_of_env_example_starts(fake_bin: Path):
+    done = launch(fake_bin, TRAINER_GPUS="0", UNIFIEDREWARD_GPUS="1", UNIGENBENCH_GPUS="2,3", **STACK)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("layout", "clash"),
+    [
+        ({"TRAINER_GPUS": "0,1", "UNIFIEDREWARD_GPUS": "1"}, "TRAINER_GPUS=0,1 and UNIFIEDREWARD_GPUS=1 share GPU 1"),
+        ({"TRAINER_GPUS": "0", "UNIGENBENCH_GPUS": "3, 0"}, "TRAINER_GPUS=0 and UNIGENBENCH_GPUS=3, 0 share GPU 0"),
+        ({"UNIFIEDREWARD_GPUS": "1,2", "UNIGENBENCH_GPUS": "2,3"}, "UNIFIEDREWARD_GPUS=1,2 and UNIGENBENCH_GPUS=2,3"),
+    ],
+)
+def test_a_gpu_clash_stops_the_start_naming_it(fake_bin: Path, layout: dict[str, str], clash: str):
+    done = launch(
+        fake_bin, **{"TRAINER_GPUS": "0", "UNIFIEDREWARD_GPUS": "1", "UNIGENBENCH_GPUS": "2,3", **STACK, **layout}
+    )
+    assert done.returncode == 2
+    assert f"GPU clash: {clash}" in done.stderr
+    assert done.stderr.count("\n") == 1  # one line
+    assert done.stdout == ""  # torchrun never started
+
+
+def test_judges_may_share_gpus_in_sleep_mode_or_when_remote(fake_bin: Path):
+    judges = {"TRAINER_GPUS": "0", "UNIFIEDREWARD_GPUS": "1,2", "UNIGENBENCH_GPUS": "1,2"}
+    assert launch(fake_bin, **judges, **STACK, JUDGES_SLEEP_MODE="true").returncode == 0
+    assert launch(fake_bin, **judges, **STACK).returncode == 2
+    # A judge on another host (its URL is not this stack's service): its GPU variable is not this node's.
+    remote = {**STACK, "UNIFIEDREWARD_THINK_URL": "grpcs://judges.example:50052"}
+    assert launch(fake_bin, TRAINER_GPUS="0,1", UNIFIEDREWARD_GPUS="1", **remote).returncode == 0

@@ -87,7 +87,8 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
     data = train_data(cfg)
     _seed_everything(cfg.seed + world.rank)
     reward_names = data.reward_names
-    model = (model if model is not None else build_model(cfg)).to(world.device)
+    model = (model if model is not None else build_model(cfg)).place(world.device)  # the vision tower stays on CPU
+    model.vae_batch_size = cfg.vae_batch_size
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
     reference = None
     if cfg.beta > 0:  # the KL reference: a frozen copy of the initial DiT
@@ -125,8 +126,11 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
             "; the EMA starts at the resumed DiT" if ema is not None else "",
         )  # fmt: skip
     elif resume is not None:
-        try:  # a refused file (hostile, or pointing outside the folder) stops the run before it trains: exit 2
-            ckpt = load_checkpoint(resume, map_location=world.device, rank=world.rank)
+        # On the CPU: whole tensors onto every rank's GPU at once would add the DiT, its optimizer state and
+        # the fp32 EMA to the peak; the restore copies each into place. A refused file (hostile, or pointing
+        # outside the folder) stops the run before it trains: exit 2.
+        try:
+            ckpt = load_checkpoint(resume, map_location="cpu", rank=world.rank)
             updater.restore(ckpt)
         except CheckpointError as exc:
             raise ConfigError(f"cannot resume from {resume}: {exc}") from exc
@@ -343,7 +347,8 @@ def _fast_forward_schedule(updater: Updater, steps: int) -> None:
 def _reward(name: str, cfg: TrainConfig, world: World) -> RewardFn:
     if name == "clip_sim":
         if cfg.clip_model_name_or_path:
-            clip = ClipSimReward.from_pretrained(cfg.clip_model_name_or_path, device=world.device)
+            dtype = torch.bfloat16 if cfg.bf16 else torch.float32  # the cosine itself is taken in float32
+            clip = ClipSimReward.from_pretrained(cfg.clip_model_name_or_path, device=world.device, dtype=dtype)
         elif cfg.model == "tiny":
             clip = build_tiny_clip(seed=cfg.seed, device=world.device)
         else:

@@ -10,7 +10,7 @@ One step, on every rank, in the order of `train()`:
 4. policy update (`update_policy`): `num_train_timesteps` random SDE steps (never the last), every
    training micro-batch: clipped ratio loss + β·KL against the frozen initial DiT, one backward each
    (`--atrain_algorithm grpoguard`: after RatioNorm; `diffusionnft`: the forward-process loss);
-5. SFT auxiliary loss on one image-caption batch (`--sftaux_dataset_config`), in the last backward;
+5. SFT auxiliary loss on one image-caption batch (`--sftaux_dataset_config`), its own backward before the last;
 6. `--optimizer_steps_per_rollout` optimizer steps (1 by default) over consecutive chunks of the
    trained timesteps (`--step_per_backward` emulates the reference's step after every backward);
 7. evaluate every `--eval_freq` (the DiT's EMA with `--eval_with_ema`), log, checkpoint every
@@ -94,11 +94,11 @@ def train(cfg: TrainConfig, world: World | None = None, model: DeepGen | None = 
             # next one is generated now, while this one is scored (never across a checkpoint: the
             # pipeline drains at save steps, so a resumed run regenerates the next batch exactly).
             rollout = ahead if ahead is not None else generate(run, step)
-            t_rollout = rollout.seconds if ahead is None else 0.0
+            t_rollout, t_local = (rollout.seconds, rollout.local_reward_seconds) if ahead is None else (0.0, 0.0)
             ahead = None
             if cfg.one_step_off_policy and step < run.total_steps and not _saves(run, step):
                 ahead = generate(run, step + 1)
-                t_rollout += ahead.seconds
+                t_rollout, t_local = t_rollout + ahead.seconds, t_local + ahead.local_reward_seconds
 
             # 2. rewards
             rewards: RewardBatch = run.scorer.gather(rollout.pending)
@@ -134,7 +134,8 @@ def train(cfg: TrainConfig, world: World | None = None, model: DeepGen | None = 
                 "adv/clamp_frac": clamp_fraction(advantages, cfg.adv_clip).item(),
                 **stats.means(),
                 "policy/lag": float(lag),
-                "time/rollout": t_rollout,
+                "time/rollout": t_rollout - t_local,  # generation and decoding
+                "time/clip_sim": t_local,  # the in-process rewards, scored as each micro-batch is decoded
                 "time/reward": rewards.wait_s,
                 "time/update": t_update,
                 "time/step": t_step_total,
@@ -189,6 +190,7 @@ class Rollout:
     under the generating policy; sigmas: (T + 1,) grid; pending: the reward micro-batches in flight;
     generator: the step's RNG, which continues into the update (SFT noise); policy_version: optimizer
     steps taken when it was generated; sampler_state: the prompt sampler before this batch was drawn;
+    seconds: the whole generation, local_reward_seconds: the part spent in in-process rewards (clip_sim).
     old_means: (len(mean_steps), N, C, h, w) float32, the step means μ_old of the trained steps
     `mean_steps` (GRPO-Guard only, else None).
     """
@@ -204,6 +206,7 @@ class Rollout:
     policy_version: int
     sampler_state: dict[str, Any]
     seconds: float
+    local_reward_seconds: float
     first_group: torch.Tensor | None = None  # uint8 (rollout_n, H, W, 3), the first prompt's images
     old_means: torch.Tensor | None = None
     mean_steps: list[int] = field(default_factory=list)
@@ -226,6 +229,7 @@ def generate(run: Run, step: int) -> Rollout:
     noise = initial_noise(model, cfg, len(batch.prompts), g)
     trajectories, pending = [], []
     first_group = None
+    local_s = 0.0
     mb = cfg.rollout_micro_batch_size
     # GRPO-Guard keeps μ_old of the steps the update will train; DiffusionNFT off-policy samples with its copy.
     mean_steps = trained_steps(cfg, step) if cfg.atrain_algorithm == "grpoguard" else []
@@ -241,14 +245,16 @@ def generate(run: Run, step: int) -> Rollout:
         if s == 0:
             first_group = images[:n].cpu()
         sl = slice(s, s + mb)
+        t_submit = time.perf_counter()  # submit returns once the in-process rewards have scored
         pending.append(run.scorer.submit(images, prompts[sl], group_ids[sl], weights[sl]))
+        local_s += time.perf_counter() - t_submit
     return Rollout(
         prompts, weights, cond,
         latents=torch.cat([t.latents for t in trajectories], dim=1),
         old_log_probs=torch.cat([t.log_probs for t in trajectories], dim=1),
         sigmas=trajectories[0].sigmas, pending=pending, generator=g,
         policy_version=run.updater.optimizer_steps, sampler_state=sampler_state,
-        seconds=time.perf_counter() - t0, first_group=first_group,
+        seconds=time.perf_counter() - t0, first_group=first_group, local_reward_seconds=local_s,
         old_means=torch.cat([t.means for t in trajectories], dim=1) if mean_steps else None, mean_steps=mean_steps,
     )  # fmt: skip
 
@@ -300,7 +306,10 @@ def update_policy(run: Run, rollout: Rollout, advantages: torch.Tensor, step: in
         if run.sftaux is not None and i == len(passes) - 1 and (step - 1) % cfg.sftaux_every_n_steps == 0:
             sft_batch = cfg.sftaux_micro_batch_size or micro
             sft_loss = sft_auxiliary_loss(model, run.sftaux, sft_batch, rollout.generator)
-            pieces.append(("sftaux", cfg.sftaux_coef * sft_loss))
+            if parts is None:
+                updater.backward_small(cfg.sftaux_coef * sft_loss)  # its own backward: a bf16 sum would drop it
+            else:
+                pieces.append(("sftaux", cfg.sftaux_coef * sft_loss))  # its own backward, measured
             stats.add("sft/loss", sft_loss)
         backward(run, pieces, parts)
         if (i + 1) % per_step == 0:
@@ -330,8 +339,8 @@ def backward(run: Run, pieces: list[tuple[str, torch.Tensor]], parts: GradParts 
         run.updater.backward(total)
         return
     for k, (name, loss) in enumerate(pieces):
-        with parts.part(name):
-            loss.backward(retain_graph=k < len(pieces) - 1)  # the policy and β·KL pieces share a graph
+        with parts.part(name):  # the policy and β·KL pieces share a graph
+            run.updater.backward(loss, retain_graph=k < len(pieces) - 1)
 
 
 def trained_steps(cfg: TrainConfig, step: int) -> list[int]:

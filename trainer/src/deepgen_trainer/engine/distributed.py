@@ -71,12 +71,31 @@ class World:
         return tensor
 
     def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenate `tensor` (same shape on every rank) over ranks along dim 0."""
+        """Concatenate `tensor` (same shape on every rank) over ranks along dim 0; the result is on
+        `tensor`'s device (the collective itself runs on the group's, see `_on_group_device`)."""
         if not self.distributed:
             return tensor
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
+        local = self._on_group_device(tensor)
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts).to(tensor.device)
+
+    def all_reduce_mean_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Average `tensor` over ranks, in place (also when it lives off the group's device); returns it."""
+        if not self.distributed:
+            return tensor
+        local = self._on_group_device(tensor)
+        dist.all_reduce(local)
+        local /= self.world_size
+        if local is not tensor:
+            tensor.copy_(local)
+        return tensor
+
+    def _on_group_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` on the process group's device, contiguous: NCCL takes CUDA tensors only (gloo takes
+        CPU ones), so a CPU tensor (rewards, advantages' statistics, checksums) is moved to the rank's
+        GPU for the collective and its result moved back by the caller."""
+        return tensor.to(self.device).contiguous()
 
 
 def init_world(timeout_s: float = 1800.0) -> World:

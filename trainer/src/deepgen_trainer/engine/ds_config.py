@@ -7,7 +7,9 @@ the batch, clipping and precision settings here, from the same flags the trainin
 - ``gradient_accumulation_steps`` = backward passes per optimizer step
   (`TrainConfig.gradient_accumulation_steps`: 1 with ``--step_per_backward``);
 - ``train_batch_size`` = micro batch × accumulation × world size;
-- ``gradient_clipping`` = ``--max_grad_norm``; ``bf16.enabled`` = ``--bf16``; ``fp16.enabled`` = false.
+- ``gradient_clipping`` = ``--max_grad_norm``; ``bf16.enabled`` = ``--bf16``; ``fp16.enabled`` = false;
+- ``data_types.grad_accum_dtype`` = "fp32" (bf16 weights, float32 gradient partitions: a step's backward
+  passes and its small terms, λ·L_sft with λ = 1e-4, would round away in a bf16 sum).
 
 A value written out instead of "auto" must agree with the flags (else the loop and DeepSpeed would
 disagree on when to step). The configs carry no ``optimizer`` or ``scheduler`` block: the trainer
@@ -89,6 +91,11 @@ def resolve_deepspeed_config(
         ("gradient_clipping",): (cfg.max_grad_norm, "--max_grad_norm"),
         ("bf16", "enabled"): (cfg.bf16, "--bf16/--no-bf16"),
         ("fp16", "enabled"): (False, "bf16 or fp32 (fp16 is not supported)"),
+        ("data_types", "grad_accum_dtype"): (
+            "fp32",
+            "float32 gradient accumulation: in bf16 the ~30 backward "
+            "passes of a step and the small loss terms (β·KL, λ·L_sft) round away",
+        ),
     }
     if "optimizer" in out:
         resolved |= _optimizer_values(out, cfg, source)

@@ -41,7 +41,12 @@ _DEEPSPEED_TAG = "state"
 
 
 class Updater(Protocol):
-    def backward(self, loss: Tensor) -> None: ...
+    def backward(self, loss: Tensor, retain_graph: bool = False) -> None: ...
+
+    def backward_small(self, loss: Tensor) -> None:
+        """Backpropagate a small loss term (λ·L_sft) on its own, before the pass's `backward`, into the
+        same optimizer step: added to a large term before one backward, its gradient would be rounded
+        away in the bf16 sum (λ = 1e-4 is below bf16's 2⁻⁸ relative precision)."""
 
     def step(self) -> float:
         """Average gradients over ranks, clip, step; returns the gradient norm before clipping."""
@@ -64,8 +69,14 @@ class Updater(Protocol):
 
 def build_updater(dit: nn.Module, cfg: TrainConfig, world: World, total_steps: int) -> Updater:
     params = [p for p in dit.parameters() if p.requires_grad]
-    # AdamW as DESIGN §4: β (0.9, 0.999), eps 1e-8, no weight decay.
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    # --deepspeed none: AdamW steps float32 master copies of bf16 weights (DeepSpeed keeps its own).
+    masters = master_weights(params) if cfg.deepspeed == "none" else params
+    # AdamW as DESIGN §4: β (0.9, 0.999), eps 1e-8, no weight decay. Fused on CUDA: one kernel over all
+    # tensors, without the foreach implementation's temporaries (~8 GiB at the DiT's size).
+    optimizer = torch.optim.AdamW(
+        masters, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+        fused=world.device.type == "cuda" and not _offloads_optimizer(cfg),
+    )  # fmt: skip
     # The schedule ticks once per optimizer step (once per backward with --step_per_backward, as in the
     # reference); --warmup_steps counts rollout steps.
     per_step = cfg.optimizer_steps(world.world_size)
@@ -78,15 +89,39 @@ def build_updater(dit: nn.Module, cfg: TrainConfig, world: World, total_steps: i
         )  # fmt: skip
 
     if cfg.deepspeed == "none":
-        return TorchUpdater(dit, params, optimizer, schedule(optimizer), world, cfg.max_grad_norm)
+        return TorchUpdater(dit, params, masters, optimizer, schedule(optimizer), world, cfg.max_grad_norm)
     return DeepSpeedUpdater(dit, optimizer, schedule, cfg, world)
 
 
+def master_weights(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """float32 copies of `params` that are not float32 (the parameters themselves when all are): torch
+    AdamW on bf16 weights loses every update below half a bf16 step of the weight (bf16(0.02) + 2e-6 ==
+    0.02 at the default lr 2e-6), so the optimizer steps the copies and the model gets them rounded."""
+    if all(p.dtype == torch.float32 for p in params):
+        return params
+    return [nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in params]
+
+
+def _offloads_optimizer(cfg: TrainConfig) -> bool:
+    """The DeepSpeed config keeps the optimizer on the CPU (fused AdamW is for the GPU's tensors)."""
+    if cfg.deepspeed == "none":
+        return False
+    from deepgen_trainer.engine.ds_config import deepspeed_config
+
+    return "offload_optimizer" in deepspeed_config(cfg.deepspeed, cfg).get("zero_optimization", {})
+
+
 class TorchUpdater:
+    """Plain data parallelism. `params` are the DiT's trainable parameters; `masters` what the optimizer
+    steps: the same list in float32 training, float32 copies of bf16 parameters otherwise. With copies,
+    every backward moves the bf16 gradients into the copies' float32 gradients (accumulation over the
+    step's ~30 backward passes in float32), and each step writes the copies back, rounded to bf16."""
+
     def __init__(
         self,
         dit: nn.Module,
         params: list[nn.Parameter],
+        masters: list[nn.Parameter],
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         world: World,
@@ -94,32 +129,54 @@ class TorchUpdater:
     ) -> None:
         self.dit = dit
         self.params = params
+        self.masters = masters
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.world = world
         self.max_grad_norm = max_grad_norm
         self._steps = 0
+        by_id = {id(p): m for p, m in zip(params, masters, strict=True)}
+        self._master_of = {name: by_id[id(p)] for name, p in dit.named_parameters() if id(p) in by_id}
 
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()
+    def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
+        loss.backward(retain_graph=retain_graph)
+        if self.masters is self.params:
+            return
+        with torch.no_grad():
+            for p, m in zip(self.params, self.masters, strict=True):
+                if p.grad is not None:
+                    if m.grad is None:
+                        m.grad = p.grad.to(torch.float32)
+                    else:
+                        m.grad.add_(p.grad)
+                    p.grad = None
+
+    def backward_small(self, loss: Tensor) -> None:
+        # Its own backward; the accumulation is float32 (the masters' gradients, or fp32 parameters').
+        self.backward(loss)
 
     def step(self) -> float:
-        grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [m.grad for m in self.masters if m.grad is not None]
         if self.world.distributed and grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= self.world.world_size
+            flat = self.world.all_reduce_mean_(torch.cat([g.reshape(-1) for g in grads]))
             offset = 0
             for g in grads:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
         # clip_grad_norm_ computes the norm anyway; with clipping off an infinite bound returns it untouched.
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(self.masters, self.max_grad_norm or math.inf)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._write_back()
         self._steps += 1
         return float(norm)
+
+    def _write_back(self) -> None:
+        if self.masters is not self.params:
+            with torch.no_grad():
+                for p, m in zip(self.params, self.masters, strict=True):
+                    p.copy_(m)
 
     @property
     def lr(self) -> float:
@@ -130,7 +187,14 @@ class TorchUpdater:
         return self._steps
 
     def trainable_state(self, is_main: bool) -> dict[str, Tensor] | None:
-        return self.dit.state_dict() if is_main else None
+        """The DiT's state dict with the float32 masters in place of bf16 trainable weights (what a
+        resume must continue from, and what the EMA averages)."""
+        if not is_main:
+            return None
+        state = self.dit.state_dict()
+        if self.masters is not self.params:
+            state |= {name: m.detach() for name, m in self._master_of.items()}
+        return state
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {"optimizer_state": self.optimizer.state_dict(), "scheduler_state": self.scheduler.state_dict()}
@@ -139,6 +203,10 @@ class TorchUpdater:
         if checkpoint.optimizer_state is None or checkpoint.scheduler_state is None:
             raise ValueError(f"{checkpoint.path} has no optimizer/scheduler state to resume from")
         self.dit.load_state_dict(checkpoint.trainable)
+        if self.masters is not self.params:
+            with torch.no_grad():
+                for name, m in self._master_of.items():
+                    m.copy_(checkpoint.trainable[name])
         self.optimizer.load_state_dict(checkpoint.optimizer_state)
         self.scheduler.load_state_dict(checkpoint.scheduler_state)
         self._steps = self.scheduler.last_epoch  # one schedule tick per optimizer step
@@ -196,12 +264,27 @@ class DeepSpeedUpdater:
             dist_init_required=False,
         )
         self._steps = 0
+        self._held: Tensor | None = None  # a small term waiting for the next backward (see backward_small)
 
-    def backward(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
         # The loop already divides each loss by the passes of the step. DeepSpeed counts micro-steps in
         # engine.step(), which reduces, clips and updates only at the accumulation boundary.
-        self.engine.backward(loss, scale_wrt_gas=False)
+        if self._held is not None:
+            loss, self._held = loss + self._held, None
+        self.engine.backward(loss, scale_wrt_gas=False, retain_graph=retain_graph)
         self.engine.step()
+
+    def backward_small(self, loss: Tensor) -> None:
+        model_dtype, accumulation_dtype = self.engine.get_data_types()
+        if model_dtype != accumulation_dtype:
+            # bf16 weights, float32 accumulation (`data_types.grad_accum_dtype`): a second backward within
+            # the micro-step adds its gradient into the float32 partitions.
+            self.engine.backward(loss, scale_wrt_gas=False)
+        else:
+            # One dtype: ZeRO-2 keeps only the last backward of a micro-step (measured with DeepSpeed
+            # 0.19.8; with float32 accumulation ZeRO-2 and ZeRO-3 keep both), so the term joins the next
+            # backward; in float32 the sum loses nothing.
+            self._held = loss if self._held is None else self._held + loss
 
     def step(self) -> float:
         if self.engine.global_steps != self._steps + 1:

@@ -125,6 +125,7 @@ class DeepGen(nn.Module):
         self.vae = vae
         self.scheduler = scheduler
         self.tokenizer = tokenizer
+        self.vae_batch_size = 8  # images per VAE call (`--vae_batch_size`)
 
         text_config = lmm.config.text_config
         d_vlm = text_config.hidden_size
@@ -204,8 +205,9 @@ class DeepGen(nn.Module):
             raise ValueError("encode_prompts needs at least one prompt")
         texts = [self.config.prompt_template.format(prompt=p) for p in prompts]
         tokens = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
-        input_ids = tokens.input_ids.to(self.lmm.device)
-        text_mask = tokens.attention_mask.to(self.lmm.device).bool()
+        device = self.lmm.get_input_embeddings().weight.device  # not lmm.device: the vision tower is on the CPU
+        input_ids = tokens.input_ids.to(device)
+        text_mask = tokens.attention_mask.to(device).bool()
         batch = input_ids.shape[0]
 
         embeds = self.lmm.get_input_embeddings()(input_ids)
@@ -284,12 +286,18 @@ class DeepGen(nn.Module):
     def _dit(self, latents: Tensor, sigma: Tensor, cond: Conditioning, dit: SD3Transformer2DModel | None) -> Tensor:
         dit = self.transformer if dit is None else dit
         dtype = dit.dtype
+        # No mask when no row is padded: the masked and unmasked attention are then equal, and SDPA only
+        # takes its flash kernel without a mask.
+        mask = None if bool(cond.mask.all()) else cond.mask
         return dit(
             hidden_states=latents.to(dtype),
             encoder_hidden_states=cond.prompt_embeds.to(dtype),
             pooled_projections=cond.pooled.to(dtype),
-            timestep=(sigma * 1000.0).to(dtype),
-            joint_attention_kwargs={"encoder_attention_mask": cond.mask},
+            # float32, as diffusers' SD3 pipeline passes it: the sinusoidal embedding is computed from it
+            # in float32 and cast to the DiT's dtype after. A bf16 timestep moves 28 of the 50 default
+            # grid's values by more than 0.5 (up to 1.94), turning the fast channels' phase.
+            timestep=(sigma * 1000.0).float(),
+            joint_attention_kwargs={"encoder_attention_mask": mask},
             return_dict=False,
         )[0]
 
@@ -308,17 +316,34 @@ class DeepGen(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents (B, C, h, w) → images (B, 3, f·h, f·w) float32 in [0, 1] (see `to_uint8`)."""
+        """Latents (B, C, h, w) → images (B, 3, f·h, f·w) float32 in [0, 1] (see `to_uint8`), `vae_batch_size`
+        images per VAE call (its activations grow with the batch: ~12 GiB for 32 images at 512², ~3 for 8)."""
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        images = self.vae.decode(z, return_dict=False)[0]
-        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        parts = [self.vae.decode(chunk, return_dict=False)[0].float() for chunk in z.split(self.vae_batch_size)]
+        return ((torch.cat(parts) + 1.0) / 2.0).clamp(0.0, 1.0)
 
     @torch.no_grad()
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Images (B, 3, H, W) float in [0, 1] → latents (B, C, H/f, W/f) float32, sampled from the posterior."""
+        """Images (B, 3, H, W) float in [0, 1] → latents (B, C, H/f, W/f) float32, sampled from the posterior,
+        `vae_batch_size` images per VAE call (the chunks draw from `generator` in order)."""
         x = (images.to(self.vae.device, self.vae.dtype) * 2.0 - 1.0).clamp(-1.0, 1.0)
-        z = self.vae.encode(x, return_dict=False)[0].sample(generator)
+        parts = [
+            self.vae.encode(chunk, return_dict=False)[0].sample(generator) for chunk in x.split(self.vae_batch_size)
+        ]
+        z = torch.cat(parts)
         return ((z - self.vae.config.shift_factor) * self.vae.config.scaling_factor).float()
+
+    def place(self, device: torch.device | str) -> DeepGen:
+        """Move the model to `device`, except the VLM's vision tower (0.67 B parameters at DeepGen's size):
+        prompts are text only, so it never runs; it stays on the CPU. Returns self."""
+        visual = getattr(self.lmm.model, "visual", None)
+        self.lmm.model.visual = None  # out of the way of `to`: it never passes through the GPU
+        try:
+            self.to(device)
+        finally:
+            # Back on the CPU also when it was built elsewhere (bench-gpu builds the model on the GPU).
+            self.lmm.model.visual = visual.to("cpu") if visual is not None else None
+        return self
 
     def sigmas(self, num_inference_steps: int) -> Tensor:
         """The shifted flow-matching grid (num_inference_steps + 1,) float32 from 1 down to 0 (last entry 0)."""

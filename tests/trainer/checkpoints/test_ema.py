@@ -103,3 +103,22 @@ def test_resumed_ema_equals_the_unbroken_runs_and_convert_writes_it(tmp_path: Pa
         {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}, ema_file
     )
     assert result.families["connector"] > 0
+
+
+def test_a_resume_reads_the_checkpoint_onto_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Whole tensors onto every rank's GPU at once would add the DiT, its optimizer state and the fp32 EMA
+    # to the peak; the resume reads onto the CPU and the restore copies each tensor into place.
+    import deepgen_trainer.run as run_module
+
+    seen = []
+
+    def spy(path, map_location=None, **kwargs):
+        ckpt = load_checkpoint(path, map_location=map_location, **kwargs)
+        seen.append((map_location, {t.device.type for t in [*ckpt.trainable.values(), *ckpt.ema.values()]}))
+        return ckpt
+
+    args = [*SMALL, "--dataset_config", str(write_prompts(tmp_path)), "--ema_decay", "0.8", "--save_steps", "1"]
+    train(parse_args([*args, "--output_dir", str(tmp_path / "run"), "--max_steps", "1"], environ={}))
+    monkeypatch.setattr(run_module, "load_checkpoint", spy)
+    train(parse_args([*args, "--output_dir", str(tmp_path / "run"), "--max_steps", "2"], environ={}))
+    assert seen == [("cpu", {"cpu"})]

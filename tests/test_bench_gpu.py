@@ -114,9 +114,10 @@ def test_reduced_variant_runs_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixtu
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_a_failed_run_ends_with_the_workers_reason(tmp_path: Path):
-    # A DeepSpeed config the trainer accepts by name but refuses when it builds the optimizer, in the worker.
+    # A DeepSpeed config the trainer accepts by name but refuses when it builds the optimizer (only an
+    # Adam/AdamW block is honoured), in the worker.
     config = tmp_path / "ds.json"
-    config.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
+    config.write_text(json.dumps({"optimizer": {"type": "SGD"}, "zero_optimization": {"stage": 2}}))
     args = [
         "--depth", "2", "--image_size", "64", "--num_inference_steps", "2", "--prompts", "1", "--rollout_n", "2",
         "--rollout_micro_batch_size", "2", "--atrain_micro_batch_size", "2", "--warmup", "0", "--steps", "1",

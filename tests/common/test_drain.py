@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import math
 import signal
 import time
 
@@ -29,11 +30,17 @@ def test_sigterm_drains_within_the_grace_and_never_answers_500():
     http_port, grpc_port = free_port(), free_port()
     proc = start_process(HTTP_PORT=str(http_port), GRPC_PORT=str(grpc_port), SHUTDOWN_GRACE_S=str(GRACE_S))
     http_url = f"http://127.0.0.1:{http_port}"
-    body = {"samples": [{"image": {"data": base64.b64encode(IMAGE).decode()}, "prompt": '"DRAIN"'}] * 2}
-    message = reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(image={"data": IMAGE}, prompt='"DRAIN"')] * 2)
+    sample = {"image": {"data": base64.b64encode(IMAGE).decode()}, "prompt": '"DRAIN"'}
     try:
         wait_ready(f"grpc://127.0.0.1:{grpc_port}", timeout_s=120, alive=lambda: proc.poll() is None)
-        assert httpx.post(f"{http_url}/v1/score", json=body, timeout=60).status_code == 200  # service time known
+        started = time.monotonic()
+        assert httpx.post(f"{http_url}/v1/score", json={"samples": [sample] * 2}, timeout=60).status_code == 200
+        per_sample = (time.monotonic() - started) / 2
+        # Samples per request so that the 6 requests in flight need twice the grace on this machine's OCR
+        # (a fixed count was too few on a fast, quiet machine: every request finished in time).
+        n = min(64, max(2, math.ceil(2 * (GRACE_S + 1.0) / (6 * per_sample))))
+        body = {"samples": [sample] * n}
+        message = reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(image={"data": IMAGE}, prompt='"DRAIN"')] * n)
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         score = channel.unary_unary(SCORE)
 
@@ -47,7 +54,7 @@ def test_sigterm_drains_within_the_grace_and_never_answers_500():
             except grpc.RpcError as exc:
                 return exc.code().name
 
-        # 12 samples in flight on one OCR thread: more than the grace lets finish.
+        # 6·n samples in flight on one OCR thread: more than the grace lets finish.
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             in_flight = [pool.submit(over_http) for _ in range(3)] + [pool.submit(over_grpc) for _ in range(3)]
             time.sleep(1.0)

@@ -29,35 +29,35 @@ def upstream_judge_data() -> Path:
     """The upstream judge files, for parity tests only: `JUDGE_DATA_DIR` (relative to the repository, as in
     the Makefile), else `data/judges/`, else `../shared/data` beside the clone. Where none holds
     templates/ and unigenbench/ the test skips naming `make fetch-judge-data`; under CI=true it fails."""
-    candidates = [REPO / "data" / "judges", REPO.parent / "shared" / "data"]
-    if os.environ.get("JUDGE_DATA_DIR"):
-        candidates.insert(0, REPO / os.environ["JUDGE_DATA_DIR"])
-    for directory in candidates:
-        if (directory / "templates").is_dir() and (directory / "unigenbench").is_dir():
-            return directory
-    message = (
-        "parity test needs the upstream judge files: run `make fetch-judge-data` (or set JUDGE_DATA_DIR); "
-        f"looked in {', '.join(str(c) for c in candidates)}"
+    return _parity_files(
+        "JUDGE_DATA_DIR",
+        [REPO / "data" / "judges", REPO.parent / "shared" / "data"],
+        lambda d: (d / "templates").is_dir() and (d / "unigenbench").is_dir(),
+        "the upstream judge files: run `make fetch-judge-data` (or set JUDGE_DATA_DIR)",
     )
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def original_files() -> Path:
     """The original DeepGen-RL's own files (launch script, DeepSpeed JSONs, YAMLs, MMEngine configs), for
     parity tests only: `ORIGINAL_DIR`, else `../shared/original` beside the clone. Where neither exists
     the test skips naming ORIGINAL_DIR; under CI=true it fails."""
-    candidates = [REPO.parent / "shared" / "original"]
-    if os.environ.get("ORIGINAL_DIR"):
-        candidates.insert(0, REPO / os.environ["ORIGINAL_DIR"])
-    for directory in candidates:
-        if (directory / "scripts" / "train.sh").is_file():
-            return directory
-    message = (
-        "parity test needs the original DeepGen-RL's files: set ORIGINAL_DIR to a checkout of "
-        f"deepgenteam/deepgen_rl; looked in {', '.join(str(c) for c in candidates)}"
+    return _parity_files(
+        "ORIGINAL_DIR",
+        [REPO.parent / "shared" / "original"],
+        lambda d: (d / "scripts" / "train.sh").is_file(),
+        "the original DeepGen-RL's files: set ORIGINAL_DIR to a checkout of deepgenteam/deepgen_rl",
     )
+
+
+def _parity_files(variable: str, candidates: list[Path], holds: Callable[[Path], bool], needs: str) -> Path:
+    """The first folder that `holds` the files, the one `variable` names (relative to the repository)
+    first; else skip the test naming what it needs (fail under CI=true, where they must be there)."""
+    if os.environ.get(variable):
+        candidates = [REPO / os.environ[variable], *candidates]
+    for directory in candidates:
+        if holds(directory):
+            return directory
+    message = f"parity test needs {needs}; looked in {', '.join(str(c) for c in candidates)}"
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)

@@ -166,7 +166,7 @@ def main(settings_factory: Callable[[], S], make_component: ComponentFactory[S])
     """Entry point of `python -m <service>`: settings from env, JSON logs, serve until signalled.
     `--help` lists the settings' environment variables with their defaults instead."""
     if {"-h", "--help"} & set(sys.argv[1:]):
-        print(settings_help(settings_factory))
+        sys.stdout.write(settings_help(settings_factory) + "\n")  # the command's output, not a log line
         return
     try:
         settings = settings_factory()

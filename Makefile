@@ -10,7 +10,7 @@ ARGS ?=
 # docker compose v2 when installed, else docker-compose 1.29.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
 
-.PHONY: help setup setup-judges fetch-judge-data test lint format proto pip-ca certs bench-ocr bench-load bench-sde bench-judges bench-train bench-flops bench-gpu bench-learn gpu-smoke demo demo-learn \
+.PHONY: help setup setup-judges fetch-judge-data test lint format proto pip-ca certs bench-ocr bench-load bench-sde bench-judges bench-train bench-flops bench-grad-norms bench-gpu bench-learn gpu-smoke demo demo-learn \
 	train train-local convert eval scale-ocr
 
 help:  ## List the targets
@@ -79,6 +79,9 @@ bench-sde:  ## Rollout sampler overhead: SDE steps with log-prob vs. a plain Eul
 
 bench-train:  ## Training step on CPU (tiny model): time per phase, reward wait, sampler overhead vs Euler, peak RSS
 	$(BIN)/python benchmarks/bench_train.py
+
+bench-grad-norms:  ## --log_component_grad_norm's cost: a measured training pass of the real-width DiT vs. an unmeasured one and the original's split backward (CPU)
+	$(BIN)/python benchmarks/bench_grad_norms.py
 
 bench-flops:  ## FLOPs of one default training step per GPU (analytic, checked with FlopCounterMode) and MFU
 	$(BIN)/python benchmarks/flops.py

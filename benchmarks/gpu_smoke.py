@@ -12,8 +12,10 @@ Run it first on a new machine, then `make bench-gpu`.
 4. The SFT-aux gradient's share under bf16: 30 policy passes and λ·L_sft (λ = 1e-4) through the trainer's
    `--deepspeed none` updater (float32 masters and accumulation, the term on its own backward); the step's
    gradient must contain λ·∇L_sft (relative error < 5%).
-And one check of the trainer's own GPU path: the EMA's update from GPU weights (a side-stream copy, the
-average in a thread) equals the formula while the weights keep changing.
+And two checks of the trainer's own GPU paths: a pass measured by `--log_component_grad_norm` (the policy
+and β·KL pieces in one batched backward) gives the unmeasured pass's gradient, with no vmap fallback loop
+in the GPU kernels' backward and its extra peak memory shown; the EMA's update from GPU weights (a
+side-stream copy, the average in a thread) equals the formula while the weights keep changing.
 
 The model is DeepGen at its real size with random weights (as bench-gpu builds it), or `--model tiny` (the
 CPU test's variant). Exit status 1 when a fact fails its check.
@@ -32,6 +34,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -42,7 +45,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `benchmarks.bench_gpu` when run as a script
 
 from benchmarks.bench_gpu import build_deepgen, model_shape  # noqa: E402
-from deepgen_trainer.algorithms.policy_loss import clipped_policy_loss, flow_matching_inputs, flow_matching_loss  # noqa: E402
+from deepgen_trainer.algorithms.policy_loss import (  # noqa: E402
+    clipped_policy_loss,
+    flow_matching_inputs,
+    flow_matching_loss,
+    kl_penalty,
+)
 from deepgen_trainer.algorithms.sde import sde_step_with_logprob  # noqa: E402
 from deepgen_trainer.checkpoints.ema import DitEma  # noqa: E402
 from deepgen_trainer.config import parse_args  # noqa: E402
@@ -50,6 +58,7 @@ from deepgen_trainer.engine.distributed import World  # noqa: E402
 from deepgen_trainer.engine.optim import TorchUpdater, build_updater  # noqa: E402
 from deepgen_trainer.model.deepgen import DeepGen  # noqa: E402
 from deepgen_trainer.model.tiny import build_tiny  # noqa: E402
+from deepgen_trainer.observe.grad_norms import GradParts  # noqa: E402
 
 PROMPTS = ["a red cat on a wooden chair", "the word HELLO painted on a wall", "mountains at sunset", "a bowl"]
 CLIP_RANGE = 1e-4
@@ -202,6 +211,64 @@ def sft_share(model: DeepGen, args: argparse.Namespace) -> dict:
     return {"passes": args.passes, "share": share, "relative_error": error, "ok": error < 0.05}
 
 
+def component_norms(model: DeepGen, args: argparse.Namespace) -> dict:
+    """One policy pass measured as ``--log_component_grad_norm`` measures it (the policy and β·KL pieces in
+    one batched backward, then `gradient_loss`) against the same pass unmeasured: the same gradient, no
+    vmap fallback (an op without a batching rule, e.g. an attention backward kernel, would loop over the
+    pieces), and the peak memory of each."""
+    n = args.update_batch
+    cond = model.encode_prompts(prompts(n))
+    sigmas = model.sigmas(args.num_inference_steps)
+    j = len(sigmas) // 2
+    s, s_next = sigmas[j].item(), sigmas[j + 1].item()
+    x = latents(model, n, args.image_size, seed=400)
+    g = torch.Generator(model.device).manual_seed(401)
+    model.eval()
+    with torch.no_grad():
+        v_old = model.velocity(x, s, cond)
+        x_next, old, _, _ = sde_step_with_logprob("cps_sde", v_old, x, s, s_next, 1.0, generator=g)
+        v_ref = v_old + 0.1 * latents(model, n, args.image_size, seed=402).to(v_old.dtype)  # a reference apart
+    advantages = torch.randn(n, generator=torch.Generator().manual_seed(403)).to(model.device)
+
+    def pieces() -> list[tuple[str, torch.Tensor]]:
+        v = model.velocity(x, s, cond)
+        _, log_prob, _, std = sde_step_with_logprob("cps_sde", v, x, s, s_next, 1.0, x_next)
+        policy = clipped_policy_loss(log_prob, old, advantages, CLIP_RANGE)[0].mean()
+        return [("policy", policy), ("beta_kl", kl_penalty("v-based", v, v_ref, std).mean())]
+
+    def gradient() -> torch.Tensor:
+        grad = torch.cat([p.grad.float().reshape(-1).cpu() for p in params if p.grad is not None])
+        model.transformer.zero_grad(set_to_none=True)
+        return grad
+
+    params = model.trainable_parameters()
+    model.train()
+    model.set_gradient_checkpointing(True)
+    with peak_memory(model.device) as unmeasured_mem:
+        policy, kl = pieces()
+        (policy[1] + kl[1]).backward()
+    want = gradient()
+    parts = GradParts(params)
+    torch._C._functorch._set_vmap_fallback_warning_enabled(True)
+    try:
+        with warnings.catch_warnings(record=True) as caught, peak_memory(model.device) as measured_mem:
+            warnings.simplefilter("always")
+            parts.start()
+            parts.measure(pieces()).backward()
+            norms = parts.finish()
+    finally:
+        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
+    got = gradient()
+    model.eval()
+    fallbacks = sorted({str(w.message)[:160] for w in caught if "batching rule" in str(w.message)})
+    error = ((got - want).norm() / want.norm()).item()
+    return {
+        "relative_error": error, "vmap_fallbacks": fallbacks, **norms,
+        "peak_gib_unmeasured": unmeasured_mem["gib"], "peak_gib_measured": measured_mem["gib"],
+        "ok": error < 0.02 and not fallbacks,
+    }  # fmt: skip
+
+
 def ema_update(model: DeepGen, args: argparse.Namespace) -> dict:
     """The EMA's update from GPU weights (side-stream copy, lerp in a thread) against the formula, with the
     weights changed right after each update as an optimizer step would."""
@@ -223,6 +290,7 @@ FACTS: dict[str, Callable[[DeepGen, argparse.Namespace], dict]] = {
     "attention_kernels": attention_kernels,
     "rollout_vs_update": rollout_vs_update,
     "sft_share": sft_share,
+    "component_norms": component_norms,
     "ema_update": ema_update,
 }
 

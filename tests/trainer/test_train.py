@@ -224,11 +224,16 @@ def torchrun(args: list[str]) -> str:
 def test_torchrun_two_ranks_on_cpu_end_with_identical_weights(tmp_path: Path, deepspeed: str):
     out = tmp_path / "run"
     args = [*SMALL, "--dataset_config", str(train_yaml(tmp_path, "{clip_sim: 1.0}")), "--output_dir", str(out),
-            "--max_steps", "2", "--deepspeed", deepspeed]  # fmt: skip
+            "--max_steps", "2", "--deepspeed", deepspeed, "--log_component_grad_norm"]  # fmt: skip
     assert "all 2 ranks hold identical DiT weights" in torchrun(args)
     checkpoint = load_checkpoint(latest_checkpoint(out))
     assert (checkpoint.step, checkpoint.world_size) == (2, 2)
-    assert metrics(out)[2]["optim/steps"] == 2
+    rows = metrics(out)
+    assert rows[2]["optim/steps"] == 2
+    # While the policy is the reference (step 1) the β·KL part is zero and the policy part is the whole
+    # gradient: its norm, averaged over the ranks, is the optimizer's.
+    assert rows[1]["grad_norm/beta_kl"] == 0
+    assert rows[1]["grad_norm/policy"] == pytest.approx(rows[1]["grad_norm"], rel=1e-5)
 
 
 @pytest.mark.integration

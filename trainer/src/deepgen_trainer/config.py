@@ -327,8 +327,10 @@ class TrainConfig:
     log_component_grad_norm: bool = field(
         default=False,
         metadata=_help("log grad_norm/{policy,beta_kl,sftaux}: the norms of each part's gradient summed over the "
-                       "backward passes and averaged over ranks (the update is unchanged; measured steps backpropagate "
-                       "the policy and β·KL pieces apart: one more DiT backward per pass; --deepspeed none)"),
+                       "backward passes and averaged over ranks (the update and the DeepSpeed micro-steps are "
+                       "unchanged; on measured steps each policy pass's backward carries the policy and β·KL pieces "
+                       "apart, about twice its backward compute, and each part keeps a float32 gradient-sized sum; "
+                       "no effect under ZeRO-3)"),
     )  # fmt: skip
     log_component_grad_norm_every: int | None = field(
         default=None, metadata=_help("measure the component norms every N steps (default: --logging_steps)")

@@ -36,6 +36,7 @@ from deepgen_trainer.data.prompts import (
 from deepgen_trainer.data.sftaux import SftAuxLoader, load_sftaux_data
 from deepgen_trainer.data.sftaux_mmengine import load_mmengine_sftaux
 from deepgen_trainer.engine.distributed import World
+from deepgen_trainer.engine.ds_config import deepspeed_config
 from deepgen_trainer.engine.optim import Updater, build_updater
 from deepgen_trainer.engine.sampling_policy import SamplingPolicy
 from deepgen_trainer.evaluation.evaluate import EvalPlan
@@ -177,19 +178,21 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
 
 
 def component_grad_parts(cfg: TrainConfig, model: DeepGen) -> GradParts | None:
-    """The gradient parts of ``--log_component_grad_norm``. Measuring gives each part of the loss its own
-    backward call, which DeepSpeed would count as extra micro-steps (changing the update), so under
-    DeepSpeed the flag (always on in the original's launch lines) has no effect, said in one line."""
+    """The gradient parts of ``--log_component_grad_norm``, measured with plain PyTorch and with
+    DeepSpeed ZeRO stages 0-2. Under ZeRO-3 the flag (always on in the original's launch lines) has no
+    effect, said in one line: each rank holds a shard of the weights, while measuring backpropagates
+    into the whole weights on every rank."""
     if not cfg.log_component_grad_norm:
         return None
-    if cfg.deepspeed != "none":
+    zero = deepspeed_config(cfg.deepspeed, cfg).get("zero_optimization", {}) if cfg.deepspeed != "none" else {}
+    if zero.get("stage", 0) >= 3:
         log.info(
-            "--log_component_grad_norm has no effect under DeepSpeed (--deepspeed %s): measuring would add "
-            "backward calls DeepSpeed counts as micro-steps; pass --deepspeed none to log the norms",
+            "--log_component_grad_norm has no effect under ZeRO-3 (--deepspeed %s): the weights are sharded over "
+            "the ranks; use a ZeRO-2 config or --deepspeed none to log the norms",
             cfg.deepspeed,
         )
         return None
-    return GradParts(list(model.trainable_parameters()))
+    return GradParts(model.trainable_parameters())
 
 
 def build_tracker(cfg: TrainConfig, rank: int) -> Tracker:

@@ -306,12 +306,10 @@ def update_policy(run: Run, rollout: Rollout, advantages: torch.Tensor, step: in
         if run.sftaux is not None and i == len(passes) - 1 and (step - 1) % cfg.sftaux_every_n_steps == 0:
             sft_batch = cfg.sftaux_micro_batch_size or micro
             sft_loss = sft_auxiliary_loss(model, run.sftaux, sft_batch, rollout.generator)
-            if parts is None:
-                updater.backward_small(cfg.sftaux_coef * sft_loss)  # its own backward: a bf16 sum would drop it
-            else:
-                pieces.append(("sftaux", cfg.sftaux_coef * sft_loss))  # its own backward, measured
+            # Its own backward: added to the policy loss before one backward, bf16 would round it away.
+            updater.backward_small(backward_loss([("sftaux", cfg.sftaux_coef * sft_loss)], parts))
             stats.add("sft/loss", sft_loss)
-        backward(run, pieces, parts)
+        updater.backward(backward_loss(pieces, parts))
         if (i + 1) % per_step == 0:
             grad_norm = optimizer_step(run)
         stats.add("policy/loss", loss.mean())
@@ -320,7 +318,7 @@ def update_policy(run: Run, rollout: Rollout, advantages: torch.Tensor, step: in
             if cfg.optimizer_steps_per_rollout > 1:
                 stats.add(f"policy/clipfrac/opt_step{i // per_step + 1}", clipped.float().mean())
     if parts is not None:
-        for name, value in parts.finish(run.world.all_reduce_mean).items():
+        for name, value in parts.finish(run.world.all_reduce_mean_).items():
             stats.add(name, value)
     if run.sampling_policy is not None:  # DiffusionNFT off-policy: the sampling copy follows the trained DiT
         decay = old_policy_decay(step, cfg.atrain_nft_decay_type)
@@ -329,18 +327,15 @@ def update_policy(run: Run, rollout: Rollout, advantages: torch.Tensor, step: in
     return stats, grad_norm
 
 
-def backward(run: Run, pieces: list[tuple[str, torch.Tensor]], parts: GradParts | None) -> None:
-    """One backward of the pieces' sum; when the gradient parts are measured (--log_component_grad_norm,
-    plain PyTorch), one backward per piece instead, which accumulates the same gradient."""
-    if parts is None:
-        total = pieces[0][1]
-        for _, loss in pieces[1:]:
-            total = total + loss
-        run.updater.backward(total)
-        return
-    for k, (name, loss) in enumerate(pieces):
-        with parts.part(name):  # the policy and β·KL pieces share a graph
-            run.updater.backward(loss, retain_graph=k < len(pieces) - 1)
+def backward_loss(pieces: list[tuple[str, torch.Tensor]], parts: GradParts | None) -> torch.Tensor:
+    """The loss of one backward call: the pieces' sum; when the gradient parts are measured
+    (--log_component_grad_norm), a loss with the same gradient whose pieces were measured apart."""
+    if parts is not None:
+        return parts.measure(pieces)
+    total = pieces[0][1]
+    for _, loss in pieces[1:]:
+        total = total + loss
+    return total
 
 
 def trained_steps(cfg: TrainConfig, step: int) -> list[int]:

@@ -41,7 +41,7 @@ _DEEPSPEED_TAG = "state"
 
 
 class Updater(Protocol):
-    def backward(self, loss: Tensor, retain_graph: bool = False) -> None: ...
+    def backward(self, loss: Tensor) -> None: ...
 
     def backward_small(self, loss: Tensor) -> None:
         """Backpropagate a small loss term (λ·L_sft) on its own, before the pass's `backward`, into the
@@ -138,8 +138,8 @@ class TorchUpdater:
         by_id = {id(p): m for p, m in zip(params, masters, strict=True)}
         self._master_of = {name: by_id[id(p)] for name, p in dit.named_parameters() if id(p) in by_id}
 
-    def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
-        loss.backward(retain_graph=retain_graph)
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
         if self.masters is self.params:
             return
         with torch.no_grad():
@@ -266,12 +266,12 @@ class DeepSpeedUpdater:
         self._steps = 0
         self._held: Tensor | None = None  # a small term waiting for the next backward (see backward_small)
 
-    def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
+    def backward(self, loss: Tensor) -> None:
         # The loop already divides each loss by the passes of the step. DeepSpeed counts micro-steps in
         # engine.step(), which reduces, clips and updates only at the accumulation boundary.
         if self._held is not None:
             loss, self._held = loss + self._held, None
-        self.engine.backward(loss, scale_wrt_gas=False, retain_graph=retain_graph)
+        self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()
 
     def backward_small(self, loss: Tensor) -> None:

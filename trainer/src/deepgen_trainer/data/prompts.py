@@ -47,7 +47,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -202,8 +202,9 @@ def _prompt_key(keys: Collection[str], path: Path, where: str) -> str:
     )
 
 
-def _jsonl_rows(path: Path) -> list[tuple[str | None, str]]:
-    rows: list[tuple[str | None, str]] = []
+def jsonl_records(path: Path, example: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("line N", record) for each non-blank line of a JSON Lines file; a line that is not a JSON object
+    is a `DataConfigError` whose fix shows `example`, a record of the expected form."""
     for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
@@ -213,7 +214,13 @@ def _jsonl_rows(path: Path) -> list[tuple[str | None, str]]:
         except json.JSONDecodeError as e:
             raise DataConfigError(path, where, f"invalid JSON ({e.msg})", "write one JSON object per line") from e
         if not isinstance(record, dict):
-            raise DataConfigError(path, where, "not a JSON object", 'write objects like {"prompt": "..."}')
+            raise DataConfigError(path, where, "not a JSON object", f"write objects like {example}")
+        yield where, record
+
+
+def _jsonl_rows(path: Path) -> list[tuple[str | None, str]]:
+    rows: list[tuple[str | None, str]] = []
+    for where, record in jsonl_records(path, '{"prompt": "..."}'):
         key = _prompt_key(record.keys(), path, where)
         if not isinstance(record[key], str):
             raise DataConfigError(path, f"{where}.{key}", "must be a string", "store the prompt as a JSON string")

@@ -22,7 +22,6 @@ from its own seed (seed, rank, n), so the stream is deterministic, and resuming 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,7 @@ from deepgen_trainer.data.prompts import (
     DataConfigError,
     check_keys,
     dataset_list,
+    jsonl_records,
     load_yaml_mapping,
     non_negative_number,
     positive_int,
@@ -137,16 +137,7 @@ def _read_items(path: Path) -> list[ImageCaption]:
 
 def _jsonl_items(path: Path) -> list[ImageCaption]:
     items = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"line {line_no}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataConfigError(path, where, f"invalid JSON ({e.msg})", "write one JSON object per line") from e
-        if not isinstance(record, dict):
-            raise DataConfigError(path, where, "not a JSON object", 'write {"image": "...", "caption": "..."}')
+    for where, record in jsonl_records(path, '{"image": "...", "caption": "..."}'):
         image = _field(record, _IMAGE_KEYS, path, where)
         caption = _field(record, _CAPTION_KEYS, path, where)
         image_path = Path(image) if Path(image).is_absolute() else path.parent / image

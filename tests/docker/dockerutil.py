@@ -95,16 +95,19 @@ def pip_ca_bundle() -> str:
     return _pip_ca.prepare_bundle(REPO, os.environ, _pip_ca.pip_config_listing())
 
 
-def service_build_args(service: str) -> list[str]:
-    """`docker build` arguments for `service`'s image: the shared Dockerfile and the build args that
-    docker-compose.yml gives that service (so a test builds what compose builds)."""
+def build_service_image(service: str, tag: str) -> float:
+    """Build `service`'s image as `tag` on BASE_IMAGE: the shared Dockerfile and the build args that
+    docker-compose.yml gives that service (so a test builds what compose builds). Returns the seconds."""
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     build = compose["services"][service]["build"]
     args = ["-f", build["dockerfile"]]
     for key, value in build["args"].items():
-        if "${" not in str(value):  # interpolated ones (BASE_IMAGE, PIP_CA_BUNDLE) are the caller's
+        if "${" not in str(value):  # the interpolated ones are given below
             args += ["--build-arg", f"{key}={value}"]
-    return args
+    args += ["--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--build-arg", f"PIP_CA_BUNDLE={pip_ca_bundle()}"]
+    start = time.monotonic()
+    check(["docker", "build", *args, "-t", tag, str(REPO)], timeout=900)
+    return time.monotonic() - start
 
 
 def require_docker_engine() -> None:

@@ -29,15 +29,13 @@ import yaml
 
 from eval_unigenbench.benchmark import load_benchmark
 from tests.docker.dockerutil import (
-    BASE_IMAGE,
     PASSED_ENV,
+    build_service_image,
     check,
     container_logs,
     free_port,
-    pip_ca_bundle,
     require_docker_engine,
     run,
-    service_build_args,
     wait_health,
 )
 from tests.helpers import JUDGE_FIXTURES, REPO
@@ -58,23 +56,7 @@ def docker_engine() -> None:
 @pytest.fixture(scope="module")
 def image(docker_engine: None) -> str:
     """deepgen/eval-unigenbench:test built on BASE_IMAGE; the tag stays (the next build reuses its layers)."""
-    start = time.monotonic()
-    check(
-        [
-            "docker",
-            "build",
-            *service_build_args("eval-unigenbench"),
-            "--build-arg",
-            f"BASE_IMAGE={BASE_IMAGE}",
-            "--build-arg",
-            f"PIP_CA_BUNDLE={pip_ca_bundle()}",
-            "-t",
-            IMAGE,
-            str(REPO),
-        ],
-        timeout=900,
-    )
-    log.info("image build: %.1f s", time.monotonic() - start)
+    log.info("image build: %.1f s", build_service_image("eval-unigenbench", IMAGE))
     return IMAGE
 
 

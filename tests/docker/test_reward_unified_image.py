@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -33,15 +32,13 @@ import yaml
 from PIL import Image
 
 from tests.docker.dockerutil import (
-    BASE_IMAGE,
     PASSED_ENV,
+    build_service_image,
     check,
     container_logs,
     free_port,
-    pip_ca_bundle,
     require_docker_engine,
     run,
-    service_build_args,
     unavailable,
     wait_health,
 )
@@ -68,24 +65,9 @@ def docker_engine() -> None:
 @pytest.fixture(scope="module")
 def image(docker_engine: None) -> str:
     """deepgen/reward-unified:test built on BASE_IMAGE; the tag stays (the next build reuses its layers)."""
-    start = time.monotonic()
-    check(
-        [
-            "docker",
-            "build",
-            *service_build_args("reward-unified"),
-            "--build-arg",
-            f"BASE_IMAGE={BASE_IMAGE}",
-            "--build-arg",
-            f"PIP_CA_BUNDLE={pip_ca_bundle()}",
-            "-t",
-            IMAGE,
-            str(REPO),
-        ],
-        timeout=900,
-    )
+    seconds = build_service_image("reward-unified", IMAGE)
     size = int(check(["docker", "image", "inspect", "-f", "{{.Size}}", IMAGE], timeout=30))
-    log.info("image build: %.1f s, size %.0f MB", time.monotonic() - start, size / 1e6)
+    log.info("image build: %.1f s, size %.0f MB", seconds, size / 1e6)
     return IMAGE
 
 

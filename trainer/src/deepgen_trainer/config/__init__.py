@@ -3,9 +3,10 @@
 Flag names and defaults are the seed's (DESIGN §4 "Flags"). Every field is a ``--flag`` of the same
 name; booleans also get ``--no-flag`` (``--no-gradient_checkpointing``). Deployment facts (model
 paths, service URLs, output and data-config paths) fall back to environment variables when the flag
-is not given: the flag is the variable's name in lower case (``--ocr_url`` ← ``OCR_URL``), and
-`deployment_env` is the only function that reads the environment. Algorithm switches never come from
-the environment.
+is not given: the flag is the variable's name in lower case (``--ocr_url`` ← ``OCR_URL``). The one
+exception for algorithm knobs is the original's ``ATRAIN_*`` variables, read as defaults of their flags
+(a flag wins, and one line names each value's source) so that its launch environments keep working.
+Both tables of variables, and the two functions that read them, are in `environment`.
 
 Validation runs in `TrainConfig.__post_init__`, so a config from the command line, from a saved run
 (`TrainConfig.from_dict`) or built in code is checked the same way; every message says how to fix it.

@@ -110,7 +110,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> TrainConfig:
-    """Flags > environment (deployment facts only) > defaults, validated. Raises `ConfigError`.
+    """Flags > environment (deployment facts and ATRAIN_* knobs) > defaults, validated. Raises `ConfigError`.
     The original DeepGen-RL's flags are translated (`deepgen_trainer.original.flags`), each with one
     INFO line."""
     namespace = build_parser(environ).parse_args(argv)

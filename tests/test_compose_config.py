@@ -1,7 +1,8 @@
 """Every compose file (and the sleep-mode override on top of the main file) is valid with `.env` copied from
 `.env.example`, as the README says to do: `docker-compose config` (1.29, the oldest version the files
 support) resolves it. Only the docker-compose binary is needed, not a Docker engine; without it the
-tests skip, except under CI=true, where they fail."""
+tests skip, except under CI=true, where they fail. And the trainer service of each file passes every
+variable the trainer reads."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deepgen_trainer.config import ENV_FIELDS
+from deepgen_trainer.config.environment import ALGORITHM_ENV_FIELDS, ALGORITHM_ENV_NOTICES, ENV_ALIASES
 from tests.helpers import REPO
 
 FILE_SETS = [
@@ -82,3 +85,13 @@ def test_env_example_gives_trainer_and_judges_disjoint_gpus(env_dir: Path) -> No
         "1",
         "2,3",
     )
+
+
+@pytest.mark.parametrize("file", ["docker-compose.yml", "docker-compose.multinode.yml"])
+def test_the_trainer_service_passes_every_variable_the_trainer_reads(file: str) -> None:
+    # A variable the service does not list never reaches the container: the run would silently take the
+    # flag's default (an ATRAIN_NFT_BETA, a run name or a model config set in the shell, ignored).
+    environment = yaml.safe_load((REPO / file).read_text())["services"]["trainer"]["environment"]
+    aliases = {name for names in ENV_ALIASES.values() for name in names}
+    read = set(ENV_FIELDS) | aliases | set(ALGORITHM_ENV_FIELDS) | set(ALGORITHM_ENV_NOTICES)
+    assert read <= set(environment), sorted(read - set(environment))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
+from safetensors.torch import save_file
 from torch import nn
 from torch.testing import assert_close
 
@@ -24,6 +25,9 @@ from deepgen_trainer.checkpoints import run_checkpoint as ckpt_mod
 from deepgen_trainer.checkpoints.rng_state import apply_rng, capture_rng
 from deepgen_trainer.checkpoints.run_checkpoint import (
     COMPLETE_MARKER,
+    DEEPGEN_ONLY_FILE,
+    EMA_FILE,
+    SAMPLING_POLICY_FILE,
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
@@ -314,6 +318,24 @@ def test_a_pickled_object_in_a_checkpoint_is_not_loaded(tmp_path: Path):
     path = save_simple(tmp_path, 1, optimizer_state={"state": {}})
     torch.save({"state": {}, "evil": Opaque()}, path / "optimizer.pt")
     with pytest.raises(CheckpointError, match=r"optimizer\.pt: refused: the file names the class .*Opaque"):
+        load_checkpoint(path)
+
+
+OPTIONAL_WEIGHTS = {DEEPGEN_ONLY_FILE: "deepgen_only", EMA_FILE: "ema", SAMPLING_POLICY_FILE: "sampling_policy"}
+
+
+@pytest.mark.parametrize("file", list(OPTIONAL_WEIGHTS))
+def test_optional_weight_files_round_trip_and_may_not_point_outside(tmp_path: Path, file: str):
+    field = OPTIONAL_WEIGHTS[file]
+    weights = {"w": torch.arange(3.0)}
+    path = save_simple(tmp_path / "run", 1, **{field: weights})
+    ckpt = load_checkpoint(path)
+    assert_close(getattr(ckpt, field), weights, rtol=0, atol=0)
+    assert [getattr(ckpt, f) for f in OPTIONAL_WEIGHTS.values() if f != field] == [None, None]  # absent: None
+    save_file({"w": torch.ones(3)}, tmp_path / "secret.safetensors")
+    (path / file).unlink()
+    (path / file).symlink_to(tmp_path / "secret.safetensors")
+    with pytest.raises(CheckpointError, match=rf"{file} points outside"):
         load_checkpoint(path)
 
 

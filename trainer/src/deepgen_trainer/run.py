@@ -23,7 +23,14 @@ from deepgen_trainer.checkpoints.ema import DitEma
 from deepgen_trainer.checkpoints.loading import build_model
 from deepgen_trainer.checkpoints.original_run import OriginalCheckpoint, scan_output_dir
 from deepgen_trainer.checkpoints.rng_state import apply_rng
-from deepgen_trainer.checkpoints.run_checkpoint import DIT_PREFIX, CheckpointError, latest_checkpoint, load_checkpoint
+from deepgen_trainer.checkpoints.run_checkpoint import (
+    DIT_PREFIX,
+    SAMPLING_POLICY_FILE,
+    Checkpoint,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+)
 from deepgen_trainer.config import ConfigError, TrainConfig
 from deepgen_trainer.data.prompt_sampler import PromptSampler
 from deepgen_trainer.data.prompts import (
@@ -126,6 +133,8 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
             original.path, start_step, "model.safetensors", start_step,
             "; the EMA starts at the resumed DiT" if ema is not None else "",
         )  # fmt: skip
+        if sampling_policy is not None:
+            _resume_sampling_policy(sampling_policy, updater, original.path, None)
     elif resume is not None:
         # On the CPU: whole tensors onto every rank's GPU at once would add the DiT, its optimizer state and
         # the fp32 EMA to the peak; the restore copies each into place. A refused file (hostile, or pointing
@@ -133,6 +142,8 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
         try:
             ckpt = load_checkpoint(resume, map_location="cpu", rank=world.rank)
             updater.restore(ckpt)
+            if sampling_policy is not None:
+                _resume_sampling_policy(sampling_policy, updater, resume, ckpt)
         except CheckpointError as exc:
             raise ConfigError(f"cannot resume from {resume}: {exc}") from exc
         if ema is not None:
@@ -149,11 +160,6 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
             apply_rng(ckpt.rng)
         start_step = ckpt.step
         log.info("resumed from %s at step %d", resume, start_step)
-    if sampling_policy is not None and start_step > 0:
-        sampling_policy.soft_update(updater.trainable_state(is_main=True), 0.0)
-        log.warning(
-            "diffusionnft off-policy: the sampling copy of the DiT restarts at the resumed DiT (not checkpointed)"
-        )
 
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     if world.is_main:
@@ -336,6 +342,38 @@ def _load_original_weights(model: DeepGen, original: OriginalCheckpoint) -> None
         log.warning("%s: %d DeepGen-only tensors differ from --checkpoint's; using the original run's", original.path,
                     len(changed))  # fmt: skip
     model.load_state_dict(frozen, strict=False)
+
+
+def _resume_sampling_policy(policy: SamplingPolicy, updater: Updater, source: Path, ckpt: Checkpoint | None) -> None:
+    """DiffusionNFT off-policy: the sampling copy of the DiT from the checkpoint `ckpt` (None: `source` is
+    the original trainer's); from one without a copy, the resumed DiT, with a warning that says why.
+    CheckpointError naming the file when the saved copy does not fit this DiT."""
+    if ckpt is not None and ckpt.sampling_policy is not None:
+        try:
+            policy.load_state_dict(ckpt.sampling_policy)
+        except ValueError as exc:
+            raise CheckpointError(
+                f"{ckpt.path / SAMPLING_POLICY_FILE} does not hold a copy of this DiT: {exc}; delete that file to "
+                "resume with the sampling copy restarted at the resumed DiT"
+            ) from exc
+        return
+    policy.soft_update(updater.trainable_state(is_main=True), 0.0)
+    log.warning(
+        "diffusionnft off-policy: %s has no sampling copy of the DiT (%s): the copy restarts at the resumed DiT, "
+        "so the next rollouts and v_old are not those the unbroken run would have had",
+        source, _why_no_sampling_copy(ckpt),
+    )  # fmt: skip
+
+
+def _why_no_sampling_copy(ckpt: Checkpoint | None) -> str:
+    if ckpt is None:
+        return "the original trainer's checkpoints hold none"
+    algorithm = ckpt.config.get("atrain_algorithm")
+    if algorithm == "diffusionnft" and not ckpt.config.get("atrain_nft_off_policy"):
+        return "it was saved by an on-policy run: --atrain_algorithm diffusionnft without --atrain_nft_off_policy"
+    if algorithm is not None and algorithm != "diffusionnft":
+        return f"it was saved by a --atrain_algorithm {algorithm} run"
+    return f"no {SAMPLING_POLICY_FILE}: an older version of this trainer did not save it, or the file was removed"
 
 
 def _fast_forward_schedule(updater: Updater, steps: int) -> None:

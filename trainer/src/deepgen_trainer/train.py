@@ -16,8 +16,9 @@ One step, on every rank, in the order of `train()`:
 7. evaluate every `--eval_freq` (the DiT's EMA with `--eval_with_ema`), log, checkpoint every
    `--save_steps`; stop with a checkpoint when a reward has failed for all its samples
    `--reward_failure_patience` steps in a row.
-With `--ema_decay` the EMA of the DiT moves after every optimizer step. A run resumes from the newest
-complete checkpoint in `--output_dir` (see `run.py`).
+With `--ema_decay` the EMA of the DiT moves after every optimizer step; with `--atrain_algorithm
+diffusionnft --atrain_nft_off_policy` the sampling copy of the DiT moves after every step. A run resumes
+from the newest complete checkpoint in `--output_dir`, both included (see `run.py`).
 """
 
 from __future__ import annotations
@@ -486,6 +487,7 @@ def checkpoint(run: Run, step: int) -> Path:
         trainable=run.updater.trainable_state(world.is_main),
         deepgen_only=run.model.deepgen_only_state() if world.is_main else None,
         ema=run.ema.state_dict() if run.ema is not None and world.is_main else None,
+        sampling_policy=run.sampling_policy.state_dict() if run.sampling_policy is not None and world.is_main else None,
         sampler_state=sampler_state,
         config=cfg.to_dict(),
         rank=world.rank,

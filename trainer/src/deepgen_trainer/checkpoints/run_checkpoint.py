@@ -7,6 +7,9 @@ A checkpoint is a directory ``<output_dir>/checkpoint-<step>/``::
                               projector_1/2/3, connector; SFT key names), so that `convert`
                               writes every family the original's converter writes
     ema.safetensors           float32 EMA of the DiT (``--ema_decay``; absent when off)         rank 0
+    sampling_policy.safetensors
+                              DiffusionNFT's sampling copy of the DiT, in the DiT's dtype      rank 0
+                              (``--atrain_nft_off_policy``; absent otherwise)
     optimizer.pt              optimizer state (torch path; absent when None)                   rank 0
     scheduler.pt              LR scheduler state (absent when None)                            rank 0
     config.json               the resolved run config                                          rank 0
@@ -66,6 +69,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "transformer.safetensors"
 DEEPGEN_ONLY_FILE = "deepgen_only.safetensors"
 EMA_FILE = "ema.safetensors"
+SAMPLING_POLICY_FILE = "sampling_policy.safetensors"
 DIT_PREFIX = "transformer."
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
@@ -95,8 +99,8 @@ class Checkpoint:
     """Everything `save_checkpoint` wrote, as seen by one rank (`rng` and `sampler_state` are that rank's).
 
     `rng` and `sampler_state` are None when the checkpoint has no file for this rank (it was written by
-    a smaller world); `deepspeed_dir` is None when no DeepSpeed hook was used; `deepgen_only` and
-    `ema` are None when the checkpoint has no such file.
+    a smaller world); `deepspeed_dir` is None when no DeepSpeed hook was used; `deepgen_only`, `ema`
+    and `sampling_policy` are None when the checkpoint has no such file.
     """
 
     path: Path
@@ -112,6 +116,7 @@ class Checkpoint:
     deepspeed_dir: Path | None
     deepgen_only: dict[str, Tensor] | None = None
     ema: dict[str, Tensor] | None = None
+    sampling_policy: dict[str, Tensor] | None = None
 
 
 # --- Saving --------------------------------------------------------------------------------------------
@@ -124,6 +129,7 @@ def save_checkpoint(
     trainable: Mapping[str, Tensor] | None,
     deepgen_only: Mapping[str, Tensor] | None = None,
     ema: Mapping[str, Tensor] | None = None,
+    sampling_policy: Mapping[str, Tensor] | None = None,
     optimizer_state: Mapping[str, Any] | None = None,
     scheduler_state: Mapping[str, Any] | None = None,
     rng: RngState | None = None,
@@ -139,9 +145,10 @@ def save_checkpoint(
 
     Call on every rank. Rank 0 writes `trainable` (full tensors: under ZeRO-3 gather them first),
     `deepgen_only` (the frozen DeepGen-only weights, SFT key names), `ema` (the DiT's EMA),
-    `optimizer_state`, `scheduler_state`, `config` and `metadata`; the other ranks may pass None for
-    those. Every rank writes its own `rng` (None: `capture_rng()` now) and `sampler_state` (a JSON-able
-    dict, or None). `barrier` synchronises all ranks (required when ``world_size > 1``).
+    `sampling_policy` (DiffusionNFT's off-policy sampling copy of the DiT), `optimizer_state`,
+    `scheduler_state`, `config` and `metadata`; the other ranks may pass None for those. Every rank
+    writes its own `rng` (None: `capture_rng()` now) and `sampler_state` (a JSON-able dict, or None).
+    `barrier` synchronises all ranks (required when ``world_size > 1``).
 
     `deepspeed_save`, if given, is called on every rank with ``<staging dir>/deepspeed`` after the
     per-rank files are written, e.g. ``lambda d: engine.save_checkpoint(str(d), tag="state")``; the
@@ -190,6 +197,8 @@ def save_checkpoint(
             _write_safetensors(staging / DEEPGEN_ONLY_FILE, deepgen_only, step)
         if ema is not None:
             _write_safetensors(staging / EMA_FILE, ema, step)
+        if sampling_policy is not None:
+            _write_safetensors(staging / SAMPLING_POLICY_FILE, sampling_policy, step)
         if optimizer_state is not None:
             _write_torch(staging / OPTIMIZER_FILE, optimizer_state)
         if scheduler_state is not None:
@@ -418,6 +427,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         deepspeed_dir=deepspeed_dir if deepspeed_dir.is_dir() else None,
         deepgen_only=_load_safetensors(path / DEEPGEN_ONLY_FILE, map_location),
         ema=_load_safetensors(path / EMA_FILE, map_location),
+        sampling_policy=_load_safetensors(path / SAMPLING_POLICY_FILE, map_location),
     )
 
 

@@ -4,7 +4,9 @@ The copy generates the rollouts and gives v_old in the loss; after every trainin
 towards the trained DiT, v_old ← d·v_old + (1 − d)·v_θ, with the paper's decay schedule
 (`algorithms.diffusion_nft.old_policy_decay`). The original trainer took its "old" policy from an EMA
 whose update never ran (the initial DiT for the whole run) and rolled out with the current weights;
-here the policy that samples is the one the loss calls old.
+here the policy that samples is the one the loss calls old. The copy is checkpointed
+(``sampling_policy.safetensors``, `state_dict`) and restored on resume (`load_state_dict`), so a
+resumed run samples and computes v_old as the unbroken run would.
 """
 
 from __future__ import annotations
@@ -49,3 +51,25 @@ class SamplingPolicy:
             if value.is_floating_point():
                 value.lerp_(state[key].to(value.device, value.dtype), 1.0 - decay)
         self.decay = decay
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The copy's floating-point entries (those `soft_update` moves), in the DiT's dtype (the resume is
+        exact), keyed like the DiT's state dict; for the checkpoint."""
+        return {k: v for k, v in self.dit.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore entries saved by `state_dict`: ValueError, naming the first keys, when the keys or
+        shapes do not match this DiT's (nothing is changed then)."""
+        own = self.state_dict()
+        unexpected, missing = sorted(state.keys() - own.keys()), sorted(own.keys() - state.keys())
+        if unexpected or missing:
+            raise ValueError(
+                f"{len(unexpected)} unexpected keys {unexpected[:3]} and {len(missing)} missing keys {missing[:3]} "
+                "for this DiT"
+            )
+        for key, value in own.items():
+            if state[key].shape != value.shape:
+                raise ValueError(f"{key} has shape {tuple(state[key].shape)}, this DiT's is {tuple(value.shape)}")
+        for key, value in own.items():
+            value.copy_(state[key])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from deepgen_trainer.checkpoints.convert import convert
@@ -16,7 +16,7 @@ from deepgen_trainer.checkpoints.run_checkpoint import EMA_FILE, load_checkpoint
 from deepgen_trainer.config import ConfigError, parse_args
 from deepgen_trainer.model.deepgen import NEGATIVE_PROMPT
 from deepgen_trainer.model.tiny import build_tiny
-from deepgen_trainer.train import train
+from deepgen_trainer.train import main, train
 from tests.trainer.test_train import SMALL
 
 
@@ -47,7 +47,7 @@ def test_bad_decay_and_mismatched_state_are_errors() -> None:
     with pytest.raises(ValueError, match=r"decay=1\.0 must be in \(0, 1\)"):
         DitEma({"w": torch.zeros(1)}, 1.0)
     ema = DitEma({"w": torch.zeros(1)}, 0.9)
-    with pytest.raises(KeyError, match="1 unexpected and 1 missing"):
+    with pytest.raises(ValueError, match="1 unexpected and 1 missing"):
         ema.load_state_dict({"v": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"--eval_with_ema .* needs --ema_decay > 0"):
         parse_args(["--eval_with_ema"], environ={})
@@ -122,3 +122,21 @@ def test_a_resume_reads_the_checkpoint_onto_the_cpu(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(run_module, "load_checkpoint", spy)
     train(parse_args([*args, "--output_dir", str(tmp_path / "run"), "--max_steps", "2"], environ={}))
     assert seen == [("cpu", {"cpu"})]
+
+
+def test_an_ema_that_does_not_fit_the_dit_is_refused_naming_the_file_and_the_fix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    args = [*SMALL, "--dataset_config", str(write_prompts(tmp_path)), "--ema_decay", "0.8", "--output_dir", str(out)]
+    train(parse_args([*args, "--max_steps", "1", "--save_steps", "1"], environ={}))
+    file = out / "checkpoint-1" / EMA_FILE
+    state = load_file(file)
+    del state["transformer_blocks.0.attn.to_q.weight"]
+    save_file(state, file)
+    assert main([*args, "--max_steps", "2"]) == 2
+    assert f"{file} does not hold an EMA of this DiT: EMA state does not match the DiT: 0 unexpected and 1 missing" in (
+        caplog.text
+    )
+    assert "delete that file to resume with the EMA restarted at the resumed DiT" in caplog.text
+    assert not (out / "checkpoint-2").exists()

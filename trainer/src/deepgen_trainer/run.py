@@ -25,6 +25,7 @@ from deepgen_trainer.checkpoints.original_run import OriginalCheckpoint, scan_ou
 from deepgen_trainer.checkpoints.rng_state import apply_rng
 from deepgen_trainer.checkpoints.run_checkpoint import (
     DIT_PREFIX,
+    EMA_FILE,
     SAMPLING_POLICY_FILE,
     Checkpoint,
     CheckpointError,
@@ -144,14 +145,13 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
             updater.restore(ckpt)
             if sampling_policy is not None:
                 _resume_sampling_policy(sampling_policy, updater, resume, ckpt)
+            if ema is not None and ckpt.ema is not None:
+                _resume_ema(ema, ckpt)
         except CheckpointError as exc:
             raise ConfigError(f"cannot resume from {resume}: {exc}") from exc
-        if ema is not None:
-            if ckpt.ema is not None:
-                ema.load_state_dict(ckpt.ema)
-            else:
-                ema = DitEma(updater.trainable_state(is_main=True), cfg.ema_decay)
-                log.warning("%s has no EMA (saved without --ema_decay): the EMA starts at the resumed DiT", resume)
+        if ema is not None and ckpt.ema is None:
+            ema = DitEma(updater.trainable_state(is_main=True), cfg.ema_decay)
+            log.warning("%s has no EMA (saved without --ema_decay): the EMA starts at the resumed DiT", resume)
         if ckpt.sampler_state is not None:
             sampler.load_state_dict(ckpt.sampler_state["prompts"])
             if sftaux is not None:
@@ -342,6 +342,18 @@ def _load_original_weights(model: DeepGen, original: OriginalCheckpoint) -> None
         log.warning("%s: %d DeepGen-only tensors differ from --checkpoint's; using the original run's", original.path,
                     len(changed))  # fmt: skip
     model.load_state_dict(frozen, strict=False)
+
+
+def _resume_ema(ema: DitEma, ckpt: Checkpoint) -> None:
+    """The DiT's EMA from `ckpt`; CheckpointError naming the file when it does not fit this DiT."""
+    assert ckpt.ema is not None
+    try:
+        ema.load_state_dict(ckpt.ema)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{ckpt.path / EMA_FILE} does not hold an EMA of this DiT: {exc}; delete that file to resume with the "
+            "EMA restarted at the resumed DiT"
+        ) from exc
 
 
 def _resume_sampling_policy(policy: SamplingPolicy, updater: Updater, source: Path, ckpt: Checkpoint | None) -> None:

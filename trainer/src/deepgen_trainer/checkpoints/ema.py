@@ -105,7 +105,7 @@ class DitEma:
         """Restore averages saved by `state_dict`; the keys and shapes must match the DiT's."""
         self.wait()
         if state.keys() != self.shadow.keys():
-            raise KeyError(
+            raise ValueError(
                 f"EMA state does not match the DiT: {len(state.keys() - self.shadow.keys())} unexpected and "
                 f"{len(self.shadow.keys() - state.keys())} missing keys"
             )

@@ -11,85 +11,82 @@ import pytest
 
 from deepgen_trainer.config import ConfigError, TrainConfig, lr_scheduler_types, parse_args
 
-# The original's argparse, flag by flag: (flag, a value as its users pass it or None for a store_true flag,
-# the owner). Owner "17": this issue; "18" / "19": the issues that add those flags: remove them from
-# OWNED_ELSEWHERE once those branches are merged.
-ORIGINAL_FLAGS: list[tuple[str, str | None, str]] = [
-    ("--model_config", "MODEL_CONFIG", "17"),
-    ("--checkpoint", "/ckpt.pth", "17"),
-    ("--output_dir", "OUT", "17"),
-    ("--num_train_epochs", "10", "17"),
-    ("--learning_rate", "2e-6", "17"),
-    ("--lr_scheduler_type", "constant_with_warmup", "17"),
-    ("--warmup_steps", "20", "17"),
-    ("--logging_steps", "1", "18"),
-    ("--save_steps", "50", "17"),
-    ("--save_total_limit", "-1", "17"),
-    ("--max_steps", "-1", "17"),
-    ("--bf16", None, "17"),
-    ("--dataloader_num_workers", "4", "17"),
-    ("--rollout_n", "8", "17"),
-    ("--rollout_micro_batch_size", "32", "17"),
-    ("--rollout_global_batch_size", "256", "17"),
-    ("--atrain_micro_batch_size", "32", "17"),
-    ("--atrain_global_batch_size", "256", "17"),
-    ("--log_prob_micro_batch_size", "32", "17"),
-    ("--beta", "5e-7", "17"),
-    ("--cfg_scale", "0", "17"),
-    ("--num_inference_steps", "50", "17"),
-    ("--image_height", "512", "17"),
-    ("--image_width", "512", "17"),
-    ("--log_images_interval", "1", "18"),
-    ("--reward_funcs", "jpeg_compressibility", "18"),
-    ("--prompts_file", "prompts.txt", "18"),
-    ("--dataset_config", "train.yaml", "17"),
-    ("--report_to", "wandb,swanlab", "17"),
-    ("--run_name", "my-run", "17"),
-    ("--log_component_grad_norm", None, "18"),
-    ("--log_component_grad_norm_every", "1", "18"),
-    ("--log_tflops", None, "18"),
-    ("--log_tflops_every", "1", "18"),
-    ("--log_tflops_warmup_steps", "5", "18"),
-    ("--deepspeed", "DS_JSON", "17"),
-    ("--local_rank", "0", "17"),
-    ("--gradient_checkpointing", None, "17"),
-    ("--max_grad_norm", "1.0", "17"),
-    ("--sftaux_dataset_config", "sftaux.yaml", "17"),
-    ("--sftaux_coef", "0.0001", "17"),
-    ("--sftaux_every_n_steps", "1", "18"),
-    ("--sftaux_micro_batch_size", "32", "18"),
-    ("--sftaux_num_workers", "4", "18"),
-    ("--sftaux_disable_on_error", None, "18"),
-    ("--init_same_noise", None, "17"),
-    ("--timestep_fraction", "0.6", "17"),
-    ("--ema_diffusion", "0.999", "17"),
-    ("--clip_range", "1e-4", "17"),
-    ("--sde_eta", "1.0", "17"),
-    ("--atrain_algorithm", "flowgrpo", "19"),
-    ("--atrain_nft_beta", "0.1", "19"),
-    ("--atrain_nft_adv_clip_range", "5.0", "19"),
-    ("--atrain_nft_off_policy", None, "19"),
-    ("--atrain_sde_sampler", "cps_sde", "17"),
-    ("--atrain_adv_type", "gdpo", "17"),
-    ("--atrain_kl_type", "v-based", "17"),
-    ("--atrain_num_actor_update_steps", "1", "17"),
-    ("--eval_freq", "10", "17"),
-    ("--eval_before_train", None, "17"),
-    ("--eval_dataset_config", "eval.yaml", "17"),
-    ("--eval_inference_mode", "ode", "18"),
-    ("--eval_cfg_scale", "4.0", "17"),
-    ("--eval_num_inference_steps", "50", "18"),
-    ("--eval_sde_eta", "1.0", "18"),
-    ("--eval_image_height", "512", "18"),
-    ("--eval_image_width", "512", "18"),
-    ("--eval_micro_batch_size", "160", "18"),
-    ("--eval_wandb_num_upload_images", "0", "18"),
-    ("--eval_swanlab_num_upload_images", "32", "18"),
+# The original's argparse, flag by flag: (flag, a value as its users pass it or None for a store_true flag).
+ORIGINAL_FLAGS: list[tuple[str, str | None]] = [
+    ("--model_config", "MODEL_CONFIG"),
+    ("--checkpoint", "/ckpt.pth"),
+    ("--output_dir", "OUT"),
+    ("--num_train_epochs", "10"),
+    ("--learning_rate", "2e-6"),
+    ("--lr_scheduler_type", "constant_with_warmup"),
+    ("--warmup_steps", "20"),
+    ("--logging_steps", "1"),
+    ("--save_steps", "50"),
+    ("--save_total_limit", "-1"),
+    ("--max_steps", "-1"),
+    ("--bf16", None),
+    ("--dataloader_num_workers", "4"),
+    ("--rollout_n", "8"),
+    ("--rollout_micro_batch_size", "32"),
+    ("--rollout_global_batch_size", "256"),
+    ("--atrain_micro_batch_size", "32"),
+    ("--atrain_global_batch_size", "256"),
+    ("--log_prob_micro_batch_size", "32"),
+    ("--beta", "5e-7"),
+    ("--cfg_scale", "0"),
+    ("--num_inference_steps", "50"),
+    ("--image_height", "512"),
+    ("--image_width", "512"),
+    ("--log_images_interval", "1"),
+    ("--reward_funcs", "jpeg_compressibility"),
+    ("--prompts_file", "prompts.txt"),
+    ("--dataset_config", "train.yaml"),
+    ("--report_to", "wandb,swanlab"),
+    ("--run_name", "my-run"),
+    ("--log_component_grad_norm", None),
+    ("--log_component_grad_norm_every", "1"),
+    ("--log_tflops", None),
+    ("--log_tflops_every", "1"),
+    ("--log_tflops_warmup_steps", "5"),
+    ("--deepspeed", "DS_JSON"),
+    ("--local_rank", "0"),
+    ("--gradient_checkpointing", None),
+    ("--max_grad_norm", "1.0"),
+    ("--sftaux_dataset_config", "sftaux.yaml"),
+    ("--sftaux_coef", "0.0001"),
+    ("--sftaux_every_n_steps", "1"),
+    ("--sftaux_micro_batch_size", "32"),
+    ("--sftaux_num_workers", "4"),
+    ("--sftaux_disable_on_error", None),
+    ("--init_same_noise", None),
+    ("--timestep_fraction", "0.6"),
+    ("--ema_diffusion", "0.999"),
+    ("--clip_range", "1e-4"),
+    ("--sde_eta", "1.0"),
+    ("--atrain_algorithm", "flowgrpo"),
+    ("--atrain_nft_beta", "0.1"),
+    ("--atrain_nft_adv_clip_range", "5.0"),
+    ("--atrain_nft_off_policy", None),
+    ("--atrain_sde_sampler", "cps_sde"),
+    ("--atrain_adv_type", "gdpo"),
+    ("--atrain_kl_type", "v-based"),
+    ("--atrain_num_actor_update_steps", "1"),
+    ("--eval_freq", "10"),
+    ("--eval_before_train", None),
+    ("--eval_dataset_config", "eval.yaml"),
+    ("--eval_inference_mode", "ode"),
+    ("--eval_cfg_scale", "4.0"),
+    ("--eval_num_inference_steps", "50"),
+    ("--eval_sde_eta", "1.0"),
+    ("--eval_image_height", "512"),
+    ("--eval_image_width", "512"),
+    ("--eval_micro_batch_size", "160"),
+    ("--eval_wandb_num_upload_images", "0"),
+    ("--eval_swanlab_num_upload_images", "32"),
 ]
 # The original's deprecated flags, refused by it and here, each naming its replacement.
 REFUSED = {"--num_generations": "--rollout_n", "--per_device_train_batch_size": "--prompts_per_rank",
            "--gradient_accumulation_steps": "--optimizer_steps_per_rollout"}  # fmt: skip
-OWNED_ELSEWHERE: set[str] = set()
 
 
 def parse(*argv: str, env: dict[str, str] | None = None) -> TrainConfig:
@@ -107,15 +104,7 @@ def argv_of(flag: str, value: str | None, tmp_path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize(
-    ("flag", "value"),
-    [
-        pytest.param(flag, value, marks=pytest.mark.skip(reason=f"issue {owner} adds {flag}; enable after merging"))
-        if owner in OWNED_ELSEWHERE
-        else (flag, value)
-        for flag, value, owner in ORIGINAL_FLAGS
-    ],
-)
+@pytest.mark.parametrize(("flag", "value"), ORIGINAL_FLAGS)
 def test_every_flag_of_the_original_parses(flag, value, tmp_path) -> None:
     parse(*argv_of(flag, value, tmp_path))
 
@@ -123,7 +112,7 @@ def test_every_flag_of_the_original_parses(flag, value, tmp_path) -> None:
 def test_the_original_flag_list_is_the_original_argparse() -> None:
     # 71 add_argument calls in grpo_deepgen.py's parse_args (3 of them the deprecated, refused flags).
     assert len(ORIGINAL_FLAGS) + len(REFUSED) == 73
-    assert len({f for f, _, _ in ORIGINAL_FLAGS}) == len(ORIGINAL_FLAGS)
+    assert len({f for f, _ in ORIGINAL_FLAGS}) == len(ORIGINAL_FLAGS)
 
 
 @pytest.mark.parametrize(("flag", "replacement"), REFUSED.items())

@@ -82,7 +82,8 @@ NFT = ["--atrain_algorithm", "diffusionnft", "--atrain_nft_off_policy", "--save_
 
 
 def half_decay(mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(importlib.import_module("deepgen_trainer.train"), "old_policy_decay", lambda step, schedule: DECAY)
+    update = importlib.import_module("deepgen_trainer.train.update")
+    mp.setattr(update, "old_policy_decay", lambda step, schedule: DECAY)
 
 
 def nft_args(tmp: Path, output_dir: Path, max_steps: int) -> list[str]:

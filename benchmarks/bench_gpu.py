@@ -73,13 +73,12 @@ from benchmarks.flops import (  # noqa: E402
     step_flops,
     utilisation,
 )
-from deepgen_trainer import train as train_loop  # noqa: E402
 from deepgen_trainer.config import ConfigError, TrainConfig, parse_args  # noqa: E402
 from deepgen_trainer.engine.distributed import close_world, init_world  # noqa: E402
 from deepgen_trainer.model.deepgen import DeepGen  # noqa: E402
 from deepgen_trainer.model.tiny import QWEN_SPECIAL_TOKENS, build_tiny_tokenizer  # noqa: E402
 from deepgen_trainer.rewards.clip_sim import ClipSimReward, build_tiny_clip  # noqa: E402
-from deepgen_trainer.train import train  # noqa: E402
+from deepgen_trainer.train import loop, train  # noqa: E402
 
 log = logging.getLogger("bench_gpu")
 
@@ -289,7 +288,7 @@ def worker(args: argparse.Namespace) -> None:
         if world.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(world.device)
         # No checkpoint: the loop's last step would write one (~34 GiB at real size) before the results.
-        train_loop.checkpoint = lambda run, step: log.info("bench-gpu: checkpoint of step %d not written", step)
+        loop.checkpoint = lambda run, step: log.info("bench-gpu: checkpoint of step %d not written", step)
         with DeviceMemory(world.device) as device_memory:
             train(cfg, world, model=model)
     except BaseException as exc:  # the parent reports it as the run's reason

@@ -124,42 +124,9 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
 
     start_step = 0
     if original is not None:
-        _fast_forward_schedule(updater, original.step * cfg.optimizer_steps(world.world_size))
-        start_step = original.step
-        log.warning(
-            "resumed from the original trainer's %s at step %d: the DiT and the DeepGen-only weights come from its "
-            "%s; its optimizer state (DeepSpeed shards) does not map onto this optimizer and is NOT restored "
-            "(AdamW moments restart from zero), the LR schedule is moved on to step %d, prompt order and RNG "
-            "restart from --seed%s",
-            original.path, start_step, "model.safetensors", start_step,
-            "; the EMA starts at the resumed DiT" if ema is not None else "",
-        )  # fmt: skip
-        if sampling_policy is not None:
-            _resume_sampling_policy(sampling_policy, updater, original.path, None)
+        start_step = _resume_original(cfg, world, original, updater, ema is not None, sampling_policy)
     elif resume is not None:
-        # On the CPU: whole tensors onto every rank's GPU at once would add the DiT, its optimizer state and
-        # the fp32 EMA to the peak; the restore copies each into place. A refused file (hostile, or pointing
-        # outside the folder) stops the run before it trains: exit 2.
-        try:
-            ckpt = load_checkpoint(resume, map_location="cpu", rank=world.rank)
-            updater.restore(ckpt)
-            if sampling_policy is not None:
-                _resume_sampling_policy(sampling_policy, updater, resume, ckpt)
-            if ema is not None and ckpt.ema is not None:
-                _resume_ema(ema, ckpt)
-        except CheckpointError as exc:
-            raise ConfigError(f"cannot resume from {resume}: {exc}") from exc
-        if ema is not None and ckpt.ema is None:
-            ema = DitEma(updater.trainable_state(is_main=True), cfg.ema_decay)
-            log.warning("%s has no EMA (saved without --ema_decay): the EMA starts at the resumed DiT", resume)
-        if ckpt.sampler_state is not None:
-            sampler.load_state_dict(ckpt.sampler_state["prompts"])
-            if sftaux is not None:
-                sftaux.load_state_dict(ckpt.sampler_state["sftaux"])
-        if ckpt.rng is not None:
-            apply_rng(ckpt.rng)
-        start_step = ckpt.step
-        log.info("resumed from %s at step %d", resume, start_step)
+        start_step, ema = _resume(cfg, resume, world.rank, updater, ema, sampling_policy, sampler, sftaux)
 
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     if world.is_main:
@@ -181,6 +148,67 @@ def setup(cfg: TrainConfig, world: World, model: DeepGen | None = None) -> Run:
         shape=DeepGenShape.from_model(model) if cfg.log_tflops else None,
         sampling_policy=sampling_policy,
     )  # fmt: skip
+
+
+def _resume_original(
+    cfg: TrainConfig,
+    world: World,
+    original: OriginalCheckpoint,
+    updater: Updater,
+    with_ema: bool,
+    sampling_policy: SamplingPolicy | None,
+) -> int:
+    """Go on from the original trainer's checkpoint, whose weights are already in the model: the LR
+    schedule moves on to its step; returns that step."""
+    _fast_forward_schedule(updater, original.step * cfg.optimizer_steps(world.world_size))
+    log.warning(
+        "resumed from the original trainer's %s at step %d: the DiT and the DeepGen-only weights come from its "
+        "%s; its optimizer state (DeepSpeed shards) does not map onto this optimizer and is NOT restored "
+        "(AdamW moments restart from zero), the LR schedule is moved on to step %d, prompt order and RNG "
+        "restart from --seed%s",
+        original.path, original.step, "model.safetensors", original.step,
+        "; the EMA starts at the resumed DiT" if with_ema else "",
+    )  # fmt: skip
+    if sampling_policy is not None:
+        _resume_sampling_policy(sampling_policy, updater, original.path, None)
+    return original.step
+
+
+def _resume(
+    cfg: TrainConfig,
+    resume: Path,
+    rank: int,
+    updater: Updater,
+    ema: DitEma | None,
+    sampling_policy: SamplingPolicy | None,
+    sampler: PromptSampler,
+    sftaux: SftAuxLoader | None,
+) -> tuple[int, DitEma | None]:
+    """Restore this run's checkpoint `resume`: weights, optimizer, EMA, sampling copy, data order and
+    RNG. Returns its step and the EMA (one at the resumed DiT when the checkpoint was saved without)."""
+    # On the CPU: whole tensors onto every rank's GPU at once would add the DiT, its optimizer state and
+    # the fp32 EMA to the peak; the restore copies each into place. A refused file (hostile, or pointing
+    # outside the folder) stops the run before it trains: exit 2.
+    try:
+        ckpt = load_checkpoint(resume, map_location="cpu", rank=rank)
+        updater.restore(ckpt)
+        if sampling_policy is not None:
+            _resume_sampling_policy(sampling_policy, updater, resume, ckpt)
+        if ema is not None and ckpt.ema is not None:
+            _resume_ema(ema, ckpt)
+    except CheckpointError as exc:
+        raise ConfigError(f"cannot resume from {resume}: {exc}") from exc
+    if ema is not None and ckpt.ema is None:
+        ema = DitEma(updater.trainable_state(is_main=True), cfg.ema_decay)
+        log.warning("%s has no EMA (saved without --ema_decay): the EMA starts at the resumed DiT", resume)
+    if ckpt.sampler_state is not None:
+        sampler.load_state_dict(ckpt.sampler_state["prompts"])
+        if sftaux is not None:
+            sftaux.load_state_dict(ckpt.sampler_state["sftaux"])
+    if ckpt.rng is not None:
+        apply_rng(ckpt.rng)
+    log.info("resumed from %s at step %d", resume, ckpt.step)
+    return ckpt.step, ema
 
 
 def component_grad_parts(cfg: TrainConfig, model: DeepGen) -> GradParts | None:

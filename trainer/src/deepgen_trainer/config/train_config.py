@@ -339,6 +339,11 @@ class TrainConfig:
         """The SFT auxiliary loss is on: a dataset is configured and its coefficient is > 0."""
         return self.sftaux_dataset_config is not None and self.sftaux_coef > 0
 
+    def due(self, every: int | None, step: int) -> bool:
+        """A logging option with cadence `every` acts at `step`; None: every ``--logging_steps`` steps, the
+        original's default for its logging options."""
+        return step % (every if every is not None else self.logging_steps) == 0
+
     def grpo_passes(self, world_size: int) -> int:
         """Backward passes of the policy loss per rollout batch: one per (trained timestep, training
         micro-batch). The SFT auxiliary loss shares the last one's backward."""

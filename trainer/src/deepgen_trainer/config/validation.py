@@ -59,6 +59,16 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Every invariant of ``cfg``, in order; raises `ConfigError` at the first one broken."""
+    _validate_names(cfg)
+    _validate_step_shape(cfg)
+    _validate_numbers(cfg)
+    _validate_algorithm(cfg)
+    deepspeed_config_path(cfg.deepspeed)
+    _validate_original_options(cfg)
+
+
+def _validate_names(cfg: TrainConfig) -> None:
+    """The flags that take a name from a closed set, and the services' URLs."""
 
     def one_of(flag: str, value: str, valid: Sequence[str]) -> None:
         _require(value in valid, f"--{flag} {value!r} is unknown; valid values: {', '.join(valid)}")
@@ -83,6 +93,9 @@ def validate(cfg: TrainConfig) -> None:
             f"--report_to {tracker!r} is unknown; valid values: {','.join(REPORT_TO)} (comma-separated) or none",
         )
 
+
+def _validate_step_shape(cfg: TrainConfig) -> None:
+    """The sizes of a step: groups, batches, micro-batches, timesteps and image sides."""
     for flag in ("rollout_n", "prompts_per_rank", "rollout_micro_batch_size", "atrain_micro_batch_size", "save_steps",
                  "vae_batch_size"):  # fmt: skip
         value = getattr(cfg, flag)
@@ -105,7 +118,22 @@ def validate(cfg: TrainConfig) -> None:
             value > 0 and value % IMAGE_SIDE_MULTIPLE == 0,
             f"--{flag} must be a positive multiple of {IMAGE_SIDE_MULTIPLE} (VAE /8, DiT patch 2), got {value}",
         )
+    _require(
+        cfg.prompts_per_step is None or cfg.prompts_per_step >= 1,
+        f"--prompts_per_step must be >= 1 (omit it to use --prompts_per_rank), got {cfg.prompts_per_step}",
+    )
+    if cfg.prompts_per_step is None:
+        check_rollout_batch(cfg, cfg.prompts_per_rank, f"--prompts_per_rank {cfg.prompts_per_rank}")
+    _require(
+        cfg.rollout_micro_batch_size % cfg.rollout_n == 0,
+        f"--rollout_micro_batch_size {cfg.rollout_micro_batch_size} must be a multiple of --rollout_n "
+        f"{cfg.rollout_n}: each generation pass is scored as soon as it is decoded, and group rewards need "
+        "whole groups",
+    )
 
+
+def _validate_numbers(cfg: TrainConfig) -> None:
+    """The numeric knobs: rates, coefficients, schedules, patience and retention."""
     for flag in ("learning_rate", "beta", "cfg_scale", "eval_cfg_scale", "sde_eta", "max_grad_norm"):
         value = getattr(cfg, flag)
         _require(math.isfinite(value) and value >= 0, f"--{flag} must be a finite number >= 0, got {value}")
@@ -158,22 +186,6 @@ def validate(cfg: TrainConfig) -> None:
         cfg.save_total_limit is None or cfg.save_total_limit >= 1,
         f"--save_total_limit must be >= 1 (omit it or pass -1 to keep every checkpoint), got {cfg.save_total_limit}",
     )
-    _require(
-        cfg.prompts_per_step is None or cfg.prompts_per_step >= 1,
-        f"--prompts_per_step must be >= 1 (omit it to use --prompts_per_rank), got {cfg.prompts_per_step}",
-    )
-    if cfg.prompts_per_step is None:
-        check_rollout_batch(cfg, cfg.prompts_per_rank, f"--prompts_per_rank {cfg.prompts_per_rank}")
-    _require(
-        cfg.rollout_micro_batch_size % cfg.rollout_n == 0,
-        f"--rollout_micro_batch_size {cfg.rollout_micro_batch_size} must be a multiple of --rollout_n "
-        f"{cfg.rollout_n}: each generation pass is scored as soon as it is decoded, and group rewards need "
-        "whole groups",
-    )
-
-    _validate_algorithm(cfg)
-    deepspeed_config_path(cfg.deepspeed)
-    _validate_original_options(cfg)
 
 
 def _validate_original_options(cfg: TrainConfig) -> None:

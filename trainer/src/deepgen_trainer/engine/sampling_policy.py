@@ -28,7 +28,6 @@ class SamplingPolicy:
     def __init__(self, model: DeepGen) -> None:
         self.model = model
         self.dit = copy.deepcopy(model.transformer).requires_grad_(False).eval()
-        self.decay = 0.0
 
     def velocity(
         self, latents: Tensor, sigma: float | Tensor, cond: Any, cfg_scale: float = 0.0, uncond: Any = None
@@ -50,7 +49,6 @@ class SamplingPolicy:
         for key, value in own.items():
             if value.is_floating_point():
                 value.lerp_(state[key].to(value.device, value.dtype), 1.0 - decay)
-        self.decay = decay
 
     def state_dict(self) -> dict[str, Tensor]:
         """The copy's floating-point entries (those `soft_update` moves), in the DiT's dtype (the resume is

@@ -200,6 +200,14 @@ def _resume(
             _resume_ema(ema, ckpt)
     except CheckpointError as exc:
         raise ConfigError(f"cannot resume from {resume}: {exc}") from exc
+    except torch.OutOfMemoryError:  # a RuntimeError too, and no fault of the checkpoint's
+        raise
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # another model's weights or optimizer
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__  # torch's lists every key
+        raise ConfigError(
+            f"cannot resume from {resume}: its DiT or optimizer state does not fit this run ({reason}); resume "
+            "with the model and DeepSpeed config it was saved with, or pass a fresh --output_dir"
+        ) from None
     if ema is not None and ckpt.ema is None:
         ema = DitEma(updater.trainable_state(is_main=True), cfg.ema_decay)
         log.warning("%s has no EMA (saved without --ema_decay): the EMA starts at the resumed DiT", resume)

@@ -11,7 +11,8 @@ imports took (an allocation the file does not justify fails with MemoryError ins
 machine), loads each path through the entry (``read``: `formats.read_checkpoint` then a cast to fp16
 as ``convert --dtype`` does, the path of ``--checkpoint``, ``--merge-onto`` and ``make eval``;
 ``eval``: ``make eval``'s model loading for an RL checkpoint folder; ``resume``:
-`run_checkpoint.load_checkpoint`, the trainer's resume), and prints one JSON line per path:
+`run_checkpoint.load_checkpoint`, the trainer's resume; ``scan``: the trainer's look for the original's
+checkpoints in an output dir), and prints one JSON line per path:
 ``{"path", "outcome": "refused" | "loaded" | "memory", "message", "poisoned"}``. ``poisoned`` is set
 when a load changed what torch's own rebuild function or a clean load returns afterwards.
 """
@@ -195,6 +196,10 @@ def _load(entry: str, path: str) -> str:
 
         ckpt = load_checkpoint(path)
         return f"step {ckpt.step}, optimizer {type(ckpt.optimizer_state).__name__}"
+    if entry == "scan":  # the trainer's look for the original's checkpoints in --output_dir
+        from deepgen_trainer.checkpoints.original_run import scan_output_dir
+
+        return f"original checkpoints at steps {[c.step for c in scan_output_dir(path).original]}"
     raise ValueError(f"unknown entry {entry!r}")
 
 

@@ -272,7 +272,104 @@ def test_entries_pointing_outside_the_folder_are_refused(tmp_path: Path) -> None
     assert results[6]["message"].startswith("ConfigError")  # make eval: exit 2
 
 
-# --- 7. the commands: exit 2, one line ---------------------------------------------------------------------
+# --- 7. the JSON files -------------------------------------------------------------------------------------
+
+DEEP = b"[" * 100_000 + b"]" * 100_000  # past Python's recursion limit
+
+
+def meta(**fields: object) -> bytes:
+    return json.dumps({"format_version": 1, "step": 1, "world_size": 1, "metadata": {}, **fields}).encode()
+
+
+def test_every_json_file_is_bounded_checked_and_refused_naming_it(tmp_path: Path) -> None:
+    """meta.json, config.json, the per-rank sampler state and the original's trainer_state.json: a regular
+    file inside the folder, at most MAX_JSON_BYTES, valid JSON of the types written, or a refusal naming the
+    file (never a traceback, a recursion crash or a hang on a FIFO)."""
+    cases = {  # name: (file, bytes or None for a FIFO or a sparse 65 MiB file, reason)
+        "truncated": ("meta.json", b'{"format_version": 1, "step"', "not valid JSON"),
+        "deep": ("meta.json", DEEP, "nested too deeply"),
+        "step": ("meta.json", meta(step="1"), "'step' must be an integer >= 0"),
+        "world": ("meta.json", meta(world_size=0), "'world_size' must be an integer >= 1"),
+        "metadata": ("meta.json", meta(metadata=[1]), "'metadata' must be a JSON object"),
+        "fifo": ("meta.json", None, "not a regular file"),
+        "config": ("config.json", b"[]", "not a JSON object"),
+        "sampler": ("sampler_rank0.json", DEEP, "nested too deeply"),
+        "huge": ("config.json", b"", "over the 67108864"),
+    }
+    specs = []
+    for name, (file, data, _) in cases.items():
+        ckpt = own_checkpoint(tmp_path / name)
+        (ckpt / file).unlink(missing_ok=True)
+        if data is None:
+            os.mkfifo(ckpt / file)
+        else:
+            (ckpt / file).write_bytes(data)
+        if name == "huge":
+            with (ckpt / file).open("r+b") as f:
+                f.truncate(65 << 20)  # sparse: the size is checked before a byte is read
+        specs.append(("resume", ckpt))
+    original = tmp_path / "original"
+    (original / "checkpoint-3").mkdir(parents=True)
+    save_file({"w": torch.zeros(1)}, original / "checkpoint-3" / "model.safetensors")
+    (original / "checkpoint-3" / "trainer_state.json").write_bytes(DEEP)
+    specs.append(("scan", original))
+    wrong_type = own_checkpoint(tmp_path / "eval-types")
+    (wrong_type / "config.json").write_text(json.dumps({"rollout_n": "eight"}))
+    unknown_key = own_checkpoint(tmp_path / "eval-keys")
+    (unknown_key / "config.json").write_text(json.dumps({"exploit": 1}))
+    specs += [("eval", wrong_type), ("eval", unknown_key)]
+
+    results = drive(tmp_path, specs)
+    for (name, (file, _, reason)), r in zip(cases.items(), results, strict=False):
+        assert r["outcome"] == "refused", (name, r)
+        assert r["message"].startswith("CheckpointError"), (name, r)
+        assert file in r["message"], (name, r)
+        assert reason in r["message"], (name, r)
+    scanned, *evals = results[len(cases) :]
+    assert scanned["message"].startswith("CheckpointError"), scanned
+    assert "trainer_state.json: not valid JSON: nested too deeply" in scanned["message"], scanned
+    for r in evals:  # make eval: exit 2, naming the file
+        assert r["message"].startswith("ConfigError"), r
+        assert "config.json is not a run configuration" in r["message"], r
+    assert "unknown config keys ['exploit']" in evals[1]["message"]
+
+
+def test_a_resume_whose_data_order_does_not_fit_exits_2_naming_the_file(tmp_path: Path, caplog) -> None:
+    """A checkpoint of another --seed (the data order would not continue), or whose sampler state lacks an
+    entry: exit 2 with the file and the fix, before any step (was a traceback)."""
+    from deepgen_trainer.train import main
+    from tests.trainer.checkpoints.test_ema import write_prompts
+
+    out = tmp_path / "run"
+    argv = [*SMALL, "--dataset_config", str(write_prompts(tmp_path)), "--output_dir", str(out), "--save_steps", "1"]
+    assert main([*argv, "--max_steps", "1"]) == 0
+    assert main([*argv, "--max_steps", "2", "--seed", "7"]) == 2
+    assert "sampler_rank0.json does not fit this run" in caplog.text
+    assert "resume with the same --seed" in caplog.text
+    (out / "checkpoint-1" / "sampler_rank0.json").write_text("{}")
+    caplog.clear()
+    assert main([*argv, "--max_steps", "2"]) == 2
+    assert "sampler_rank0.json does not fit this run: no entry 'prompts'" in caplog.text
+    assert not (out / "checkpoint-2").exists()
+
+
+def test_a_checkpoint_of_another_model_exits_2_naming_it(tmp_path: Path, caplog) -> None:
+    """Weights and optimizer state that do not fit this run's DiT: exit 2 with the fix (was a traceback)."""
+    from deepgen_trainer.train import main
+    from tests.trainer.checkpoints.test_ema import write_prompts
+
+    out = tmp_path / "run"
+    save_checkpoint(out, 1, trainable={"w": torch.zeros(2)}, optimizer_state={"state": {}}, scheduler_state={})
+    argv = [*SMALL, "--dataset_config", str(write_prompts(tmp_path)), "--output_dir", str(out), "--max_steps", "2"]
+    assert main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, errors
+    assert "checkpoint-1: its DiT or optimizer state does not fit this run" in errors[0]
+    assert 'Missing key(s) in state_dict: "pos_embed.pos_embed"' in errors[0]
+    assert not (out / "checkpoint-2").exists()
+
+
+# --- 8. the commands: exit 2, one line ---------------------------------------------------------------------
 
 
 @pytest.mark.integration

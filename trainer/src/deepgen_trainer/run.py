@@ -31,6 +31,8 @@ from deepgen_trainer.checkpoints.run_checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
+    rng_file,
+    sampler_file,
 )
 from deepgen_trainer.config import ConfigError, TrainConfig
 from deepgen_trainer.data.prompt_sampler import PromptSampler
@@ -198,15 +200,32 @@ def _resume(
             _resume_ema(ema, ckpt)
     except CheckpointError as exc:
         raise ConfigError(f"cannot resume from {resume}: {exc}") from exc
+    except torch.OutOfMemoryError:  # a RuntimeError too, and no fault of the checkpoint's
+        raise
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # another model's weights or optimizer
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__  # torch's lists every key
+        raise ConfigError(
+            f"cannot resume from {resume}: its DiT or optimizer state does not fit this run ({reason}); resume "
+            "with the model and DeepSpeed config it was saved with, or pass a fresh --output_dir"
+        ) from None
     if ema is not None and ckpt.ema is None:
         ema = DitEma(updater.trainable_state(is_main=True), cfg.ema_decay)
         log.warning("%s has no EMA (saved without --ema_decay): the EMA starts at the resumed DiT", resume)
-    if ckpt.sampler_state is not None:
-        sampler.load_state_dict(ckpt.sampler_state["prompts"])
-        if sftaux is not None:
-            sftaux.load_state_dict(ckpt.sampler_state["sftaux"])
-    if ckpt.rng is not None:
-        apply_rng(ckpt.rng)
+    # The per-rank files hold whatever their writer put there: anything that does not fit is a refusal.
+    state_file = resume / sampler_file(rank)
+    try:
+        if ckpt.sampler_state is not None:
+            sampler.load_state_dict(ckpt.sampler_state["prompts"])
+            if sftaux is not None and "sftaux" in ckpt.sampler_state:
+                sftaux.load_state_dict(ckpt.sampler_state["sftaux"])
+            elif sftaux is not None:
+                log.warning("%s has no SFT-aux position (saved without SFT-aux): its images start over", state_file)
+        state_file = resume / rng_file(rank)
+        if ckpt.rng is not None:
+            apply_rng(ckpt.rng)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        reason = f"no entry {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ConfigError(f"cannot resume from {resume}: {state_file} does not fit this run: {reason}") from None
     log.info("resumed from %s at step %d", resume, ckpt.step)
     return ckpt.step, ema
 

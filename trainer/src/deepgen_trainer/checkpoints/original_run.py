@@ -14,7 +14,6 @@ and both files must resolve (symlinks included) inside the output folder.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from deepgen_trainer.checkpoints.paths import PathEscapeError, inside
-from deepgen_trainer.checkpoints.run_checkpoint import CheckpointError, is_complete
+from deepgen_trainer.checkpoints.run_checkpoint import CheckpointError, is_complete, load_checkpoint_json
 
 ORIGINAL_WEIGHTS_FILE = "model.safetensors"
 ORIGINAL_STATE_FILE = "trainer_state.json"
@@ -75,8 +74,9 @@ def _original_step(path: Path) -> int:
     """``global_step`` of ``trainer_state.json``, else the N of the folder name."""
     state_file = path / ORIGINAL_STATE_FILE
     if state_file.is_file():
-        step = json.loads(_inside_output_dir(state_file).read_text(encoding="utf-8")).get("global_step")
-        if isinstance(step, int):
+        state = load_checkpoint_json(path.parent, state_file)
+        step = state.get("global_step") if isinstance(state, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
             return step
     match = _CHECKPOINT_RE.match(path.name)
     assert match is not None

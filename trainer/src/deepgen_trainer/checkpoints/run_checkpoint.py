@@ -66,6 +66,8 @@ from deepgen_trainer.checkpoints.torch_file import MapLocation, load_torch_file
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# Ours are kilobytes; the original's trainer_state.json grows with its log history (megabytes).
+MAX_JSON_BYTES = 64 << 20
 WEIGHTS_FILE = "transformer.safetensors"
 DEEPGEN_ONLY_FILE = "deepgen_only.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -402,13 +404,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             f"{path} is not a complete checkpoint (expected a checkpoint-<step> directory with a "
             f"'{COMPLETE_MARKER}' marker); use latest_checkpoint(output_dir) to find one"
         )
-    meta = json.loads(_inside(path, path / META_FILE).read_text(encoding="utf-8"))
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
-    step = int(meta["step"])
+    meta = _checked_meta(path, load_checkpoint_json(path, path / META_FILE))
+    step, world_size = meta["step"], meta["world_size"]
     if step != _step_of(path):
         raise CheckpointError(f"{path}: meta.json says step {step}, the directory name says {_step_of(path)}")
-    world_size = int(meta["world_size"])
     rng_path, sampler_path = _inside(path, path / rng_file(rank)), _inside(path, path / sampler_file(rank))
     if not rng_path.is_file():
         logger.warning("%s has no RNG state for rank %d (saved with world_size=%d)", path, rank, world_size)
@@ -420,8 +419,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         optimizer_state=_load_torch(path / OPTIMIZER_FILE, map_location),
         scheduler_state=_load_torch(path / SCHEDULER_FILE, map_location),
         rng=_load_torch(rng_path, "cpu"),
-        sampler_state=json.loads(sampler_path.read_text(encoding="utf-8")) if sampler_path.is_file() else None,
-        config=json.loads(_inside(path, path / CONFIG_FILE).read_text(encoding="utf-8")),
+        sampler_state=_json_object(path, sampler_path) if sampler_path.is_file() else None,
+        config=_json_object(path, path / CONFIG_FILE),
         metadata=meta["metadata"],
         world_size=world_size,
         deepspeed_dir=deepspeed_dir if deepspeed_dir.is_dir() else None,
@@ -429,6 +428,36 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         ema=_load_safetensors(path / EMA_FILE, map_location),
         sampling_policy=_load_safetensors(path / SAMPLING_POLICY_FILE, map_location),
     )
+
+
+def _checked_meta(path: Path, meta: Any) -> dict[str, Any]:
+    """meta.json's fields, of the types `save_checkpoint` writes; CheckpointError naming the field."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / META_FILE}: not a JSON object")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {_short(meta.get('format_version'))} != {FORMAT_VERSION}")
+    for key, low in (("step", 0), ("world_size", 1)):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise CheckpointError(f"{path / META_FILE}: {key!r} must be an integer >= {low}, got {_short(value)}")
+    if not isinstance(meta.get("metadata"), dict):
+        raise CheckpointError(
+            f"{path / META_FILE}: 'metadata' must be a JSON object, got {_short(meta.get('metadata'))}"
+        )
+    return meta
+
+
+def _short(value: Any) -> str:
+    """`value`'s repr, cut for an error message (a file's value can be any size)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _json_object(root: Path, path: Path) -> dict[str, Any]:
+    value = load_checkpoint_json(root, path)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return value
 
 
 def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str, Tensor] | None:
@@ -449,6 +478,24 @@ def load_checkpoint_file(root: Path, path: Path, map_location: MapLocation = "cp
         return load_torch_file(resolved, map_location, allow_foreign=allow_foreign)
     except (UnsafePickleError, OSError) as e:
         raise CheckpointError(f"{path}: refused: {e}") from e
+
+
+def load_checkpoint_json(root: Path, path: Path) -> Any:
+    """A JSON file of a checkpoint folder `root` (meta, config, sampler state, the original's
+    ``trainer_state.json``): a regular file inside `root` of at most `MAX_JSON_BYTES`, parsed; anything
+    else is a CheckpointError naming the file and the reason (never a traceback, a hang on a FIFO or a
+    recursion crash on deep nesting)."""
+    resolved = _inside(root, path)
+    if not resolved.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
+    size = resolved.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {size} bytes, over the {MAX_JSON_BYTES} a checkpoint's JSON file may hold")
+    try:
+        return json.loads(resolved.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise CheckpointError(f"{path}: not valid JSON: {reason}") from None
 
 
 def _step_of(path: Path) -> int:

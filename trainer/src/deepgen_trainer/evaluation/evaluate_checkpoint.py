@@ -44,7 +44,12 @@ from deepgen_common.eval_results import read_summary_json, summarize_results
 from deepgen_common.types import ImageResult, RunSummary
 from deepgen_trainer.checkpoints.formats import CheckpointReadError, read_checkpoint
 from deepgen_trainer.checkpoints.loading import LoadReport, apply_checkpoint, build_model
-from deepgen_trainer.checkpoints.run_checkpoint import CONFIG_FILE, CheckpointError, resolve_checkpoint
+from deepgen_trainer.checkpoints.run_checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    load_checkpoint_json,
+    resolve_checkpoint,
+)
 from deepgen_trainer.config import MODEL_KINDS, ConfigError, TrainConfig, deployment_env
 from deepgen_trainer.evaluation.evaluate import (
     CONTACT_SHEET_FILE,
@@ -95,11 +100,17 @@ def find_source(checkpoint: str, overrides: dict[str, object]) -> Source:
         return Source("pth", path, 0, TrainConfig(**{"checkpoint": str(path), **overrides}))
     try:
         resolved = resolve_checkpoint(path)
+        saved = load_checkpoint_json(resolved, resolved / CONFIG_FILE)
     except (CheckpointError, FileNotFoundError) as exc:
         raise ConfigError(f"CKPT {checkpoint}: {exc}; or pass a converted .pth file") from None
-    saved = json.loads((resolved / CONFIG_FILE).read_text(encoding="utf-8"))
     step = int(resolved.name.removeprefix("checkpoint-"))
-    return Source("rl", resolved, step, dataclasses.replace(TrainConfig.from_dict(saved), **overrides))
+    try:
+        if not isinstance(saved, dict):
+            raise TypeError("not a JSON object")
+        config = TrainConfig.from_dict(saved)
+    except (ConfigError, TypeError, ValueError) as exc:  # a stranger's file: any field, any type
+        raise ConfigError(f"CKPT {checkpoint}: {resolved / CONFIG_FILE} is not a run configuration: {exc}") from None
+    return Source("rl", resolved, step, dataclasses.replace(config, **overrides))
 
 
 def load_model(source: Source) -> DeepGen:

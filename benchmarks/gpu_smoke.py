@@ -44,7 +44,7 @@ from torch.profiler import ProfilerActivity, profile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `benchmarks.bench_gpu` when run as a script
 
-from benchmarks.bench_gpu import build_deepgen, model_shape  # noqa: E402
+from benchmarks.real_size import build_deepgen, model_shape  # noqa: E402
 from deepgen_trainer.algorithms.policy_loss import (  # noqa: E402
     clipped_policy_loss,
     flow_matching_inputs,

@@ -24,7 +24,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `benchmarks.bench_gpu` when run as a script
 
-from benchmarks.bench_gpu import CLIP_TEXT_LAYERS, CLIP_VISION_LAYERS, build_deepgen, model_shape  # noqa: E402
+from benchmarks.real_size import CLIP_TEXT_LAYERS, CLIP_VISION_LAYERS, build_deepgen, model_shape  # noqa: E402
 from deepgen_trainer.model.deepgen import DeepGen  # noqa: E402
 
 GIB = 2**30

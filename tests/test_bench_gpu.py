@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench_gpu import build_deepgen, main, model_shape, peak_tflops_for
+from benchmarks.bench_gpu import main, peak_tflops_for
 from benchmarks.flops import DeepGenShape
+from benchmarks.real_size import build_deepgen, model_shape
 
 
 def billions(module: torch.nn.Module) -> float:

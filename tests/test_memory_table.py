@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.bench_gpu import build_deepgen, model_shape
 from benchmarks.memory_table import items, main
+from benchmarks.real_size import build_deepgen, model_shape
 from tests.helpers import REPO
 
 

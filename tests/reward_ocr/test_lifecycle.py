@@ -69,8 +69,11 @@ def test_full_queue_answers_resource_exhausted_and_429():
     try:
         with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as ch:
             score = ch.unary_unary("/deepgen.reward.v1.RewardService/Score")
-            first = score.future(busy.SerializeToString(), timeout=60)  # fills the queue for ~1 s
-            time.sleep(0.2)
+            first = score.future(busy.SerializeToString(), timeout=60)  # fills the queue until its 4 are read
+            admitted = time.monotonic() + 30
+            while service.running.service.admission.pending < 4:  # counted until the whole request is answered
+                assert time.monotonic() < admitted, "the busy request was never admitted"
+                time.sleep(0.005)
             with pytest.raises(grpc.RpcError) as info:
                 score(one.SerializeToString(), timeout=60)
             assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -21,8 +21,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 from torch import Tensor
 
-from deepgen_trainer.checkpoints.paths import PathEscapeError, inside
-from deepgen_trainer.checkpoints.run_checkpoint import CheckpointError, is_complete, load_checkpoint_json
+from deepgen_trainer.checkpoints.folder_files import inside_folder, load_checkpoint_json
+from deepgen_trainer.checkpoints.run_checkpoint import is_complete
 
 ORIGINAL_WEIGHTS_FILE = "model.safetensors"
 ORIGINAL_STATE_FILE = "trainer_state.json"
@@ -38,7 +38,7 @@ class OriginalCheckpoint:
 
     def weights(self) -> dict[str, Tensor]:
         """``model.safetensors``: the SFT model's key names (``transformer.*`` and the DeepGen-only families)."""
-        return load_file(_inside_output_dir(self.path / ORIGINAL_WEIGHTS_FILE))
+        return load_file(inside_folder(self.path.parent, self.path / ORIGINAL_WEIGHTS_FILE))
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,3 @@ def _original_step(path: Path) -> int:
     match = _CHECKPOINT_RE.match(path.name)
     assert match is not None
     return int(match.group(1))
-
-
-def _inside_output_dir(file: Path) -> Path:
-    """`file` of ``<output_dir>/checkpoint-N/`` resolved; CheckpointError when it leaves the output dir."""
-    try:
-        return inside(file.parent.parent, file, str(file))
-    except PathEscapeError as exc:
-        raise CheckpointError(str(exc)) from exc

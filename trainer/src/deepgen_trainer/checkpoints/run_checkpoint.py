@@ -32,8 +32,8 @@ A ``checkpoint-<step>`` directory without the marker was not written here (the o
 
 Everything ``torch.save``-d holds tensors and primitives only (`save_checkpoint` checks this before
 writing and names the offending entry), so loading goes through `torch_file.load_torch_file` with
-objects of other classes refused; every file read must resolve (symlinks included) inside the
-checkpoint folder (`paths.inside`).
+objects of other classes refused; every file is read through `folder_files` (inside the checkpoint
+folder, symlinks included; JSON bounded and checked).
 
 Multiple ranks: every rank calls `save_checkpoint` with its own ``rank`` and a ``barrier`` callable (e.g.
 ``torch.distributed.barrier``); this module never imports ``torch.distributed``. ``output_dir`` must be
@@ -58,16 +58,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from deepgen_trainer.checkpoints.paths import PathEscapeError, inside
+from deepgen_trainer.checkpoints.folder_files import (
+    CheckpointError,
+    inside_folder,
+    load_checkpoint_file,
+    load_json_object,
+)
 from deepgen_trainer.checkpoints.rng_state import RngState, capture_rng
-from deepgen_trainer.checkpoints.safe_pickle import UnsafePickleError
-from deepgen_trainer.checkpoints.torch_file import MapLocation, load_torch_file
+from deepgen_trainer.checkpoints.torch_file import MapLocation
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-# Ours are kilobytes; the original's trainer_state.json grows with its log history (megabytes).
-MAX_JSON_BYTES = 64 << 20
 WEIGHTS_FILE = "transformer.safetensors"
 DEEPGEN_ONLY_FILE = "deepgen_only.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -90,10 +92,6 @@ def rng_file(rank: int) -> str:
 
 def sampler_file(rank: int) -> str:
     return f"sampler_rank{rank}.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory that is incomplete, inconsistent or cannot be read safely."""
 
 
 @dataclass(frozen=True)
@@ -377,18 +375,10 @@ def sft_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, Tensor]
     dit_file = path / (EMA_FILE if use_ema else WEIGHTS_FILE)
     if not dit_file.is_file():
         raise CheckpointError(f"{path} has no {EMA_FILE}: the run was trained without --ema_decay")
-    state = {DIT_PREFIX + k: v for k, v in load_file(_inside(path, dit_file)).items()}
+    state = {DIT_PREFIX + k: v for k, v in load_file(inside_folder(path, dit_file)).items()}
     if (path / DEEPGEN_ONLY_FILE).is_file():
-        state.update(load_file(_inside(path, path / DEEPGEN_ONLY_FILE)))
+        state.update(load_file(inside_folder(path, path / DEEPGEN_ONLY_FILE)))
     return state
-
-
-def _inside(checkpoint: Path, file: Path) -> Path:
-    """`file` resolved, or CheckpointError when it (a symlink) leaves the checkpoint folder."""
-    try:
-        return inside(checkpoint, file, str(file))
-    except PathEscapeError as exc:
-        raise CheckpointError(str(exc)) from exc
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, rank: int = 0) -> Checkpoint:
@@ -404,23 +394,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             f"{path} is not a complete checkpoint (expected a checkpoint-<step> directory with a "
             f"'{COMPLETE_MARKER}' marker); use latest_checkpoint(output_dir) to find one"
         )
-    meta = _checked_meta(path, load_checkpoint_json(path, path / META_FILE))
+    meta = _checked_meta(path, load_json_object(path, path / META_FILE))
     step, world_size = meta["step"], meta["world_size"]
     if step != _step_of(path):
         raise CheckpointError(f"{path}: meta.json says step {step}, the directory name says {_step_of(path)}")
-    rng_path, sampler_path = _inside(path, path / rng_file(rank)), _inside(path, path / sampler_file(rank))
+    rng_path, sampler_path = inside_folder(path, path / rng_file(rank)), inside_folder(path, path / sampler_file(rank))
     if not rng_path.is_file():
         logger.warning("%s has no RNG state for rank %d (saved with world_size=%d)", path, rank, world_size)
     deepspeed_dir = path / DEEPSPEED_DIR
     return Checkpoint(
         path=path,
         step=step,
-        trainable=load_file(_inside(path, path / WEIGHTS_FILE), device=str(map_location)),
+        trainable=load_file(inside_folder(path, path / WEIGHTS_FILE), device=str(map_location)),
         optimizer_state=_load_torch(path / OPTIMIZER_FILE, map_location),
         scheduler_state=_load_torch(path / SCHEDULER_FILE, map_location),
         rng=_load_torch(rng_path, "cpu"),
-        sampler_state=_json_object(path, sampler_path) if sampler_path.is_file() else None,
-        config=_json_object(path, path / CONFIG_FILE),
+        sampler_state=load_json_object(path, sampler_path) if sampler_path.is_file() else None,
+        config=load_json_object(path, path / CONFIG_FILE),
         metadata=meta["metadata"],
         world_size=world_size,
         deepspeed_dir=deepspeed_dir if deepspeed_dir.is_dir() else None,
@@ -430,10 +420,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     )
 
 
-def _checked_meta(path: Path, meta: Any) -> dict[str, Any]:
+def _checked_meta(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """meta.json's fields, of the types `save_checkpoint` writes; CheckpointError naming the field."""
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path / META_FILE}: not a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {_short(meta.get('format_version'))} != {FORMAT_VERSION}")
     for key, low in (("step", 0), ("world_size", 1)):
@@ -453,49 +441,14 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _json_object(root: Path, path: Path) -> dict[str, Any]:
-    value = load_checkpoint_json(root, path)
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return value
-
-
 def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str, Tensor] | None:
-    return load_file(_inside(path.parent, path), device=str(map_location)) if path.is_file() else None
+    return load_file(inside_folder(path.parent, path), device=str(map_location)) if path.is_file() else None
 
 
 def _load_torch(path: Path, map_location: MapLocation) -> Any:
     if not path.is_file():
         return None
     return load_checkpoint_file(path.parent, path, map_location, allow_foreign=False)
-
-
-def load_checkpoint_file(root: Path, path: Path, map_location: MapLocation = "cpu", *, allow_foreign: bool) -> Any:
-    """A torch file of a checkpoint folder `root` through the safe loader; CheckpointError naming the
-    file and the reason when it is refused or leaves `root` (also for DeepSpeed's engine resume)."""
-    resolved = _inside(root, path)
-    try:
-        return load_torch_file(resolved, map_location, allow_foreign=allow_foreign)
-    except (UnsafePickleError, OSError) as e:
-        raise CheckpointError(f"{path}: refused: {e}") from e
-
-
-def load_checkpoint_json(root: Path, path: Path) -> Any:
-    """A JSON file of a checkpoint folder `root` (meta, config, sampler state, the original's
-    ``trainer_state.json``): a regular file inside `root` of at most `MAX_JSON_BYTES`, parsed; anything
-    else is a CheckpointError naming the file and the reason (never a traceback, a hang on a FIFO or a
-    recursion crash on deep nesting)."""
-    resolved = _inside(root, path)
-    if not resolved.is_file():
-        raise CheckpointError(f"{path}: not a regular file")
-    size = resolved.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise CheckpointError(f"{path}: {size} bytes, over the {MAX_JSON_BYTES} a checkpoint's JSON file may hold")
-    try:
-        return json.loads(resolved.read_bytes())
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise CheckpointError(f"{path}: not valid JSON: {reason}") from None
 
 
 def _step_of(path: Path) -> int:

@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import get_scheduler
 
-from deepgen_trainer.checkpoints.run_checkpoint import Checkpoint, load_checkpoint_file
+from deepgen_trainer.checkpoints.folder_files import load_checkpoint_file
+from deepgen_trainer.checkpoints.run_checkpoint import Checkpoint
 from deepgen_trainer.config import TrainConfig
 from deepgen_trainer.engine.distributed import World
 

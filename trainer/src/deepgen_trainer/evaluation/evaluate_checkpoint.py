@@ -42,14 +42,10 @@ from tqdm import tqdm
 from deepgen_common.client import EvalClient, EvalImage, RewardServiceError, TransientError
 from deepgen_common.eval_results import read_summary_json, summarize_results
 from deepgen_common.types import ImageResult, RunSummary
+from deepgen_trainer.checkpoints.folder_files import CheckpointError, load_json_object
 from deepgen_trainer.checkpoints.formats import CheckpointReadError, read_checkpoint
 from deepgen_trainer.checkpoints.loading import LoadReport, apply_checkpoint, build_model
-from deepgen_trainer.checkpoints.run_checkpoint import (
-    CONFIG_FILE,
-    CheckpointError,
-    load_checkpoint_json,
-    resolve_checkpoint,
-)
+from deepgen_trainer.checkpoints.run_checkpoint import CONFIG_FILE, resolve_checkpoint
 from deepgen_trainer.config import MODEL_KINDS, ConfigError, TrainConfig, deployment_env
 from deepgen_trainer.evaluation.evaluate import (
     CONTACT_SHEET_FILE,
@@ -100,13 +96,11 @@ def find_source(checkpoint: str, overrides: dict[str, object]) -> Source:
         return Source("pth", path, 0, TrainConfig(**{"checkpoint": str(path), **overrides}))
     try:
         resolved = resolve_checkpoint(path)
-        saved = load_checkpoint_json(resolved, resolved / CONFIG_FILE)
+        saved = load_json_object(resolved, resolved / CONFIG_FILE)
     except (CheckpointError, FileNotFoundError) as exc:
         raise ConfigError(f"CKPT {checkpoint}: {exc}; or pass a converted .pth file") from None
     step = int(resolved.name.removeprefix("checkpoint-"))
     try:
-        if not isinstance(saved, dict):
-            raise TypeError("not a JSON object")
         config = TrainConfig.from_dict(saved)
     except (ConfigError, TypeError, ValueError) as exc:  # a stranger's file: any field, any type
         raise ConfigError(f"CKPT {checkpoint}: {resolved / CONFIG_FILE} is not a run configuration: {exc}") from None

@@ -6,12 +6,14 @@ restored). A folder holding other checkpoints is refused rather than written int
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
 import random
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,23 +213,31 @@ def _resume(
     if ema is not None and ckpt.ema is None:
         ema = DitEma(updater.trainable_state(is_main=True), cfg.ema_decay)
         log.warning("%s has no EMA (saved without --ema_decay): the EMA starts at the resumed DiT", resume)
-    # The per-rank files hold whatever their writer put there: anything that does not fit is a refusal.
-    state_file = resume / sampler_file(rank)
-    try:
-        if ckpt.sampler_state is not None:
+    if ckpt.sampler_state is not None:
+        with _must_fit(resume / sampler_file(rank)) as state_file:
             sampler.load_state_dict(ckpt.sampler_state["prompts"])
             if sftaux is not None and "sftaux" in ckpt.sampler_state:
                 sftaux.load_state_dict(ckpt.sampler_state["sftaux"])
             elif sftaux is not None:
                 log.warning("%s has no SFT-aux position (saved without SFT-aux): its images start over", state_file)
-        state_file = resume / rng_file(rank)
-        if ckpt.rng is not None:
+    if ckpt.rng is not None:
+        with _must_fit(resume / rng_file(rank)):
             apply_rng(ckpt.rng)
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        reason = f"no entry {exc}" if isinstance(exc, KeyError) else str(exc)
-        raise ConfigError(f"cannot resume from {resume}: {state_file} does not fit this run: {reason}") from None
     log.info("resumed from %s at step %d", resume, ckpt.step)
     return ckpt.step, ema
+
+
+@contextlib.contextmanager
+def _must_fit(state_file: Path) -> Iterator[Path]:
+    """A per-rank state file holds whatever its writer put there: what does not fit this run (another
+    --seed, a missing entry, another type) is a refusal naming the file, not a traceback."""
+    try:
+        yield state_file
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        reason = f"no entry {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ConfigError(
+            f"cannot resume from {state_file.parent}: {state_file} does not fit this run: {reason}"
+        ) from None
 
 
 def component_grad_parts(cfg: TrainConfig, model: DeepGen) -> GradParts | None:
